@@ -1,0 +1,99 @@
+"""Checkpoints: ``model.safetensors`` (tensors only) + ``model.json`` (config, classes, training, metrics).
+
+Loading never unpickles anything. Both files are written to temporary names and renamed into place, the
+JSON last, so a reader sees either the old checkpoint or the complete new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from segmodels.model import ModelConfig, SegmentationModel
+
+FORMAT = "segmask-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+METADATA_FILE = "model.json"
+# Large weight matrices are stored as float16 in compact checkpoints (half the size; inference error ~1e-3).
+COMPACT_MIN_NUMEL = 65536
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Atomically write a safetensors file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    model: SegmentationModel, directory: str | Path, metadata: dict[str, Any] | None = None, compact: bool = False
+) -> Path:
+    """Save ``model`` to ``directory``; ``metadata`` (training, metrics, ...) goes into model.json."""
+    directory = Path(directory)
+    state = model.state_dict()
+    if compact:
+        state = {
+            k: v.half() if v.is_floating_point() and v.numel() >= COMPACT_MIN_NUMEL else v for k, v in state.items()
+        }
+    save_tensors(directory / WEIGHTS_FILE, state)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_json(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **(metadata or {}),
+    }
+    atomic_write_json(directory / METADATA_FILE, meta)
+    return directory
+
+
+def read_metadata(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / METADATA_FILE
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a segmask checkpoint (format={meta.get('format')!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {meta['format_version']} is newer than this code ({FORMAT_VERSION})")
+    return meta
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[SegmentationModel, dict]:
+    """Rebuild the model from ``directory`` (strict: every tensor must match), in eval mode."""
+    meta = read_metadata(directory)
+    model = SegmentationModel(ModelConfig.from_json(meta["config"]), pretrained_trunk=False)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(Path(directory) / WEIGHTS_FILE).items()}
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), meta

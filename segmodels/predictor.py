@@ -1,0 +1,333 @@
+"""The small public API: ``set_image`` once, then ``segment`` (points and/or box) or ``propose``.
+
+Coordinates: images ``(H, W, 3) uint8 RGB``; points ``(x, y)`` in pixels (edge coordinates, see geometry.py);
+boxes ``xyxy`` in pixels; returned masks ``bool (H, W)`` of the image.
+
+The trunk runs once per image over a pyramid (``scales``, the papers' 2^-2.5 .. 2^0.5 by default) and the
+result is kept in :class:`ImageFeatures`; every prompt on the same image reuses it, like SAM's image
+embedding. Each pyramid level is padded by ``PAD`` grey pixels so windows can be centred near the border.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from segmodels.backbones import fold_batchnorm
+from segmodels.checkpoint import load_checkpoint
+from segmodels.data import PAD_VALUE
+from segmodels.deepmask import INPUT, STRIDE, WINDOW
+from segmodels.geometry import mask_to_box, mask_to_polygon
+from segmodels.model import SegmentationModel
+from segmodels.sharpmask import window_skips
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "default"
+PAPER_SCALES = tuple(float(2.0**e) for e in np.arange(-2.5, 0.51, 0.5))
+PAD = 64
+# Logit of the mask threshold used where the window ends (pixels outside it are background).
+OUTSIDE_LOGIT = -30.0
+
+
+@dataclass
+class Mask:
+    """One object: ``mask`` bool (H, W); ``score`` objectness probability in [0, 1]; polygon computed on use."""
+
+    mask: np.ndarray
+    score: float
+
+    @cached_property
+    def polygon(self) -> np.ndarray | None:
+        """Largest part as an editable polygon ``(N, 2)`` float32 pixel (x, y), or None for an empty mask."""
+        return mask_to_polygon(self.mask)
+
+    @cached_property
+    def box(self) -> np.ndarray:
+        """Tight box ``[x1, y1, x2, y2]`` float32 pixels (exclusive edges)."""
+        return mask_to_box(self.mask)
+
+
+@dataclass
+class PyramidLevel:
+    """One scale: trunk taps, dense window embeddings and objectness logits.
+
+    ``sx, sy``: trunk-input pixels per image pixel (the requested scale after rounding the resized size).
+    Window (i, j)'s 160 px box in trunk-input pixels starts at ``(16 j + 16, 16 i + 16)``.
+    """
+
+    scale: float
+    sx: float
+    sy: float
+    taps: dict[str, torch.Tensor]
+    embedding: torch.Tensor
+    scores: torch.Tensor
+
+    def window_box(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """``(N, 4)`` xyxy image-pixel boxes of windows ``(rows[n], cols[n])``."""
+        x0 = (STRIDE * cols + (INPUT - WINDOW) // 2 - PAD) / self.sx
+        y0 = (STRIDE * rows + (INPUT - WINDOW) // 2 - PAD) / self.sy
+        return np.stack([x0, y0, x0 + WINDOW / self.sx, y0 + WINDOW / self.sy], axis=1)
+
+    def cell_of(self, x: float, y: float) -> tuple[float, float]:
+        """Fractional (row, col) of the window centred on image pixel position (x, y)."""
+        return (y * self.sy + PAD - INPUT / 2) / STRIDE, (x * self.sx + PAD - INPUT / 2) / STRIDE
+
+
+@dataclass
+class ImageFeatures:
+    """Everything the heads need for one image; cheap to keep in an LRU cache keyed by image."""
+
+    height: int
+    width: int
+    levels: list[PyramidLevel] = field(default_factory=list)
+
+
+@dataclass
+class Candidate:
+    level: int
+    row: int
+    col: int
+    objectness: float
+
+
+def paste_window(logits: np.ndarray, box: np.ndarray, height: int, width: int) -> tuple[np.ndarray, tuple]:
+    """Resample ``(S, S)`` window logits onto the image pixels its ``box`` (xyxy image pixels) covers.
+
+    Returns the logits of the clipped region and its ``(y0, y1, x0, x1)`` slice bounds in the image.
+    """
+    x0, y0 = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
+    x1, y1 = min(width, math.ceil(box[2])), min(height, math.ceil(box[3]))
+    if x1 <= x0 or y1 <= y0:
+        return np.zeros((0, 0), np.float32), (0, 0, 0, 0)
+    s = logits.shape[0]
+    kx, ky = s / (box[2] - box[0]), s / (box[3] - box[1])
+    # Inverse map from region pixel index d to window sample index: image centre x0 + d + 0.5.
+    m = np.array([[kx, 0, (x0 + 0.5 - box[0]) * kx - 0.5], [0, ky, (y0 + 0.5 - box[1]) * ky - 0.5]])
+    region = cv2.warpAffine(
+        logits.astype(np.float32), m, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT, borderValue=OUTSIDE_LOGIT,
+    )
+    return region, (y0, y1, x0, x1)
+
+
+def sample_window(logits: np.ndarray, box: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Window logits at image points ``(N, 2)`` (nearest sample; ``OUTSIDE_LOGIT`` outside the window)."""
+    s = logits.shape[0]
+    u = np.floor((points[:, 0] - box[0]) / (box[2] - box[0]) * s).astype(int)
+    v = np.floor((points[:, 1] - box[1]) / (box[3] - box[1]) * s).astype(int)
+    inside = (u >= 0) & (u < s) & (v >= 0) & (v < s)
+    out = np.full(len(points), OUTSIDE_LOGIT, np.float32)
+    out[inside] = logits[v[inside], u[inside]]
+    return out
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _logit_box(logits: np.ndarray, box: np.ndarray) -> np.ndarray | None:
+    """Image-pixel xyxy box of the positive window logits, or None when the window mask is empty."""
+    ys, xs = np.nonzero(logits > 0)
+    if len(xs) == 0:
+        return None
+    s = logits.shape[0]
+    w, h = box[2] - box[0], box[3] - box[1]
+    return np.array([box[0] + xs.min() / s * w, box[1] + ys.min() / s * h,
+                     box[0] + (xs.max() + 1) / s * w, box[1] + (ys.max() + 1) / s * h])
+
+
+class MaskPredictor:
+    """DeepMask proposals refined by SharpMask, with a prompt-driven choice of window for interactive use."""
+
+    def __init__(
+        self,
+        model: SegmentationModel,
+        metadata: dict | None = None,
+        device: str | torch.device = "cpu",
+        scales: tuple[float, ...] = PAPER_SCALES,
+        mask_threshold: float = 0.5,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        fold_batchnorm(self.model.trunk)
+        self.model.to(memory_format=torch.channels_last)
+        self.metadata = metadata or {}
+        self.refine = "sharpmask" in self.metadata.get("stages", ["sharpmask"])
+        self.scales = tuple(scales)
+        self.threshold_logit = math.log(mask_threshold / (1 - mask_threshold))
+        self.features: ImageFeatures | None = None
+
+    # ---- image features -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def compute_features(self, image: np.ndarray) -> ImageFeatures:
+        """Run the trunk and the dense DeepMask embedding/objectness over the pyramid of ``image``."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+        h, w = image.shape[:2]
+        feats = ImageFeatures(h, w)
+        for scale in self.scales:
+            rw, rh = max(1, round(w * scale)), max(1, round(h * scale))
+            interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+            resized = cv2.resize(image, (rw, rh), interpolation=interp)
+            pw, ph = -(-(rw + 2 * PAD) // STRIDE) * STRIDE, -(-(rh + 2 * PAD) // STRIDE) * STRIDE
+            padded = cv2.copyMakeBorder(resized, PAD, ph - rh - PAD, PAD, pw - rw - PAD, cv2.BORDER_CONSTANT,
+                                        value=PAD_VALUE)
+            x = torch.from_numpy(padded).to(self.device).permute(2, 0, 1)[None].float().div_(255)
+            taps = self.model.trunk(x.contiguous(memory_format=torch.channels_last))
+            emb = self.model.deepmask.embedding(taps["s16"])
+            scores = self.model.deepmask.score(emb)[0]
+            feats.levels.append(PyramidLevel(scale, rw / w, rh / h, taps, emb[0], scores))
+        return feats
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Compute and keep the features of ``image`` (``(H, W, 3) uint8 RGB``)."""
+        self.features = self.compute_features(image)
+
+    def set_features(self, features: ImageFeatures) -> None:
+        """Reuse features computed earlier (e.g. from a per-image cache)."""
+        self.features = features
+
+    def _require_features(self) -> ImageFeatures:
+        if self.features is None:
+            raise RuntimeError("call set_image(image) first")
+        return self.features
+
+    # ---- window masks ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def window_logits(self, cands: list[Candidate], refine: bool | None = None) -> list[np.ndarray]:
+        """Mask logits of each candidate window: ``(160, 160)`` refined, or ``(56, 56)`` DeepMask."""
+        feats = self._require_features()
+        refine = self.refine if refine is None else refine
+        out: list[np.ndarray | None] = [None] * len(cands)
+        for li, level in enumerate(feats.levels):
+            idx = [n for n, c in enumerate(cands) if c.level == li]
+            if not idx:
+                continue
+            rows = torch.tensor([cands[n].row for n in idx])
+            cols = torch.tensor([cands[n].col for n in idx])
+            vec = level.embedding[:, rows, cols].T.contiguous()
+            if refine:
+                skips = window_skips(level.taps, torch.zeros_like(rows), rows, cols)
+                logits = self.model.sharpmask(vec, skips)
+            else:
+                logits = self.model.deepmask.mask(vec)
+            for n, lg in zip(idx, logits.float().cpu().numpy(), strict=True):
+                out[n] = lg
+        return out
+
+    def _to_mask(self, cand: Candidate, logits: np.ndarray) -> Mask:
+        feats = self._require_features()
+        level = feats.levels[cand.level]
+        box = level.window_box(np.array([cand.row]), np.array([cand.col]))[0]
+        region, (y0, y1, x0, x1) = paste_window(logits, box, feats.height, feats.width)
+        mask = np.zeros((feats.height, feats.width), dtype=bool)
+        mask[y0:y1, x0:x1] = region > self.threshold_logit
+        return Mask(mask, float(torch.sigmoid(torch.tensor(cand.objectness))))
+
+    # ---- proposals ------------------------------------------------------------------------------------
+    def top_windows(self, k: int) -> list[Candidate]:
+        """The ``k`` highest-objectness windows over all scales (the papers' merge of sorted lists, no NMS)."""
+        feats = self._require_features()
+        cands = []
+        for li, level in enumerate(feats.levels):
+            scores = level.scores.float().cpu().numpy()
+            flat = np.argsort(-scores, axis=None)[:k]
+            rows, cols = np.unravel_index(flat, scores.shape)
+            cands += [Candidate(li, int(r), int(c), float(scores[r, c])) for r, c in zip(rows, cols, strict=True)]
+        cands.sort(key=lambda c: -c.objectness)
+        return cands[:k]
+
+    def propose(self, k: int = 100, refine: bool | None = None) -> list[Mask]:
+        """Top-``k`` object masks of the whole image, best first (scores are objectness probabilities)."""
+        cands = self.top_windows(k)
+        return [self._to_mask(c, lg) for c, lg in zip(cands, self.window_logits(cands, refine), strict=True)]
+
+    # ---- interactive ----------------------------------------------------------------------------------
+    def _prompt_candidates(self, anchors: np.ndarray) -> list[Candidate]:
+        """Windows whose centres are among the 2x2 nearest to each anchor, at every scale."""
+        feats = self._require_features()
+        seen, cands = set(), []
+        for li, level in enumerate(feats.levels):
+            nrows, ncols = level.scores.shape
+            for x, y in anchors:
+                r, c = level.cell_of(float(x), float(y))
+                for rr in {min(max(math.floor(r), 0), nrows - 1), min(max(math.ceil(r), 0), nrows - 1)}:
+                    for cc in {min(max(math.floor(c), 0), ncols - 1), min(max(math.ceil(c), 0), ncols - 1)}:
+                        if (li, rr, cc) not in seen:
+                            seen.add((li, rr, cc))
+                            cands.append(Candidate(li, rr, cc, float(level.scores[rr, cc])))
+        return cands
+
+    def _rank(self, cand: Candidate, logits: np.ndarray, pos: np.ndarray, neg: np.ndarray, box) -> float:
+        """Higher is better: every violated point costs more than any objectness difference."""
+        level = self._require_features().levels[cand.level]
+        wbox = level.window_box(np.array([cand.row]), np.array([cand.col]))[0]
+        t = self.threshold_logit
+        violations = 0
+        if len(pos):
+            violations += int((sample_window(logits, wbox, pos) <= t).sum())
+        if len(neg):
+            violations += int((sample_window(logits, wbox, neg) > t).sum())
+        rank = -100.0 * violations + cand.objectness
+        if box is not None:
+            mbox = _logit_box(logits - t, wbox)
+            rank += 20.0 * (_box_iou(mbox, box) if mbox is not None else 0.0)
+        return rank
+
+    def segment(
+        self,
+        points: np.ndarray | list | None = None,
+        labels: np.ndarray | list | None = None,
+        box: np.ndarray | list | None = None,
+    ) -> Mask:
+        """One object for a prompt: ``points (N, 2)`` pixel (x, y) with ``labels (N,)`` 1 = positive,
+        0 = negative, and/or ``box`` xyxy pixels. The chosen mask contains the positives, avoids the
+        negatives and (with a box) fits the box; it is clipped to a given box."""
+        feats = self._require_features()
+        pts = np.zeros((0, 2)) if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        lab = np.ones(len(pts), int) if labels is None else np.asarray(labels, dtype=int).reshape(-1)
+        if len(lab) != len(pts):
+            raise ValueError(f"{len(pts)} points but {len(lab)} labels")
+        bx = None if box is None else np.asarray(box, dtype=np.float64).reshape(4)
+        pos, neg = pts[lab == 1], pts[lab != 1]
+        anchors = list(pos)
+        if len(pos) > 1:
+            anchors.append(pos.mean(axis=0))
+        if bx is not None:
+            anchors.append(np.array([(bx[0] + bx[2]) / 2, (bx[1] + bx[3]) / 2]))
+        if not anchors:
+            raise ValueError("segment needs at least one positive point or a box")
+        cands = self._prompt_candidates(np.array(anchors))
+        coarse = self.window_logits(cands, refine=False)
+        ranked = sorted(range(len(cands)), key=lambda n: -self._rank(cands[n], coarse[n], pos, neg, bx))
+        best = [cands[n] for n in ranked[:3]]
+        fine = self.window_logits(best)
+        choice = max(range(len(best)), key=lambda n: self._rank(best[n], fine[n], pos, neg, bx))
+        result = self._to_mask(best[choice], fine[choice])
+        if bx is not None:
+            result.mask &= box_mask(bx, feats.height, feats.width)
+        return result
+
+
+def box_mask(box: np.ndarray, height: int, width: int, margin: float = 0.02) -> np.ndarray:
+    """Pixels whose centres fall in ``box`` (xyxy pixels) grown by ``margin`` of its size on each side."""
+    mx, my = margin * (box[2] - box[0]), margin * (box[3] - box[1])
+    xs, ys = np.arange(width) + 0.5, np.arange(height) + 0.5
+    inx = (xs >= box[0] - mx) & (xs <= box[2] + mx)
+    iny = (ys >= box[1] - my) & (ys <= box[3] + my)
+    return iny[:, None] & inx[None, :]
+
+
+def load_predictor(path: str | Path | None = None, device: str | torch.device = "cpu", **kwargs) -> MaskPredictor:
+    """A predictor from a checkpoint directory (the shipped default when ``path`` is None)."""
+    model, meta = load_checkpoint(DEFAULT_CHECKPOINT if path is None else path, device)
+    return MaskPredictor(model, meta, device, **kwargs)
