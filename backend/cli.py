@@ -38,6 +38,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trunk-trainable-from", default="s16", help="first trainable trunk tap (deepmask); 'none'")
     p.add_argument("--no-augment", action="store_true", help="disable flips and photometric jitter")
     p.add_argument("--compact", action="store_true", help="store large weights as float16 (shipped models)")
+    p.add_argument("--stop-after-steps", type=int, help="end this run after N steps (resume later)")
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -48,9 +49,42 @@ def run_train(args: argparse.Namespace) -> None:
         backbone=args.backbone, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
         trunk_trainable_from=None if args.trunk_trainable_from == "none" else args.trunk_trainable_from,
-        augment=not args.no_augment, compact=args.compact,
+        augment=not args.no_augment, compact=args.compact, stop_after_steps=args.stop_after_steps,
     )
     print(train(cfg))
+
+
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="click/box-to-mask, baselines, proposal AR and patch IoU on a split")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="COCO-format directory")
+    p.add_argument("--images-from", default="val", choices=["val", "train", "all"],
+                   help="the fixed split by image id (val: id %% 5 == 0)")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the shipped model)")
+    p.add_argument("--out", type=Path, help="report directory (default: reports/eval-SPLIT)")
+    p.add_argument("--max-images", type=int, help="only the first N images of the split, by id")
+    p.add_argument("--skip", default="", help="parts to skip: clicks,box,baselines,proposals,patches")
+    p.add_argument("--proposals-k", type=int, default=1000, help="proposals per image")
+    p.add_argument("--patches", type=int, default=1000, help="jittered windows for the patch metrics")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from segmodels.evaluate import PARTS, evaluate, format_tables
+
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if skip - set(PARTS):
+        raise SystemExit(f"segmask evaluate: unknown --skip {sorted(skip - set(PARTS))}; choose from {PARTS}")
+    for name in ("max_images", "proposals_k", "patches"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SystemExit(f"segmask evaluate: --{name.replace('_', '-')} must be at least 1")
+    out = args.out or Path("reports") / f"eval-{args.images_from}"
+    metrics = evaluate(
+        args.data, args.images_from, out, checkpoint=args.checkpoint, max_images=args.max_images, skip=skip,
+        proposals_k=args.proposals_k, patches=args.patches, device=args.device,
+        command=" ".join(["segmask", *sys.argv[1:]]),
+    )
+    print(format_tables(metrics))
+    print(f"report: {out / 'report.md'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,10 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train(sub)
+    add_evaluate(sub)
     return parser
 
 
-COMMANDS = {"train": run_train}
+COMMANDS = {"train": run_train, "evaluate": run_evaluate}
 
 
 def main(argv: list[str] | None = None) -> None:

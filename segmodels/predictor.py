@@ -146,7 +146,11 @@ def _logit_box(logits: np.ndarray, box: np.ndarray) -> np.ndarray | None:
 
 
 class MaskPredictor:
-    """DeepMask proposals refined by SharpMask, with a prompt-driven choice of window for interactive use."""
+    """DeepMask proposals refined by SharpMask, with a prompt-driven choice of window for interactive use.
+
+    The predictor takes ownership of ``model``: its trunk's BatchNorm is folded into the convolutions and
+    it is switched to channels-last. SharpMask refines masks when the checkpoint metadata lists that stage.
+    """
 
     def __init__(
         self,
@@ -161,7 +165,7 @@ class MaskPredictor:
         fold_batchnorm(self.model.trunk)
         self.model.to(memory_format=torch.channels_last)
         self.metadata = metadata or {}
-        self.refine = "sharpmask" in self.metadata.get("stages", ["sharpmask"])
+        self.refine = "sharpmask" in self.metadata.get("stages", [])
         self.scales = tuple(scales)
         self.threshold_logit = math.log(mask_threshold / (1 - mask_threshold))
         self.features: ImageFeatures | None = None
@@ -178,7 +182,9 @@ class MaskPredictor:
             rw, rh = max(1, round(w * scale)), max(1, round(h * scale))
             interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
             resized = cv2.resize(image, (rw, rh), interpolation=interp)
-            pw, ph = -(-(rw + 2 * PAD) // STRIDE) * STRIDE, -(-(rh + 2 * PAD) // STRIDE) * STRIDE
+            # At least one full window per level, rounded up to whole stride-16 cells.
+            pw = -(-max(rw + 2 * PAD, INPUT) // STRIDE) * STRIDE
+            ph = -(-max(rh + 2 * PAD, INPUT) // STRIDE) * STRIDE
             padded = cv2.copyMakeBorder(resized, PAD, ph - rh - PAD, PAD, pw - rw - PAD, cv2.BORDER_CONSTANT,
                                         value=PAD_VALUE)
             x = torch.from_numpy(padded).to(self.device).permute(2, 0, 1)[None].float().div_(255)

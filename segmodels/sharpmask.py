@@ -72,10 +72,10 @@ def window_skips(
     for tap in REFINE_TAPS:
         stride = TAP_STRIDES[tap]
         size = WINDOW // stride
-        fmap = taps[tap]
-        crops = [
-            fmap[b, :, (16 * i + 16) // stride :, (16 * j + 16) // stride :][:, :size, :size]
-            for b, i, j in zip(batch.tolist(), rows.tolist(), cols.tolist(), strict=True)
-        ]
-        out[tap] = torch.stack(crops) if crops else fmap.new_zeros((0, fmap.shape[1], size, size))
+        offsets = torch.arange(size, device=rows.device)
+        ys = ((16 * rows + 16) // stride)[:, None] + offsets
+        xs = ((16 * cols + 16) // stride)[:, None] + offsets
+        # One gather: (N, size, size, C), which is already channels-last for the refinement convs.
+        crops = taps[tap].permute(0, 2, 3, 1)[batch[:, None, None], ys[:, :, None], xs[:, None, :]]
+        out[tap] = crops.permute(0, 3, 1, 2)
     return out

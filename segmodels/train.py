@@ -55,6 +55,7 @@ class TrainConfig:
     val_samples: int = 256
     checkpoint_every: int = 100
     compact: bool = False
+    stop_after_steps: int | None = None
 
     @property
     def total_steps(self) -> int:
@@ -233,8 +234,9 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run (or resume) one training stage; returns the output checkpoint directory."""
+def train(cfg: TrainConfig) -> Path | None:
+    """Run (or resume) one training stage; returns the output checkpoint directory, or None when
+    ``stop_after_steps`` ended this run early (the state is saved: run again to continue)."""
     if cfg.stage not in STAGES:
         raise ValueError(f"unknown stage {cfg.stage!r}; choose one of {STAGES}")
     out = Path(cfg.out)
@@ -254,7 +256,8 @@ def train(cfg: TrainConfig) -> Path:
     prior_seconds = history[-1]["seconds"] if history else 0.0
     running = {"train_mask_loss": [], "train_score_loss": []}
     bar = tqdm(total=cfg.total_steps, initial=step, desc=f"train {cfg.stage}", unit="step", dynamic_ncols=True)
-    while step < cfg.total_steps:
+    stop_at = cfg.total_steps if cfg.stop_after_steps is None else min(cfg.total_steps, step + cfg.stop_after_steps)
+    while step < stop_at:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg) * group["lr_scale"]
         # The paper alternates mask batches (positives only) and objectness batches.
@@ -280,9 +283,12 @@ def train(cfg: TrainConfig) -> Path:
             history.append(record)
             log.info("step %d: %s", step, {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
             plot_curves(history, out / "curves.png", f"{cfg.stage} training")
-        if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
+        if step % cfg.checkpoint_every == 0 or step == stop_at:
             save_state(out, model, optimizer, step, sampler, history, cfg)
     bar.close()
+    if step < cfg.total_steps:
+        log.info("stopped at step %d of %d; run the same command again to resume", step, cfg.total_steps)
+        return None
     model.eval()
     stages = init_meta.get("stages", [])
     stages = [s for s in stages if s != cfg.stage] + [cfg.stage]

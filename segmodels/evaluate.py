@@ -1,0 +1,694 @@
+"""``segmask evaluate``: interactive and proposal quality of a checkpoint on a split of a COCO-format dataset.
+
+The protocol of docs/targets.md and docs/papers.md, measured on the split's images (``data.in_split``):
+
+- instances: non-crowd annotations with COCO ``area`` > 32^2 px, masks rasterised as COCO does
+  (``geometry.coco_segmentation_to_mask``); sizes as COCO: medium 32^2..96^2, large > 96^2;
+- click-to-mask: one positive click at the interior point farthest from the GT boundary, then up to 3
+  corrective clicks, each at the interior point of the largest connected error region (a missed part gets a
+  positive click, a spurious part a negative one); every call passes all the clicks so far;
+- box-to-mask: the tight GT box as the prompt;
+- baselines on the same instances: the filled GT box, and OpenCV GrabCut (5 iterations from the tight box);
+- proposals: class-agnostic AR@10/100/1000 (pycocotools, ``segm`` and ``bbox``, ``useCats = 0``) of the
+  top-k windows of ``MaskPredictor.propose``, against all of the images' annotations (crowd flags as COCO);
+- patches: the papers' evalPerPatch, mean mask IoU and success@.5/.7 on fixed-seed jittered windows.
+
+Coordinates follow geometry.py: images ``(H, W, 3) uint8 RGB``, masks ``bool (H, W)``, points ``(x, y)`` in
+pixel edge coordinates (pixel (row r, column c) has its centre at ``(c + 0.5, r + 0.5)``), boxes float
+``[x1, y1, x2, y2]`` with exclusive right/bottom edges.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
+
+from segmodels.data import CocoInstances, WindowSampler
+from segmodels.geometry import mask_iou, mask_to_box, mask_to_rle, rle_to_mask
+from segmodels.predictor import DEFAULT_CHECKPOINT, Mask, MaskPredictor, box_mask, load_predictor
+from segmodels.train import batch_iou, mask_logits, to_device
+
+log = logging.getLogger(__name__)
+
+PARTS = ("clicks", "box", "baselines", "proposals", "patches")
+MIN_AREA = 32**2
+LARGE_AREA = 96**2
+SIZES = ("all", "medium", "large")
+THRESHOLDS = (0.5, 0.75, 0.85)
+CORRECTIONS = 3
+GRABCUT_ITERATIONS = 5
+MAX_DETS = (10, 100, 1000)
+COCO_STATS = (
+    "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
+    *(f"AR@{d}" for d in MAX_DETS),
+    *(f"AR_{s}@{MAX_DETS[-1]}" for s in ("small", "medium", "large")),
+)
+# The same windows as training's Validation (seed 10_000 + train seed 0), continued to n windows.
+PATCH_SEED = 10_000
+PATCH_THRESHOLDS = (0.5, 0.7)
+PATCH_BATCH = 32
+# pycocotools trips this numpy 2 DeprecationWarning on every decode.
+NUMPY2_WARNING = "__array__ implementation doesn't accept a copy keyword"
+EXAMPLES_PER_GROUP = 4
+PROPOSAL_IMAGES = 3
+TOP_PROPOSALS = 10
+
+
+@dataclass
+class InstanceResult:
+    """One evaluated GT instance; a method's fields stay None (or empty) when it was skipped.
+
+    ``box``: the tight GT box ``[x1, y1, x2, y2]``. ``clicks``: ``[x, y, label]`` in order (label 1 positive,
+    0 negative). ``click_ious[k]``: IoU after ``k + 1`` clicks; when a mask is already perfect no further
+    click is made and its IoU is carried on, so ``click_seconds`` (one per predictor call) can be shorter.
+    ``grabcut_fallback``: GrabCut had no background to model (the box is the whole image) and the filled box
+    stands in. ``masks``: RLE of the one-click and box predictions, for the figures (not saved).
+    """
+
+    image_id: int
+    annotation_id: int
+    category_id: int
+    area: float
+    size: str
+    box: list[float]
+    clicks: list[list[float]] = field(default_factory=list)
+    click_ious: list[float] = field(default_factory=list)
+    click_seconds: list[float] = field(default_factory=list)
+    box_iou: float | None = None
+    box_seconds: float | None = None
+    filled_box_iou: float | None = None
+    grabcut_iou: float | None = None
+    grabcut_seconds: float | None = None
+    grabcut_fallback: bool = False
+    masks: dict[str, dict] = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "masks"}
+
+
+# ---- simulated user and baselines ----------------------------------------------------------------------
+def click_point(mask: np.ndarray) -> tuple[float, float]:
+    """The interior point of a non-empty ``(H, W)`` bool mask farthest from its boundary, as ``(x, y)``.
+
+    The mask is padded by one background pixel, so the image border counts as boundary; the point is the
+    centre of the pixel where the (exact Euclidean) distance transform peaks.
+    """
+    padded = np.pad(mask.astype(np.uint8), 1)
+    dist = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    row, col = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return float(col - 1) + 0.5, float(row - 1) + 0.5
+
+
+def next_correction(pred: np.ndarray, gt: np.ndarray) -> tuple[tuple[float, float], int] | None:
+    """The next corrective click for ``pred`` vs ``gt`` (both ``(H, W)`` bool), or None when they agree.
+
+    Error regions are the 8-connected parts of the false negatives (``gt & ~pred``, label 1) and of the false
+    positives (``pred & ~gt``, label 0); the click goes at :func:`click_point` of the largest one (a false
+    negative wins a tie). Returns ``((x, y), label)``.
+    """
+    best: tuple[int, np.ndarray, int] | None = None
+    for region, label in ((gt & ~pred, 1), (pred & ~gt, 0)):
+        count, parts, stats, _ = cv2.connectedComponentsWithStats(region.astype(np.uint8), connectivity=8)
+        if count > 1:
+            largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+            area = int(stats[largest, cv2.CC_STAT_AREA])
+            if best is None or area > best[0]:
+                best = (area, parts == largest, label)
+    if best is None:
+        return None
+    return click_point(best[1]), best[2]
+
+
+def filled_box_mask(gt: np.ndarray) -> np.ndarray:
+    """The baseline "filled GT box": every pixel of the tight box of ``gt`` (``(H, W)`` bool)."""
+    return box_mask(mask_to_box(gt), *gt.shape, margin=0.0)
+
+
+def grabcut_mask(image: np.ndarray, box: np.ndarray) -> np.ndarray | None:
+    """OpenCV GrabCut from a rectangle: ``image (H, W, 3) uint8 RGB``, ``box`` xyxy pixels -> bool (H, W).
+
+    ``GC_INIT_WITH_RECT``, :data:`GRABCUT_ITERATIONS` iterations; the mask is ``GC_FGD | GC_PR_FGD``. Returns
+    None when the box leaves no background pixel to model (GrabCut refuses to start).
+    """
+    height, width = image.shape[:2]
+    x1, y1 = max(0, int(round(box[0]))), max(0, int(round(box[1])))
+    x2, y2 = min(width, int(round(box[2]))), min(height, int(round(box[3])))
+    if x1 == 0 and y1 == 0 and x2 == width and y2 == height:
+        return None
+    labels = np.zeros((height, width), np.uint8)
+    background, foreground = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    cv2.grabCut(bgr, labels, (x1, y1, max(1, x2 - x1), max(1, y2 - y1)), background, foreground,
+                GRABCUT_ITERATIONS, cv2.GC_INIT_WITH_RECT)
+    return (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
+
+
+def size_of(area: float) -> str:
+    """COCO size class of an instance area in px (the evaluated instances are never small)."""
+    return "large" if area > LARGE_AREA else "medium"
+
+
+# ---- interactive evaluation -----------------------------------------------------------------------------
+def evaluate_clicks(
+    predictor: MaskPredictor, gt: np.ndarray, max_clicks: int = 1 + CORRECTIONS
+) -> tuple[list[list[float]], list[float], list[float], np.ndarray]:
+    """Simulated clicking on the predictor's current image until ``max_clicks`` or a perfect mask.
+
+    ``gt``: ``(H, W)`` bool. Returns the clicks ``[x, y, label]``, the IoU after each of the ``max_clicks``
+    clicks (a perfect mask's IoU carried on), the seconds of each ``segment`` call and the one-click mask.
+    """
+    points, labels = [click_point(gt)], [1]
+    ious: list[float] = []
+    seconds: list[float] = []
+    first: np.ndarray | None = None
+    while True:
+        start = time.perf_counter()
+        pred = predictor.segment(points=points, labels=labels).mask
+        seconds.append(time.perf_counter() - start)
+        ious.append(mask_iou(pred, gt))
+        first = pred if first is None else first
+        if len(ious) == max_clicks:
+            break
+        correction = next_correction(pred, gt)
+        if correction is None:
+            ious += [ious[-1]] * (max_clicks - len(ious))
+            break
+        points.append(correction[0])
+        labels.append(correction[1])
+    clicks = [[x, y, float(label)] for (x, y), label in zip(points, labels, strict=True)]
+    return clicks, ious, seconds, first
+
+
+def evaluate_instances(
+    predictor: MaskPredictor, dataset: CocoInstances, image_indices: Sequence[int], parts: set[str]
+) -> tuple[list[InstanceResult], list[float]]:
+    """Click, box and baseline results for every eligible instance of the images, in image order.
+
+    ``parts`` holds the subset of ``clicks``, ``box``, ``baselines`` to run. Returns the results and the
+    seconds of ``set_image`` (the per-image feature pass that clicks and boxes share) of each image.
+    """
+    results: list[InstanceResult] = []
+    feature_seconds: list[float] = []
+    for index in tqdm(image_indices, desc="instances", unit="image", dynamic_ncols=True):
+        instances = [inst for inst in dataset.instances_by_image[index] if inst.area > MIN_AREA]
+        if not instances:
+            continue
+        image = dataset.image(index)
+        if parts & {"clicks", "box"}:
+            start = time.perf_counter()
+            predictor.set_image(image)
+            feature_seconds.append(time.perf_counter() - start)
+        for inst in instances:
+            gt = dataset.mask(inst)
+            box = mask_to_box(gt)
+            result = InstanceResult(
+                dataset.images[index]["id"], inst.annotation_id, inst.category_id, float(inst.area),
+                size_of(inst.area), [float(v) for v in box],
+            )
+            if "clicks" in parts:
+                result.clicks, result.click_ious, result.click_seconds, first = evaluate_clicks(predictor, gt)
+                result.masks["click"] = mask_to_rle(first)
+            if "box" in parts:
+                start = time.perf_counter()
+                pred = predictor.segment(box=box).mask
+                result.box_seconds = time.perf_counter() - start
+                result.box_iou = mask_iou(pred, gt)
+                result.masks["box"] = mask_to_rle(pred)
+            if "baselines" in parts:
+                filled = filled_box_mask(gt)
+                result.filled_box_iou = mask_iou(filled, gt)
+                start = time.perf_counter()
+                grabcut = grabcut_mask(image, box)
+                result.grabcut_seconds = time.perf_counter() - start
+                result.grabcut_fallback = grabcut is None
+                result.grabcut_iou = mask_iou(filled if grabcut is None else grabcut, gt)
+            results.append(result)
+    return results, feature_seconds
+
+
+def method_scores(result: InstanceResult) -> dict[str, tuple[float, float | None]]:
+    """``{method: (IoU, seconds or None)}`` of the methods evaluated on one instance."""
+    out: dict[str, tuple[float, float | None]] = {}
+    for k, iou in enumerate(result.click_ious):
+        out[f"click@{k + 1}"] = (iou, result.click_seconds[k] if k < len(result.click_seconds) else None)
+    if result.box_iou is not None:
+        out["box"] = (result.box_iou, result.box_seconds)
+    if result.filled_box_iou is not None:
+        out["filled box"] = (result.filled_box_iou, None)
+    if result.grabcut_iou is not None:
+        out["grabcut"] = (result.grabcut_iou, result.grabcut_seconds)
+    return out
+
+
+def summarise(results: Iterable[InstanceResult]) -> dict[str, dict]:
+    """Per method: mIoU and success rates (IoU >= each of :data:`THRESHOLDS`) for all/medium/large
+    instances, and the median seconds per object (None for the filled box, which costs nothing).
+
+    ``{method: {"median_seconds": s, "all": {"n", "miou", "success@0.5", ...}, "medium": {...}, "large":
+    {...}}}``; a size with no instance has ``n = 0`` and None for the rates.
+    """
+    per_method: dict[str, list[tuple[str, float, float | None]]] = {}
+    for result in results:
+        for method, (iou, seconds) in method_scores(result).items():
+            per_method.setdefault(method, []).append((result.size, iou, seconds))
+    summary = {}
+    for method, rows in per_method.items():
+        times = [s for _, _, s in rows if s is not None]
+        entry: dict = {"median_seconds": statistics.median(times) if times else None}
+        for size in SIZES:
+            ious = np.array([iou for sz, iou, _ in rows if size in ("all", sz)])
+            entry[size] = {"n": len(ious), "miou": float(ious.mean()) if len(ious) else None}
+            for t in THRESHOLDS:
+                entry[size][f"success@{t}"] = float((ious >= t).mean()) if len(ious) else None
+        summary[method] = entry
+    return summary
+
+
+# ---- proposals ------------------------------------------------------------------------------------------
+def coco_ground_truth(dataset: CocoInstances, image_indices: Sequence[int]) -> COCO:
+    """A pycocotools COCO object of the images' annotations: all categories, crowd flags as they are."""
+    ids = {dataset.images[i]["id"] for i in image_indices}
+    coco = COCO()
+    coco.dataset = {
+        "images": [dataset.images[i] for i in image_indices],
+        "annotations": [a for a in dataset.annotations if a["image_id"] in ids],
+        "categories": [{"id": c, "name": n} for c, n in dataset.categories.items()],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def proposal_results(
+    image_id: int, proposals: Sequence[Mask], category_id: int
+) -> tuple[list[dict], list[dict]]:
+    """COCO result entries of one image's proposals: ``segm`` (RLE) and ``bbox`` (xywh of the mask's box).
+
+    ``category_id`` is any GT category: the evaluation is class-agnostic.
+    """
+    segm, bbox = [], []
+    for p in proposals:
+        x1, y1, x2, y2 = (float(v) for v in p.box)
+        common = {"image_id": image_id, "category_id": category_id, "score": float(p.score)}
+        segm.append({**common, "segmentation": mask_to_rle(p.mask)})
+        bbox.append({**common, "bbox": [x1, y1, x2 - x1, y2 - y1]})
+    return segm, bbox
+
+
+def average_recall(gt: COCO, segm: list[dict], bbox: list[dict]) -> dict[str, dict[str, float]]:
+    """COCOeval stats (names in :data:`COCO_STATS`; -1 where no GT of a size) per iou type, class-agnostic,
+    maxDets :data:`MAX_DETS`, over all of ``gt``'s images. Both result lists must be non-empty."""
+    out = {}
+    for iou_type, results in (("segm", segm), ("bbox", bbox)):
+        printed = io.StringIO()
+        with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
+            warnings.filterwarnings("ignore", message=NUMPY2_WARNING)
+            evaluator = COCOeval(gt, gt.loadRes(results), iou_type)
+            evaluator.params.useCats = 0
+            evaluator.params.maxDets = list(MAX_DETS)
+            evaluator.params.imgIds = sorted(gt.getImgIds())
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        log.debug("COCOeval %s:\n%s", iou_type, printed.getvalue())
+        out[iou_type] = dict(zip(COCO_STATS, (float(v) for v in evaluator.stats), strict=True))
+    return out
+
+
+def evaluate_proposals(
+    predictor: MaskPredictor, dataset: CocoInstances, image_indices: Sequence[int], k: int
+) -> tuple[dict, dict[int, list[tuple[dict, float]]]]:
+    """AR of the top-``k`` proposals of each image (``set_image`` + ``propose(k)``, refined when the
+    checkpoint has SharpMask). Returns the metrics and, for the first :data:`PROPOSAL_IMAGES` images with
+    instances, their top :data:`TOP_PROPOSALS` proposals as ``(RLE, score)`` keyed by image index."""
+    category_id = min(dataset.categories)
+    segm: list[dict] = []
+    bbox: list[dict] = []
+    seconds: list[float] = []
+    examples: dict[int, list[tuple[dict, float]]] = {}
+    empty = 0
+    for index in tqdm(image_indices, desc="proposals", unit="image", dynamic_ncols=True):
+        image_id = dataset.images[index]["id"]
+        start = time.perf_counter()
+        predictor.set_image(dataset.image(index))
+        proposals = predictor.propose(k=k)
+        seconds.append(time.perf_counter() - start)
+        empty += sum(not p.mask.any() for p in proposals)
+        image_segm, image_bbox = proposal_results(image_id, proposals, category_id)
+        segm += image_segm
+        bbox += image_bbox
+        if len(examples) < PROPOSAL_IMAGES and dataset.instances_by_image[index]:
+            examples[index] = [(r["segmentation"], r["score"]) for r in image_segm[:TOP_PROPOSALS]]
+    metrics = {
+        "k": k,
+        "images": len(image_indices),
+        "empty_masks": empty,
+        "median_seconds_per_image": statistics.median(seconds),
+        **average_recall(coco_ground_truth(dataset, image_indices), segm, bbox),
+    }
+    return metrics, examples
+
+
+# ---- patches --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_patches(predictor: MaskPredictor, dataset: CocoInstances, n: int) -> dict[str, dict[str, float]]:
+    """evalPerPatch: mask IoU of each trained stage on ``n`` un-augmented jittered windows of ``dataset``
+    (``WindowSampler.mask_batch``, seed :data:`PATCH_SEED`), at the logits' resolution (56 px DeepMask,
+    160 px SharpMask). ``{stage: {"n", "mean_iou", "success@0.5", "success@0.7"}}``."""
+    stages = ["deepmask", "sharpmask"] if predictor.refine else ["deepmask"]
+    sampler = WindowSampler(dataset, seed=PATCH_SEED, augment=False)
+    ious: dict[str, list[torch.Tensor]] = {stage: [] for stage in stages}
+    for start in tqdm(range(0, n, PATCH_BATCH), desc="patches", unit="batch", dynamic_ncols=True):
+        inputs, targets = sampler.mask_batch(min(PATCH_BATCH, n - start))
+        x, y = to_device(inputs, predictor.device), targets.to(predictor.device)
+        for stage in stages:
+            ious[stage].append(batch_iou(mask_logits(predictor.model, stage, x), y).cpu())
+    out = {}
+    for stage, parts in ious.items():
+        iou = torch.cat(parts)
+        out[stage] = {"n": len(iou), "mean_iou": iou.mean().item()}
+        out[stage].update({f"success@{t}": (iou >= t).float().mean().item() for t in PATCH_THRESHOLDS})
+    return out
+
+
+# ---- tables ---------------------------------------------------------------------------------------------
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None or value < 0 else f"{value:.{digits}f}"
+
+
+def tables(metrics: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The report's tables as ``(title, headers, rows)`` of strings, from the metrics dict."""
+    out = []
+    summary = metrics.get("instances", {}).get("summary")
+    if summary:
+        rows = []
+        for method, entry in summary.items():
+            for size in SIZES:
+                stats = entry[size]
+                rows.append([
+                    method if size == "all" else "", size, str(stats["n"]), _fmt(stats["miou"]),
+                    *(_fmt(stats[f"success@{t}"]) for t in THRESHOLDS),
+                    _fmt(entry["median_seconds"]) if size == "all" else "",
+                ])
+        headers = ["method", "size", "n", "mIoU", *(f"IoU>={t}" for t in THRESHOLDS), "median s/object"]
+        out.append(("Instances (clicks, box prompt, baselines)", headers, rows))
+    proposals = metrics.get("proposals")
+    if proposals:
+        names = [s for s in COCO_STATS if s.startswith("AR")]
+        rows = [[iou_type, *(_fmt(proposals[iou_type][s]) for s in names)] for iou_type in ("segm", "bbox")]
+        title = (f"Proposals: top {proposals['k']} per image, {proposals['images']} images, "
+                 f"median {proposals['median_seconds_per_image']:.2f} s/image")
+        out.append((title, ["type", *names], rows))
+    patches = metrics.get("patches")
+    if patches:
+        names = ["mean_iou", *(f"success@{t}" for t in PATCH_THRESHOLDS)]
+        rows = [[stage, str(v["n"]), *(_fmt(v[s]) for s in names)] for stage, v in patches.items()]
+        out.append(("Patches (evalPerPatch)", ["stage", "n", *names], rows))
+    return out
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Plain text, columns aligned (first column left, the others right)."""
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        first, *rest = zip(cells, widths, strict=True)
+        return "  ".join([first[0].ljust(first[1]), *(c.rjust(w) for c, w in rest)]).rstrip()
+
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    return "\n".join([
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|",
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ])
+
+
+def format_tables(metrics: dict) -> str:
+    """All tables as aligned plain text, with a header line naming the checkpoint and split."""
+    head = (f"checkpoint {metrics['checkpoint']} | split {metrics['split']} "
+            f"({len(metrics['image_ids'])} images) | {metrics['seconds']['total']:.0f} s")
+    return "\n\n".join([head, *(f"{title}\n{format_table(h, r)}" for title, h, r in tables(metrics))])
+
+
+# ---- figures and report ---------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def overlay(
+    ax, image: np.ndarray, gt: list[np.ndarray], pred: np.ndarray, title: str, crop: np.ndarray | None = None,
+    clicks: Sequence[Sequence[float]] = (), box: np.ndarray | None = None,
+) -> None:
+    """Draw ``image`` with the GT outlines (green) and ``pred`` filled in red on ``ax``.
+
+    ``crop``: xyxy region to show (whole image when None); ``clicks`` ``[x, y, label]`` (positive: green +,
+    negative: red x); ``box``: the prompt box (yellow, dashed). All in pixel edge coordinates.
+    """
+    from matplotlib.patches import Rectangle
+
+    height, width = image.shape[:2]
+    x0, y0, x1, y1 = (0, 0, width, height) if crop is None else (int(v) for v in crop)
+    ax.imshow(image[y0:y1, x0:x1])
+    rgba = np.zeros((y1 - y0, x1 - x0, 4), np.float32)
+    rgba[pred[y0:y1, x0:x1]] = (1.0, 0.0, 0.0, 0.45)
+    ax.imshow(rgba)
+    for g in gt:
+        if g[y0:y1, x0:x1].any():
+            ax.contour(g[y0:y1, x0:x1].astype(np.float32), levels=[0.5], colors="lime", linewidths=1.2)
+    for x, y, label in clicks:
+        ax.plot(x - x0 - 0.5, y - y0 - 0.5, "+" if label else "x", color="lime" if label else "red",
+                markersize=10, markeredgewidth=2)
+    if box is not None:
+        ax.add_patch(Rectangle((box[0] - x0 - 0.5, box[1] - y0 - 0.5), box[2] - box[0], box[3] - box[1],
+                               fill=False, edgecolor="yellow", linestyle="--", linewidth=1))
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def context_crop(box: np.ndarray, height: int, width: int) -> np.ndarray:
+    """xyxy region around an object box (half its larger side + 16 px on each side), inside the image."""
+    margin = 0.5 * max(box[2] - box[0], box[3] - box[1]) + 16
+    return np.array([max(0, np.floor(box[0] - margin)), max(0, np.floor(box[1] - margin)),
+                     min(width, np.ceil(box[2] + margin)), min(height, np.ceil(box[3] + margin))])
+
+
+def pick_examples(results: list[InstanceResult], iou_of) -> list[tuple[str, InstanceResult]]:
+    """Up to :data:`EXAMPLES_PER_GROUP` best, median and worst results by ``iou_of(result)``."""
+    ranked = sorted(results, key=iou_of, reverse=True)
+    n, k = len(ranked), EXAMPLES_PER_GROUP
+    if n <= 3 * k:
+        return [("", r) for r in ranked]
+    mid = n // 2 - k // 2
+    return [("best", r) for r in ranked[:k]] + [("median", r) for r in ranked[mid : mid + k]] + [
+        ("worst", r) for r in ranked[-k:]
+    ]
+
+
+def plot_instances(path: Path, dataset: CocoInstances, picks: list[tuple[str, InstanceResult]], key: str,
+                   title: str) -> None:
+    """A 4-column grid of instance overlays with the stored ``key`` prediction ("click" or "box")."""
+    plt = _pyplot()
+    index_of = {im["id"]: i for i, im in enumerate(dataset.images)}
+    inst_of = {inst.annotation_id: inst for inst in dataset.instances}
+    cols = 4
+    rows = -(-len(picks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat[len(picks):]:
+        ax.axis("off")
+    for ax, (group, r) in zip(axes.flat, picks, strict=False):
+        image = dataset.image(index_of[r.image_id])
+        gt = dataset.mask(inst_of[r.annotation_id])
+        box = np.array(r.box)
+        iou = r.click_ious[0] if key == "click" else r.box_iou
+        name = dataset.categories[r.category_id]
+        caption = f"{group} {name} ({r.size}) IoU {iou:.2f}".strip()
+        overlay(ax, image, [gt], rle_to_mask(r.masks[key]), caption, crop=context_crop(box, *image.shape[:2]),
+                clicks=r.clicks[:1] if key == "click" else (), box=box if key == "box" else None)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_proposals(path: Path, dataset: CocoInstances, examples: dict[int, list[tuple[dict, float]]]) -> None:
+    """Rows of 5 per image: its top proposals (red) with objectness and best IoU against the GT (green)."""
+    plt = _pyplot()
+    cols, rows_per_image = 5, -(-TOP_PROPOSALS // 5)
+    rows = rows_per_image * len(examples)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False,
+                             layout="constrained")
+    for n, (index, props) in enumerate(examples.items()):
+        image = dataset.image(index)
+        gts = [dataset.mask(inst) for inst in dataset.instances_by_image[index]]
+        panels = axes[n * rows_per_image : (n + 1) * rows_per_image].flat
+        for rank, ax in enumerate(panels):
+            if rank >= len(props):
+                ax.axis("off")
+                continue
+            rle, score = props[rank]
+            pred = rle_to_mask(rle)
+            best = max(mask_iou(pred, g) for g in gts)
+            caption = f"image {dataset.images[index]['id']} #{rank + 1} s={score:.2f} IoU {best:.2f}"
+            overlay(ax, image, gts, pred, caption)
+    fig.suptitle("Top proposals (red) and GT instances (green); IoU = best match")
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+
+
+def write_report(out: Path, metrics: dict, dataset: CocoInstances, results: list[InstanceResult],
+                 examples: dict[int, list[tuple[dict, float]]]) -> None:
+    """``clicks.png``, ``box.png``, ``proposals.png`` (those that have data) and ``report.md`` in ``out``."""
+    figures = []
+    if results and results[0].click_ious:
+        picks = pick_examples(results, lambda r: r.click_ious[0])
+        plot_instances(out / "clicks.png", dataset, picks, "click",
+                       "One click (+) at the GT's deepest point: prediction red, GT green")
+        figures.append(("One-click results (best, median, worst)", "clicks.png"))
+    if results and results[0].box_iou is not None:
+        picks = pick_examples(results, lambda r: r.box_iou)
+        plot_instances(out / "box.png", dataset, picks, "box",
+                       "Tight GT box (yellow) as the prompt: prediction red, GT green")
+        figures.append(("Box-prompt results (best, median, worst)", "box.png"))
+    if examples:
+        plot_proposals(out / "proposals.png", dataset, examples)
+        figures.append((f"Top-{TOP_PROPOSALS} proposals", "proposals.png"))
+    instances = metrics.get("instances", {})
+    lines = [
+        f"# Evaluation: {metrics['split']} split",
+        "",
+        f"- command: `{metrics['command']}`",
+        f"- checkpoint: `{metrics['checkpoint']}` (stages: {', '.join(metrics['checkpoint_stages'])})",
+        f"- data: `{metrics['data']}`, {len(metrics['image_ids'])} images, "
+        f"{instances.get('n', 0)} instances (non-crowd, area > 32^2)",
+        f"- hardware: {metrics['hardware']['cpu']}, {metrics['hardware']['torch_threads']} torch threads, "
+        f"device {metrics['hardware']['device']}",
+        f"- total {metrics['seconds']['total']:.0f} s",
+    ]
+    if instances.get("median_feature_seconds") is not None:
+        lines.append(f"- click/box times exclude the per-image feature pass (`set_image`): median "
+                     f"{instances['median_feature_seconds']:.3f} s per image")
+    if instances.get("grabcut_fallbacks"):
+        lines.append(f"- GrabCut had no background for {instances['grabcut_fallbacks']} whole-image boxes: "
+                     "the filled box stands in")
+    for title, headers, rows in tables(metrics):
+        lines += ["", f"## {title}", "", markdown_table(headers, rows)]
+    for title, name in figures:
+        lines += ["", f"## {title}", "", f"![{title}]({name})"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+# ---- the command ----------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def hardware(device: torch.device) -> dict:
+    return {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "opencv": cv2.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def evaluate(
+    data: str | Path,
+    split: str,
+    out: str | Path,
+    checkpoint: str | Path | None = None,
+    max_images: int | None = None,
+    skip: Iterable[str] = (),
+    proposals_k: int = 1000,
+    patches: int = 1000,
+    device: str = "cpu",
+    command: str = "",
+) -> dict:
+    """Run every part not in ``skip`` (:data:`PARTS`) on the first ``max_images`` images (by id) of ``split``;
+    write ``metrics.json``, ``table.txt``, ``report.md`` and the figures to ``out``; return the metrics."""
+    unknown = set(skip) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts to skip {sorted(unknown)}; choose from {PARTS}")
+    parts = set(PARTS) - set(skip)
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    predictor = load_predictor(checkpoint, device)
+    dataset = CocoInstances(data, split)
+    image_indices = sorted(range(len(dataset)), key=lambda i: dataset.images[i]["id"])[:max_images]
+    log.info("evaluating %s on %d %s images: %s", checkpoint or DEFAULT_CHECKPOINT, len(image_indices), split,
+             ", ".join(sorted(parts)))
+    metrics: dict = {
+        "command": command,
+        "checkpoint": str(Path(checkpoint or DEFAULT_CHECKPOINT).resolve()),
+        "checkpoint_stages": predictor.metadata.get("stages", []),
+        "checkpoint_training": predictor.metadata.get("training", {}),
+        "data": str(Path(data).resolve()),
+        "split": split,
+        "image_ids": [dataset.images[i]["id"] for i in image_indices],
+        "hardware": hardware(predictor.device),
+        "protocol": {
+            "min_area": MIN_AREA, "large_area": LARGE_AREA, "corrections": CORRECTIONS,
+            "grabcut_iterations": GRABCUT_ITERATIONS, "mask_threshold_logit": predictor.threshold_logit,
+            "scales": list(predictor.scales), "refined": predictor.refine, "patch_seed": PATCH_SEED,
+        },
+        "seconds": {},
+    }
+    results: list[InstanceResult] = []
+    examples: dict[int, list[tuple[dict, float]]] = {}
+    if parts & {"clicks", "box", "baselines"}:
+        start = time.perf_counter()
+        results, feature_seconds = evaluate_instances(predictor, dataset, image_indices, parts)
+        metrics["instances"] = {
+            "n": len(results),
+            "median_feature_seconds": statistics.median(feature_seconds) if feature_seconds else None,
+            "grabcut_fallbacks": sum(r.grabcut_fallback for r in results),
+            "summary": summarise(results),
+            "results": [r.to_json() for r in results],
+        }
+        metrics["seconds"]["instances"] = time.perf_counter() - start
+    if "proposals" in parts:
+        start = time.perf_counter()
+        metrics["proposals"], examples = evaluate_proposals(predictor, dataset, image_indices, proposals_k)
+        metrics["seconds"]["proposals"] = time.perf_counter() - start
+    if "patches" in parts:
+        start = time.perf_counter()
+        metrics["patches"] = evaluate_patches(predictor, dataset, patches)
+        metrics["seconds"]["patches"] = time.perf_counter() - start
+    metrics["seconds"]["total"] = time.perf_counter() - started
+    write_report(out, metrics, dataset, results, examples)
+    (out / "table.txt").write_text(format_tables(metrics) + "\n")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info("wrote %s", out)
+    return metrics

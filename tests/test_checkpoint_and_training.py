@@ -1,0 +1,66 @@
+"""Checkpoints round-trip through safetensors + JSON; training is seeded and resumes exactly."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from segmodels.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from segmodels.model import ModelConfig, SegmentationModel
+from segmodels.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def model() -> SegmentationModel:
+    torch.manual_seed(0)
+    return SegmentationModel(ModelConfig(classes=["cat", "dog"])).eval()
+
+
+def test_checkpoint_round_trip_restores_every_tensor_and_the_config(model, tmp_path: Path):
+    save_checkpoint(model, tmp_path, {"metrics": {"click_miou": 0.5}})
+    loaded, meta = load_checkpoint(tmp_path)
+    assert loaded.config == model.config and meta["metrics"] == {"click_miou": 0.5}
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_compact_checkpoint_is_smaller_and_close(model, tmp_path: Path):
+    save_checkpoint(model, tmp_path / "full")
+    save_checkpoint(model, tmp_path / "compact", compact=True)
+    full, compact = (tmp_path / d / "model.safetensors" for d in ("full", "compact"))
+    assert compact.stat().st_size < 0.6 * full.stat().st_size
+    loaded, _ = load_checkpoint(tmp_path / "compact")
+    x = torch.rand(1, 3, 192, 192)
+    with torch.no_grad():
+        a = model.deepmask(model.trunk(x)["s16"])[0]
+        b = loaded.deepmask(loaded.trunk(x)["s16"])[0]
+    torch.testing.assert_close(a, b, atol=2e-2, rtol=1e-2)
+
+
+def test_checkpoint_directory_holds_no_pickle(model, tmp_path: Path):
+    save_checkpoint(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]
+
+
+def test_a_json_that_is_not_a_checkpoint_is_refused(tmp_path: Path):
+    (tmp_path / "model.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="not a segmask checkpoint"):
+        read_metadata(tmp_path)
+
+
+def _tiny(data: Path, out: Path, **kw) -> TrainConfig:
+    return TrainConfig(stage="deepmask", data=str(data), out=str(out), epochs=1, steps_per_epoch=4, batch_size=4,
+                       val_samples=4, checkpoint_every=2, **kw)
+
+
+@pytest.mark.slow
+def test_training_resumed_midway_ends_with_the_same_weights(coco128, tmp_path: Path):
+    train(_tiny(coco128, tmp_path / "straight"))
+    assert train(_tiny(coco128, tmp_path / "resumed", stop_after_steps=2)) is None
+    train(_tiny(coco128, tmp_path / "resumed"))
+    a, meta = load_checkpoint(tmp_path / "straight")
+    b, _ = load_checkpoint(tmp_path / "resumed")
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
+    assert meta["stages"] == ["deepmask"] and (tmp_path / "straight" / "curves.png").stat().st_size > 0

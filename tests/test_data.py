@@ -1,0 +1,94 @@
+"""The window-sampling protocol (papers.md) and the fixed split."""
+
+import math
+
+import numpy as np
+import pytest
+
+from segmodels.data import CocoInstances, WindowSampler, in_split
+from segmodels.deepmask import OBJECT, WINDOW
+
+
+@pytest.fixture(scope="module")
+def train(coco128):
+    return CocoInstances(coco128, "train")
+
+
+def test_split_holds_out_image_ids_divisible_by_five(coco128):
+    val, train = CocoInstances(coco128, "val"), CocoInstances(coco128, "train")
+    val_ids, train_ids = {im["id"] for im in val.images}, {im["id"] for im in train.images}
+    assert not val_ids & train_ids
+    assert len(val_ids) + len(train_ids) == len(CocoInstances(coco128, "all").images) == 104
+    assert all(i % 5 == 0 for i in val_ids) and len(val_ids) == 21
+
+
+def test_unknown_split_is_refused():
+    with pytest.raises(ValueError, match="split"):
+        in_split(5, "test")
+
+
+def test_instances_exclude_crowd_and_tiny_annotations(train):
+    kept = {inst.annotation_id for inst in train.instances}
+    for ann in train.annotations:
+        if ann["iscrowd"] or ann["area"] < 100:
+            assert ann["id"] not in kept
+
+
+def _target_box(target: np.ndarray):
+    ys, xs = np.nonzero(target)
+    return xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+
+
+def test_mask_samples_are_centred_at_canonical_scale(train):
+    """Targets of objects fully inside the window: centre within the +-16 px shift, size 92 px +-1/4 octave
+    (with a few pixels of slack: COCO boxes and rasterised polygons differ by a pixel, magnified by the scale)."""
+    sampler = WindowSampler(train, seed=3, augment=False)
+    checked = 0
+    for _ in range(200):
+        image, target = sampler.mask_sample()
+        assert image.shape == (192, 192, 3) and image.dtype == np.uint8
+        assert target.shape == (WINDOW, WINDOW) and set(np.unique(target)) <= {0.0, 1.0}
+        if not target.any() or target[0].any() or target[-1].any() or target[:, 0].any() or target[:, -1].any():
+            continue  # objects cut by the image or window border have a smaller visible extent
+        x0, y0, x1, y1 = _target_box(target)
+        assert abs((x0 + x1) / 2 - WINDOW / 2) <= 16 + 6 and abs((y0 + y1) / 2 - WINDOW / 2) <= 16 + 6
+        size = max(x1 - x0, y1 - y0)
+        checked += 1
+        assert OBJECT * 2**-0.25 - 6 <= size <= OBJECT * 2**0.25 + 6
+    assert checked > 100
+
+
+def test_score_samples_are_balanced(train):
+    sampler = WindowSampler(train, seed=4)
+    labels = [sampler.score_sample()[1] for _ in range(600)]
+    assert 0.44 <= np.mean(labels) <= 0.56
+
+
+def test_negative_windows_have_no_centred_object_at_canonical_scale(train):
+    sampler = WindowSampler(train, seed=5)
+    for _ in range(200):
+        image_index, centre, scale = sampler._negative_window()
+        for inst in train.instances_by_image[image_index]:
+            offset = scale * math.dist(inst.centre, centre)
+            octaves = abs(math.log2(scale * inst.size / OBJECT))
+            assert offset >= 48 or octaves >= 1
+
+
+def test_mask_sampling_is_uniform_over_categories_not_instances(train):
+    sampler = WindowSampler(train, seed=6)
+    draws = [sampler._random_instance().category_id for _ in range(4000)]
+    person = train.instances_by_category[1]
+    share_of_instances = len(person) / len(train.instances)
+    assert np.mean(np.array(draws) == 1) < share_of_instances / 3
+    assert len(set(draws)) == len(train.instances_by_category)
+
+
+def test_batches_are_float_tensors_in_unit_range(train):
+    x, y = WindowSampler(train, seed=7).mask_batch(4)
+    assert x.shape == (4, 3, 192, 192) and y.shape == (4, 160, 160)
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+
+
+def test_sampling_is_reproducible_from_the_seed(train):
+    a, b = WindowSampler(train, seed=8).mask_batch(3), WindowSampler(train, seed=8).mask_batch(3)
+    assert all(np.array_equal(p.numpy(), q.numpy()) for p, q in zip(a, b, strict=True))

@@ -1,0 +1,171 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segmodels.data import CocoInstances
+from segmodels.evaluate import (
+    InstanceResult,
+    average_recall,
+    click_point,
+    coco_ground_truth,
+    filled_box_mask,
+    grabcut_mask,
+    next_correction,
+    proposal_results,
+    summarise,
+)
+from segmodels.geometry import coco_segmentation_to_mask, mask_iou
+from segmodels.predictor import Mask
+
+# pycocotools' decode trips a numpy 2 DeprecationWarning thousands of times; it is not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
+COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
+
+
+def disc(height: int, width: int, cx: float, cy: float, radius: float) -> np.ndarray:
+    yy, xx = np.mgrid[:height, :width]
+    return (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= radius**2
+
+
+def rectangle(height: int, width: int, x1: int, y1: int, x2: int, y2: int) -> np.ndarray:
+    mask = np.zeros((height, width), dtype=bool)
+    mask[y1:y2, x1:x2] = True
+    return mask
+
+
+def depth(mask: np.ndarray) -> np.ndarray:
+    """Brute force: distance of each pixel centre to the nearest background pixel centre (outside counts)."""
+    padded = np.pad(mask, 1)
+    bg = np.argwhere(~padded)
+    out = np.zeros(mask.shape)
+    for r, c in np.argwhere(mask):
+        out[r, c] = np.sqrt(((bg - (r + 1, c + 1)) ** 2).sum(1)).min()
+    return out
+
+
+def test_click_point_is_the_centre_of_a_disc():
+    assert click_point(disc(40, 50, 20.5, 15.5, 8)) == (20.5, 15.5)
+
+
+def test_click_point_is_deepest_interior_point_with_the_image_border_as_boundary():
+    mask = rectangle(30, 40, 0, 0, 12, 30) | rectangle(30, 40, 0, 20, 40, 30)  # an L touching three borders
+    x, y = click_point(mask)
+    col, row = int(x), int(y)
+    assert (x - col, y - row) == (0.5, 0.5) and mask[row, col]
+    d = depth(mask)
+    assert d[row, col] == pytest.approx(d.max(), abs=1e-3)
+
+
+def test_next_correction_clicks_the_largest_missed_region_positively():
+    gt = rectangle(60, 60, 5, 5, 55, 55)
+    pred = gt.copy()
+    pred[10:30, 10:30] = False  # 400 px missed
+    pred[0:3, 0:3] = True  # 9 px spurious
+    (x, y), label = next_correction(pred, gt)
+    assert label == 1
+    assert 10 <= x <= 30 and 10 <= y <= 30 and (x, y) == click_point(gt & ~pred)
+
+
+def test_next_correction_clicks_the_largest_spurious_region_negatively():
+    gt = rectangle(60, 60, 20, 20, 40, 40)
+    pred = gt | rectangle(60, 60, 0, 45, 30, 60)  # 450 px spurious
+    pred[25:28, 25:28] = False  # 9 px missed
+    (x, y), label = next_correction(pred, gt)
+    assert label == 0
+    assert pred[int(y), int(x)] and not gt[int(y), int(x)] and y > 45
+
+
+def test_next_correction_is_none_for_a_perfect_mask():
+    gt = disc(40, 40, 20, 20, 10)
+    assert next_correction(gt.copy(), gt) is None
+
+
+def test_filled_box_of_a_rectangle_is_exact():
+    gt = rectangle(48, 64, 7, 9, 33, 40)
+    assert mask_iou(filled_box_mask(gt), gt) == 1.0
+
+
+def test_grabcut_finds_a_contrasting_rectangle_and_refuses_a_whole_image_box():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 60, size=(80, 100, 3), dtype=np.uint8)
+    gt = rectangle(80, 100, 30, 20, 70, 60)
+    image[gt] = rng.integers(190, 255, size=(int(gt.sum()), 3), dtype=np.uint8)
+    assert mask_iou(grabcut_mask(image, np.array([25.0, 15.0, 75.0, 65.0])), gt) > 0.9
+    assert grabcut_mask(image, np.array([0.0, 0.0, 100.0, 80.0])) is None
+
+
+@pytest.fixture(scope="module")
+def few_images():
+    if not (COCO128 / "instances.json").exists():
+        pytest.skip(f"COCO128 not found at {COCO128}")
+    dataset = CocoInstances(COCO128, "all")
+    counts = {}
+    for a in dataset.annotations:
+        counts[a["image_id"]] = counts.get(a["image_id"], 0) + 1
+    # Three images with a handful of annotations, so every GT fits in the top 10.
+    indices = [i for i, im in enumerate(dataset.images) if 2 <= counts.get(im["id"], 0) <= 8][:3]
+    assert len(indices) == 3
+    return dataset, indices
+
+
+def gt_masks(dataset: CocoInstances, index: int) -> list[np.ndarray]:
+    im = dataset.images[index]
+    return [
+        coco_segmentation_to_mask(a["segmentation"], im["height"], im["width"])
+        for a in dataset.annotations
+        if a["image_id"] == im["id"] and not a.get("iscrowd", 0)
+    ]
+
+
+def recall_of(dataset: CocoInstances, indices: list[int], masks_of) -> dict:
+    segm, bbox = [], []
+    for index in indices:
+        proposals = [Mask(m, 1.0) for m in masks_of(index)]
+        s, b = proposal_results(dataset.images[index]["id"], proposals, min(dataset.categories))
+        segm += s
+        bbox += b
+    return average_recall(coco_ground_truth(dataset, indices), segm, bbox)
+
+
+def test_average_recall_is_one_for_the_gt_masks_themselves(few_images):
+    dataset, indices = few_images
+    ar = recall_of(dataset, indices, lambda i: gt_masks(dataset, i))
+    for iou_type in ("segm", "bbox"):
+        for n in (10, 100, 1000):
+            assert ar[iou_type][f"AR@{n}"] == pytest.approx(1.0)
+
+
+def test_average_recall_is_zero_for_empty_or_misplaced_masks(few_images):
+    dataset, indices = few_images
+    empty = recall_of(dataset, indices, lambda i: [np.zeros_like(m) for m in gt_masks(dataset, i)])
+    assert empty["segm"]["AR@100"] == 0.0 and empty["bbox"]["AR@100"] == 0.0
+
+    def flipped(index: int) -> list[np.ndarray]:
+        return [np.flipud(np.fliplr(m)) for m in gt_masks(dataset, index)]
+
+    wrong = recall_of(dataset, indices, flipped)
+    assert wrong["segm"]["AR@100"] < 0.1
+
+
+def result(size: str, iou: float, seconds: float) -> InstanceResult:
+    area = 50.0**2 if size == "medium" else 200.0**2
+    return InstanceResult(1, 1, 1, area, size, [0, 0, 1, 1], box_iou=iou, box_seconds=seconds)
+
+
+def test_summarise_success_rates_by_size():
+    results = [result("medium", 0.9, 1.0), result("medium", 0.6, 2.0), result("medium", 0.3, 3.0),
+               result("large", 0.8, 4.0), result("large", 0.76, 5.0)]
+    box = summarise(results)["box"]
+    assert box["median_seconds"] == 3.0
+    assert box["all"]["n"] == 5 and box["medium"]["n"] == 3 and box["large"]["n"] == 2
+    assert box["all"]["miou"] == pytest.approx(3.36 / 5)
+    assert box["medium"]["success@0.5"] == pytest.approx(2 / 3)
+    assert box["medium"]["success@0.75"] == pytest.approx(1 / 3)
+    assert box["medium"]["success@0.85"] == pytest.approx(1 / 3)
+    assert box["large"]["success@0.5"] == 1.0
+    assert box["large"]["success@0.75"] == 1.0
+    assert box["large"]["success@0.85"] == 0.0
+    assert box["all"]["success@0.75"] == pytest.approx(3 / 5)
+    assert set(summarise(results)) == {"box"}

@@ -1,0 +1,119 @@
+"""The predictor API: prompts, caching, proposals, and the shipped model on real COCO128 images."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from segmodels.data import CocoInstances
+from segmodels.geometry import mask_iou
+from segmodels.model import ModelConfig, SegmentationModel
+from segmodels.predictor import DEFAULT_CHECKPOINT, MaskPredictor, load_predictor, paste_window
+
+
+@pytest.fixture(scope="module")
+def untrained() -> MaskPredictor:
+    torch.manual_seed(0)
+    return MaskPredictor(SegmentationModel(ModelConfig()), scales=(0.5, 1.0))
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 255, size=(120, 160, 3), dtype=np.uint8)
+
+
+def test_segment_before_set_image_is_an_error():
+    predictor = MaskPredictor(SegmentationModel(ModelConfig()), scales=(1.0,))
+    with pytest.raises(RuntimeError, match="set_image"):
+        predictor.segment([[10, 10]], [1])
+
+
+def test_non_rgb_images_are_refused(untrained):
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        untrained.set_image(np.zeros((10, 10), np.uint8))
+
+
+def test_a_prompt_needs_a_positive_point_or_a_box(untrained, image):
+    untrained.set_image(image)
+    with pytest.raises(ValueError, match="positive point or a box"):
+        untrained.segment([[10, 10]], [0])
+
+
+def test_mismatched_points_and_labels_are_refused(untrained, image):
+    untrained.set_image(image)
+    with pytest.raises(ValueError, match="labels"):
+        untrained.segment([[10, 10], [20, 20]], [1])
+
+
+def test_box_prompt_mask_stays_inside_the_box(untrained, image):
+    untrained.set_image(image)
+    result = untrained.segment(box=[40, 30, 100, 90])
+    assert result.mask.shape == image.shape[:2]
+    ys, xs = np.nonzero(result.mask)
+    if len(xs):
+        assert xs.min() >= 40 - 2 and xs.max() < 100 + 2 and ys.min() >= 30 - 2 and ys.max() < 90 + 2
+
+
+def test_second_prompt_reuses_the_image_features(untrained, image):
+    untrained.set_image(image)
+    features = untrained.features
+    untrained.segment([[50, 50]], [1])
+    untrained.segment([[50, 50], [80, 60]], [1, 0])
+    assert untrained.features is features
+
+
+def test_proposals_are_sorted_by_score_and_sized_like_the_image(untrained, image):
+    untrained.set_image(image)
+    proposals = untrained.propose(k=20)
+    assert len(proposals) == 20
+    assert all(p.mask.shape == image.shape[:2] and p.mask.dtype == bool for p in proposals)
+    scores = [p.score for p in proposals]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+
+
+def test_pasting_a_window_covers_exactly_its_box():
+    region, (y0, y1, x0, x1) = paste_window(np.full((56, 56), 5.0, np.float32), np.array([10.0, 20, 50, 60]), 100, 100)
+    assert (y0, y1, x0, x1) == (20, 60, 10, 50) and (region > 0).all()
+
+
+def test_pasting_is_clipped_to_the_image():
+    region, (y0, y1, x0, x1) = paste_window(np.zeros((56, 56), np.float32), np.array([-30.0, -30, 20, 20]), 50, 50)
+    assert (y0, y1, x0, x1) == (0, 20, 0, 20) and region.shape == (20, 20)
+
+
+def test_thin_images_smaller_than_a_window_are_supported(untrained):
+    untrained.set_image(np.zeros((40, 300, 3), np.uint8))
+    assert untrained.segment([[150, 20]], [1]).mask.shape == (40, 300)
+
+
+# ---- the shipped default model on held-out COCO128 images --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped() -> MaskPredictor:
+    if not (DEFAULT_CHECKPOINT / "model.json").exists():
+        pytest.fail(f"no shipped checkpoint at {DEFAULT_CHECKPOINT}")
+    return load_predictor()
+
+
+def _largest_instance(data: CocoInstances, image_index: int):
+    return max(data.instances_by_image[image_index], key=lambda inst: inst.area)
+
+
+def _click_point(mask: np.ndarray) -> tuple[float, float]:
+    dist = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    y, x = np.unravel_index(np.argmax(dist), dist.shape)
+    return x + 0.5, y + 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("image_id", [25, 30, 110])
+def test_one_click_on_a_large_held_out_object_finds_it(shipped, coco128, image_id):
+    val = CocoInstances(coco128, "val")
+    index = next(i for i, im in enumerate(val.images) if im["id"] == image_id)
+    gt = val.mask(_largest_instance(val, index))
+    shipped.set_image(val.image(index))
+    result = shipped.segment([_click_point(gt)], [1])
+    assert mask_iou(result.mask, gt) > 0.5
+    assert result.polygon is not None and len(result.polygon) >= 3
