@@ -25,7 +25,9 @@ def ensure_allocator_env(argv: list[str]) -> None:
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model stage on COCO-format data")
     p.add_argument("stage", choices=["deepmask", "sharpmask"])
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="directory with instances.json and images/")
+    p.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="directory with instances.json and images/"
+    )
     p.add_argument("--out", type=Path, required=True, help="output directory (resumes when it holds a state)")
     p.add_argument("--init", type=Path, help="checkpoint to start from (required for sharpmask)")
     p.add_argument("--backbone", default="mobilenet_v2", choices=["mobilenet_v2", "resnet50"])
@@ -35,7 +37,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--trunk-trainable-from", default="s16", help="first trainable trunk tap (deepmask); 'none'")
+    p.add_argument(
+        "--trunk-trainable-from", default="s16", help="first trainable trunk tap (deepmask); 'none'"
+    )
     p.add_argument("--no-augment", action="store_true", help="disable flips and photometric jitter")
     p.add_argument("--compact", action="store_true", help="store large weights as float16 (shipped models)")
     p.add_argument("--stop-after-steps", type=int, help="end this run after N steps (resume later)")
@@ -45,11 +49,21 @@ def run_train(args: argparse.Namespace) -> None:
     from segmodels.train import TrainConfig, train
 
     cfg = TrainConfig(
-        stage=args.stage, data=str(args.data), out=str(args.out), init=str(args.init) if args.init else None,
-        backbone=args.backbone, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+        stage=args.stage,
+        data=str(args.data),
+        out=str(args.out),
+        init=str(args.init) if args.init else None,
+        backbone=args.backbone,
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
         trunk_trainable_from=None if args.trunk_trainable_from == "none" else args.trunk_trainable_from,
-        augment=not args.no_augment, compact=args.compact, stop_after_steps=args.stop_after_steps,
+        augment=not args.no_augment,
+        compact=args.compact,
+        stop_after_steps=args.stop_after_steps,
     )
     print(train(cfg))
 
@@ -57,8 +71,12 @@ def run_train(args: argparse.Namespace) -> None:
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="click/box-to-mask, baselines, proposal AR and patch IoU on a split")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="COCO-format directory")
-    p.add_argument("--images-from", default="val", choices=["val", "train", "all"],
-                   help="the fixed split by image id (val: id %% 5 == 0)")
+    p.add_argument(
+        "--images-from",
+        default="val",
+        choices=["val", "train", "all"],
+        help="the fixed split by image id (val: id %% 5 == 0)",
+    )
     p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the shipped model)")
     p.add_argument("--out", type=Path, help="report directory (default: reports/eval-SPLIT)")
     p.add_argument("--max-images", type=int, help="only the first N images of the split, by id")
@@ -79,8 +97,15 @@ def run_evaluate(args: argparse.Namespace) -> None:
             raise SystemExit(f"segmask evaluate: --{name.replace('_', '-')} must be at least 1")
     out = args.out or Path("reports") / f"eval-{args.images_from}"
     metrics = evaluate(
-        args.data, args.images_from, out, checkpoint=args.checkpoint, max_images=args.max_images, skip=skip,
-        proposals_k=args.proposals_k, patches=args.patches, device=args.device,
+        args.data,
+        args.images_from,
+        out,
+        checkpoint=args.checkpoint,
+        max_images=args.max_images,
+        skip=skip,
+        proposals_k=args.proposals_k,
+        patches=args.patches,
+        device=args.device,
         command=" ".join(["segmask", *sys.argv[1:]]),
     )
     print(format_tables(metrics))
@@ -103,7 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ensure_allocator_env(argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s"
+    )
     COMMANDS[args.command](args)
 
 

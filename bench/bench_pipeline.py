@@ -81,8 +81,15 @@ class TimingRow:
         return float(np.min(self.samples_ms))
 
     def to_json(self) -> dict[str, Any]:
-        return {"case": self.case, "stage": self.stage, "median_ms": self.median, "p90_ms": self.p90,
-                "min_ms": self.min, "samples_ms": self.samples_ms, "warmup_ms": self.warmup_ms}
+        return {
+            "case": self.case,
+            "stage": self.stage,
+            "median_ms": self.median,
+            "p90_ms": self.p90,
+            "min_ms": self.min,
+            "samples_ms": self.samples_ms,
+            "warmup_ms": self.warmup_ms,
+        }
 
 
 @dataclass(frozen=True)
@@ -112,14 +119,34 @@ CASE_SHARP, CASE_DEEP = "A proposals SharpMask", "A proposals DeepMask"
 CASE_FIRST, CASE_REPEAT, CASE_BOX = "B first click", "B repeated click", "C box"
 TARGETS = (
     Target("full-image SharpMask proposals, top-100, 7 scales", CASE_SHARP, "total", 760.0),
-    Target("proposals + polygons (pre-annotation without labels)", CASE_SHARP, "total+polygons", 1000.0,
-           "the 1.0 s pre-annotation target also includes labels (MultiPathNet), not measured here"),
-    Target("click -> polygon p50, new image", CASE_FIRST, "total", 100.0,
-           "target is through HTTP + Redis/RQ + worker; this is the in-process lower bound"),
-    Target("click -> polygon p50, cached features", CASE_REPEAT, "total", 100.0,
-           "target is through HTTP + Redis/RQ + worker; this is the in-process lower bound"),
-    Target("box -> polygon p50, cached features", CASE_BOX, "total", 100.0,
-           "target is through HTTP + Redis/RQ + worker; this is the in-process lower bound"),
+    Target(
+        "proposals + polygons (pre-annotation without labels)",
+        CASE_SHARP,
+        "total+polygons",
+        1000.0,
+        "the 1.0 s pre-annotation target also includes labels (MultiPathNet), not measured here",
+    ),
+    Target(
+        "click -> polygon p50, new image",
+        CASE_FIRST,
+        "total",
+        100.0,
+        "target is through HTTP + Redis/RQ + worker; this is the in-process lower bound",
+    ),
+    Target(
+        "click -> polygon p50, cached features",
+        CASE_REPEAT,
+        "total",
+        100.0,
+        "target is through HTTP + Redis/RQ + worker; this is the in-process lower bound",
+    ),
+    Target(
+        "box -> polygon p50, cached features",
+        CASE_BOX,
+        "total",
+        100.0,
+        "target is through HTTP + Redis/RQ + worker; this is the in-process lower bound",
+    ),
 )
 
 
@@ -150,8 +177,15 @@ def ensure_allocator_env(use: bool) -> bool:
 def machine_info() -> dict[str, Any]:
     """CPU, core counts, library versions and threads, and the allocator/threading environment."""
     cpuinfo = Path("/proc/cpuinfo")
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-              if line.startswith("model name")] if cpuinfo.exists() else []
+    models = (
+        [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        if cpuinfo.exists()
+        else []
+    )
     cpu_max = Path("/sys/fs/cgroup/cpu.max")
     return {
         "cpu_model": models[0] if models else platform.processor(),
@@ -173,6 +207,7 @@ def machine_info() -> dict[str, Any]:
 
 def git_info() -> dict[str, Any]:
     """Commit of the checkout and whether segmodels/ has uncommitted changes (None outside git)."""
+
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True)
         return done.stdout.strip()
@@ -269,6 +304,7 @@ def make_cases(pred: MaskPredictor, scene: Scene, k: int) -> dict[str, Callable[
         def run() -> Stages:
             pred.set_features(cached)
             return run_prompt(pred, scene, click)
+
         return run
 
     return {
@@ -322,9 +358,17 @@ def target_report(rows: list[TimingRow]) -> list[dict[str, Any]]:
     for t in TARGETS:
         row = by_key.get((t.case, t.stage))
         measured = row.median if row else None
-        out.append({"what": t.what, "case": t.case, "stage": t.stage, "target_ms": t.target_ms,
-                    "measured_median_ms": measured, "ratio": measured / t.target_ms if measured else None,
-                    "note": t.note})
+        out.append(
+            {
+                "what": t.what,
+                "case": t.case,
+                "stage": t.stage,
+                "target_ms": t.target_ms,
+                "measured_median_ms": measured,
+                "ratio": measured / t.target_ms if measured else None,
+                "note": t.note,
+            }
+        )
     return out
 
 
@@ -350,13 +394,27 @@ def format_table(header: list[str], lines: list[list[str]]) -> str:
 
 def print_report(rows: list[TimingRow], targets: list[dict[str, Any]], ratios: dict[str, float]) -> None:
     """Stage table, targets table and side-by-side ratios on stdout."""
-    stage_lines = [[r.case, r.stage, *(f"{v:.1f}" for v in (r.median, r.p90, r.min)), str(len(r.samples_ms))]
-                   for r in rows]
+    stage_lines = [
+        [r.case, r.stage, *(f"{v:.1f}" for v in (r.median, r.p90, r.min)), str(len(r.samples_ms))]
+        for r in rows
+    ]
     print(format_table(["case", "stage", "median ms", "p90 ms", "min ms", "n"], stage_lines))
     print()
-    print(format_table(["target", "stage", "median ms", "target ms", "ratio"],
-                       [[t["what"], t["stage"], f"{t['measured_median_ms']:.1f}", f"{t['target_ms']:.0f}",
-                         f"{t['ratio']:.2f}"] for t in targets]))
+    print(
+        format_table(
+            ["target", "stage", "median ms", "target ms", "ratio"],
+            [
+                [
+                    t["what"],
+                    t["stage"],
+                    f"{t['measured_median_ms']:.1f}",
+                    f"{t['target_ms']:.0f}",
+                    f"{t['ratio']:.2f}",
+                ]
+                for t in targets
+            ],
+        )
+    )
     print()
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}x")
@@ -368,15 +426,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint directory")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds of every case (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2, at least 2)")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                   help="torch threads (default: all cores)")
+    p.add_argument(
+        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: all cores)"
+    )
     p.add_argument("--image", default="000000000009.jpg", help="coco128 image file name")
     p.add_argument("--top-k", type=int, default=100, help="proposals kept (default 100)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON file (default bench/results/pipeline.json, "
-                   "or pipeline-no-allocator-env.json with --no-allocator-env)")
-    p.add_argument("--no-allocator-env", action="store_true",
-                   help="run without the glibc MALLOC_*_THRESHOLD_ settings (re-executes if they are set)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON file (default bench/results/pipeline.json, "
+        "or pipeline-no-allocator-env.json with --no-allocator-env)",
+    )
+    p.add_argument(
+        "--no-allocator-env",
+        action="store_true",
+        help="run without the glibc MALLOC_*_THRESHOLD_ settings (re-executes if they are set)",
+    )
     args = p.parse_args(argv)
     if args.warmup < 2 or args.repeats < 1:
         p.error("need --warmup >= 2 and --repeats >= 1")
@@ -404,15 +470,28 @@ def main(argv: list[str] | None = None) -> None:
         "command": [sys.executable, *sys.orig_argv[1:]],
         "git": git_info(),
         "machine": {**machine, "loadavg_end": os.getloadavg()},
-        "allocator": {"tuned": not args.no_allocator_env, "reexecuted": reexecuted,
-                      "variables": {k: os.environ.get(k) for k in ALLOCATOR_ENV}},
+        "allocator": {
+            "tuned": not args.no_allocator_env,
+            "reexecuted": reexecuted,
+            "variables": {k: os.environ.get(k) for k in ALLOCATOR_ENV},
+        },
         "checkpoint": checkpoint_summary(args.checkpoint, pred.metadata),
-        "input": {"image": str(scene.path), "size": list(IMAGE_SIZE), "annotation_id": scene.annotation["id"],
-                  "category_id": scene.annotation["category_id"], "click_xy": scene.click.tolist(),
-                  "box_xyxy": scene.box.tolist()},
-        "settings": {"repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
-                     "top_k": args.top_k, "scales": list(pred.scales),
-                     "percentile": "numpy linear interpolation"},
+        "input": {
+            "image": str(scene.path),
+            "size": list(IMAGE_SIZE),
+            "annotation_id": scene.annotation["id"],
+            "category_id": scene.annotation["category_id"],
+            "click_xy": scene.click.tolist(),
+            "box_xyxy": scene.box.tolist(),
+        },
+        "settings": {
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "threads": args.threads,
+            "top_k": args.top_k,
+            "scales": list(pred.scales),
+            "percentile": "numpy linear interpolation",
+        },
         "rows": [r.to_json() for r in rows],
         "targets": targets,
         "ratios": ratios,

@@ -105,7 +105,7 @@ def build_resnet50(weights_path: str | Path | None) -> Trunk:
 
 
 def build_trunk(name: str, pretrained: bool = True, weights_path: str | Path | None = None) -> Trunk:
-    """Build a trunk by name: ``mobilenet_v2`` (default) or ``resnet50`` (needs ``weights_path`` to be useful)."""
+    """Build a trunk by name: ``mobilenet_v2`` (default) or ``resnet50`` (useful with ``weights_path``)."""
     if name == "mobilenet_v2":
         return build_mobilenet_v2(pretrained)
     if name == "resnet50":
@@ -116,8 +116,15 @@ def build_trunk(name: str, pretrained: bool = True, weights_path: str | Path | N
 def _fold(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> nn.Conv2d:
     scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
     fused = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
     ).to(conv.weight.device)
     with torch.no_grad():
         fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))

@@ -45,7 +45,9 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """Atomically write a safetensors file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -59,14 +61,18 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 
 def save_checkpoint(
-    model: SegmentationModel, directory: str | Path, metadata: dict[str, Any] | None = None, compact: bool = False
+    model: SegmentationModel,
+    directory: str | Path,
+    metadata: dict[str, Any] | None = None,
+    compact: bool = False,
 ) -> Path:
     """Save ``model`` to ``directory``; ``metadata`` (training, metrics, ...) goes into model.json."""
     directory = Path(directory)
     state = model.state_dict()
     if compact:
         state = {
-            k: v.half() if v.is_floating_point() and v.numel() >= COMPACT_MIN_NUMEL else v for k, v in state.items()
+            k: v.half() if v.is_floating_point() and v.numel() >= COMPACT_MIN_NUMEL else v
+            for k, v in state.items()
         }
     save_tensors(directory / WEIGHTS_FILE, state)
     meta = {
@@ -86,14 +92,21 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a segmask checkpoint (format={meta.get('format')!r})")
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {meta['format_version']} is newer than this code ({FORMAT_VERSION})")
+        raise ValueError(
+            f"{path}: format version {meta['format_version']} is newer than this code ({FORMAT_VERSION})"
+        )
     return meta
 
 
-def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[SegmentationModel, dict]:
+def load_checkpoint(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[SegmentationModel, dict]:
     """Rebuild the model from ``directory`` (strict: every tensor must match), in eval mode."""
     meta = read_metadata(directory)
     model = SegmentationModel(ModelConfig.from_json(meta["config"]), pretrained_trunk=False)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(Path(directory) / WEIGHTS_FILE).items()}
+    state = {
+        k: v.float() if v.is_floating_point() else v
+        for k, v in load_file(Path(directory) / WEIGHTS_FILE).items()
+    }
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), meta

@@ -76,7 +76,9 @@ class CocoInstances:
         index_of = {im["id"]: i for i, im in enumerate(self.images)}
         self.annotations = [a for a in coco["annotations"] if a["image_id"] in index_of]
         usable = [
-            a for a in self.annotations if not a.get("iscrowd", 0) and a["area"] >= min_area and min(a["bbox"][2:]) >= 1
+            a
+            for a in self.annotations
+            if not a.get("iscrowd", 0) and a["area"] >= min_area and min(a["bbox"][2:]) >= 1
         ]
         self.instances = [
             Instance(k, index_of[a["image_id"]], a["id"], a["category_id"], tuple(a["bbox"]), a["area"])
@@ -129,7 +131,9 @@ class CocoInstances:
         if inst.annotation_id not in self._masks:
             im = self.images[inst.image_index]
             ann = self._annotation_by_id[inst.annotation_id]
-            self._masks[inst.annotation_id] = coco_segmentation_to_mask(ann["segmentation"], im["height"], im["width"])
+            self._masks[inst.annotation_id] = coco_segmentation_to_mask(
+                ann["segmentation"], im["height"], im["width"]
+            )
         return self._masks[inst.annotation_id]
 
     def mask_u8(self, inst: Instance) -> np.ndarray:
@@ -152,19 +156,30 @@ def window_transform(centre: tuple[float, float], scale: float, flip: bool, out_
 
 
 def crop_window(
-    pyramid: list[np.ndarray], centre: tuple[float, float], scale: float, flip: bool = False, size: int = INPUT
+    pyramid: list[np.ndarray],
+    centre: tuple[float, float],
+    scale: float,
+    flip: bool = False,
+    size: int = INPUT,
 ) -> np.ndarray:
     """``(size, size, 3) uint8`` crop at ``scale`` around ``centre``, read from the pyramid level whose
     resolution is closest above the target (so downscaling by more than 2x does not alias)."""
     level = min(max(0, math.floor(-math.log2(scale))), len(pyramid) - 1)
     m = window_transform((centre[0] / 2**level, centre[1] / 2**level), scale * 2**level, flip, size)
     return cv2.warpAffine(
-        pyramid[level], m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=PAD_VALUE
+        pyramid[level],
+        m,
+        (size, size),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=PAD_VALUE,
     )
 
 
-def crop_mask(mask: np.ndarray, centre: tuple[float, float], scale: float, flip: bool, size: int = WINDOW) -> np.ndarray:
-    """``(size, size) float32`` {0, 1} crop of a ``uint8`` 0/255 mask, same geometry as :func:`crop_window`."""
+def crop_mask(
+    mask: np.ndarray, centre: tuple[float, float], scale: float, flip: bool, size: int = WINDOW
+) -> np.ndarray:
+    """``(size, size) float32`` {0, 1} crop of a ``uint8`` 0/255 mask, geometry of :func:`crop_window`."""
     m = window_transform(centre, scale, flip, size)
     warped = cv2.warpAffine(mask, m, (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
     return (warped >= 128).astype(np.float32)
@@ -173,7 +188,9 @@ def crop_mask(mask: np.ndarray, centre: tuple[float, float], scale: float, flip:
 def photometric_jitter(batch: torch.Tensor, rng: np.random.Generator, strength: float = 0.2) -> torch.Tensor:
     """Random per-sample saturation, contrast and brightness of ``(B, 3, H, W) float32 in [0, 1]``: with ~80
     training images the trainable trunk stages otherwise memorise their colours."""
-    f = torch.from_numpy(rng.uniform(1 - strength, 1 + strength, size=(3, len(batch), 1, 1, 1)).astype(np.float32))
+    f = torch.from_numpy(
+        rng.uniform(1 - strength, 1 + strength, size=(3, len(batch), 1, 1, 1)).astype(np.float32)
+    )
     grey = batch.mean(dim=1, keepdim=True)
     x = grey + (batch - grey) * f[0]
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -273,4 +290,3 @@ class WindowSampler:
         """``(n, 3, 192, 192)`` inputs and ``(n,)`` labels in {0, 1}."""
         inputs, labels = zip(*(self.score_sample() for _ in range(n)), strict=True)
         return self._batch_inputs(list(inputs)), torch.tensor(labels, dtype=torch.float32)
-

@@ -39,7 +39,7 @@ class DeepMask(nn.Module):
     def __init__(self, in_channels: int, reduce_channels: int = 32, embed_dim: int = 512) -> None:
         super().__init__()
         self.reduce = nn.Sequential(nn.Conv2d(in_channels, reduce_channels, 1), nn.ReLU(inplace=True))
-        # A CELLS x CELLS "valid" convolution is the paper's Linear(reduce * 10 * 10 -> 512) applied per window.
+        # A CELLS x CELLS "valid" convolution is the paper's Linear(reduce * 10 * 10 -> 512), per window.
         self.embed = nn.Conv2d(reduce_channels, embed_dim, CELLS)
         self.mask_head = nn.Linear(embed_dim, MASK_SIZE * MASK_SIZE)
         self.score_head = nn.Sequential(
@@ -60,7 +60,7 @@ class DeepMask(nn.Module):
         return self.score_head(embedding)[:, 0]
 
     def mask(self, vectors: torch.Tensor) -> torch.Tensor:
-        """``(N, 512)`` window embeddings -> ``(N, 56, 56)`` mask logits covering the central 160 px window."""
+        """``(N, 512)`` window embeddings -> ``(N, 56, 56)`` mask logits over the central 160 px window."""
         return self.mask_head(vectors).view(-1, MASK_SIZE, MASK_SIZE)
 
     def forward(self, f16: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -74,7 +74,7 @@ class DeepMask(nn.Module):
 
 
 def mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Logistic loss of ``(B, S, S)`` mask logits against a ``(B, T, T)`` {0, 1} target of the 160 px window."""
+    """Logistic loss of ``(B, S, S)`` mask logits against a ``(B, T, T)`` {0, 1} 160 px window target."""
     if target.shape[-1] != logits.shape[-1]:
         target = F.interpolate(target[:, None], size=logits.shape[-2:], mode="area")[:, 0]
         target = (target >= 0.5).float()

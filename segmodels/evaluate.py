@@ -56,7 +56,12 @@ CORRECTIONS = 3
 GRABCUT_ITERATIONS = 5
 MAX_DETS = (10, 100, 1000)
 COCO_STATS = (
-    "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
+    "AP",
+    "AP50",
+    "AP75",
+    "AP_small",
+    "AP_medium",
+    "AP_large",
     *(f"AR@{d}" for d in MAX_DETS),
     *(f"AR_{s}@{MAX_DETS[-1]}" for s in ("small", "medium", "large")),
 )
@@ -155,8 +160,15 @@ def grabcut_mask(image: np.ndarray, box: np.ndarray) -> np.ndarray | None:
     labels = np.zeros((height, width), np.uint8)
     background, foreground = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    cv2.grabCut(bgr, labels, (x1, y1, max(1, x2 - x1), max(1, y2 - y1)), background, foreground,
-                GRABCUT_ITERATIONS, cv2.GC_INIT_WITH_RECT)
+    cv2.grabCut(
+        bgr,
+        labels,
+        (x1, y1, max(1, x2 - x1), max(1, y2 - y1)),
+        background,
+        foreground,
+        GRABCUT_ITERATIONS,
+        cv2.GC_INIT_WITH_RECT,
+    )
     return (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
 
 
@@ -219,8 +231,12 @@ def evaluate_instances(
             gt = dataset.mask(inst)
             box = mask_to_box(gt)
             result = InstanceResult(
-                dataset.images[index]["id"], inst.annotation_id, inst.category_id, float(inst.area),
-                size_of(inst.area), [float(v) for v in box],
+                dataset.images[index]["id"],
+                inst.annotation_id,
+                inst.category_id,
+                float(inst.area),
+                size_of(inst.area),
+                [float(v) for v in box],
             )
             if "clicks" in parts:
                 result.clicks, result.click_ious, result.click_seconds, first = evaluate_clicks(predictor, gt)
@@ -402,19 +418,26 @@ def tables(metrics: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         for method, entry in summary.items():
             for size in SIZES:
                 stats = entry[size]
-                rows.append([
-                    method if size == "all" else "", size, str(stats["n"]), _fmt(stats["miou"]),
-                    *(_fmt(stats[f"success@{t}"]) for t in THRESHOLDS),
-                    _fmt(entry["median_seconds"]) if size == "all" else "",
-                ])
+                rows.append(
+                    [
+                        method if size == "all" else "",
+                        size,
+                        str(stats["n"]),
+                        _fmt(stats["miou"]),
+                        *(_fmt(stats[f"success@{t}"]) for t in THRESHOLDS),
+                        _fmt(entry["median_seconds"]) if size == "all" else "",
+                    ]
+                )
         headers = ["method", "size", "n", "mIoU", *(f"IoU>={t}" for t in THRESHOLDS), "median s/object"]
         out.append(("Instances (clicks, box prompt, baselines)", headers, rows))
     proposals = metrics.get("proposals")
     if proposals:
         names = [s for s in COCO_STATS if s.startswith("AR")]
         rows = [[iou_type, *(_fmt(proposals[iou_type][s]) for s in names)] for iou_type in ("segm", "bbox")]
-        title = (f"Proposals: top {proposals['k']} per image, {proposals['images']} images, "
-                 f"median {proposals['median_seconds_per_image']:.2f} s/image")
+        title = (
+            f"Proposals: top {proposals['k']} per image, {proposals['images']} images, "
+            f"median {proposals['median_seconds_per_image']:.2f} s/image"
+        )
         out.append((title, ["type", *names], rows))
     patches = metrics.get("patches")
     if patches:
@@ -436,17 +459,21 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    return "\n".join([
-        "| " + " | ".join(headers) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|",
-        *("| " + " | ".join(r) + " |" for r in rows),
-    ])
+    return "\n".join(
+        [
+            "| " + " | ".join(headers) + " |",
+            "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows),
+        ]
+    )
 
 
 def format_tables(metrics: dict) -> str:
     """All tables as aligned plain text, with a header line naming the checkpoint and split."""
-    head = (f"checkpoint {metrics['checkpoint']} | split {metrics['split']} "
-            f"({len(metrics['image_ids'])} images) | {metrics['seconds']['total']:.0f} s")
+    head = (
+        f"checkpoint {metrics['checkpoint']} | split {metrics['split']} "
+        f"({len(metrics['image_ids'])} images) | {metrics['seconds']['total']:.0f} s"
+    )
     return "\n\n".join([head, *(f"{title}\n{format_table(h, r)}" for title, h, r in tables(metrics))])
 
 
@@ -461,8 +488,14 @@ def _pyplot():
 
 
 def overlay(
-    ax, image: np.ndarray, gt: list[np.ndarray], pred: np.ndarray, title: str, crop: np.ndarray | None = None,
-    clicks: Sequence[Sequence[float]] = (), box: np.ndarray | None = None,
+    ax,
+    image: np.ndarray,
+    gt: list[np.ndarray],
+    pred: np.ndarray,
+    title: str,
+    crop: np.ndarray | None = None,
+    clicks: Sequence[Sequence[float]] = (),
+    box: np.ndarray | None = None,
 ) -> None:
     """Draw ``image`` with the GT outlines (green) and ``pred`` filled in red on ``ax``.
 
@@ -481,11 +514,26 @@ def overlay(
         if g[y0:y1, x0:x1].any():
             ax.contour(g[y0:y1, x0:x1].astype(np.float32), levels=[0.5], colors="lime", linewidths=1.2)
     for x, y, label in clicks:
-        ax.plot(x - x0 - 0.5, y - y0 - 0.5, "+" if label else "x", color="lime" if label else "red",
-                markersize=10, markeredgewidth=2)
+        ax.plot(
+            x - x0 - 0.5,
+            y - y0 - 0.5,
+            "+" if label else "x",
+            color="lime" if label else "red",
+            markersize=10,
+            markeredgewidth=2,
+        )
     if box is not None:
-        ax.add_patch(Rectangle((box[0] - x0 - 0.5, box[1] - y0 - 0.5), box[2] - box[0], box[3] - box[1],
-                               fill=False, edgecolor="yellow", linestyle="--", linewidth=1))
+        ax.add_patch(
+            Rectangle(
+                (box[0] - x0 - 0.5, box[1] - y0 - 0.5),
+                box[2] - box[0],
+                box[3] - box[1],
+                fill=False,
+                edgecolor="yellow",
+                linestyle="--",
+                linewidth=1,
+            )
+        )
     ax.set_title(title, fontsize=8)
     ax.axis("off")
 
@@ -493,8 +541,14 @@ def overlay(
 def context_crop(box: np.ndarray, height: int, width: int) -> np.ndarray:
     """xyxy region around an object box (half its larger side + 16 px on each side), inside the image."""
     margin = 0.5 * max(box[2] - box[0], box[3] - box[1]) + 16
-    return np.array([max(0, np.floor(box[0] - margin)), max(0, np.floor(box[1] - margin)),
-                     min(width, np.ceil(box[2] + margin)), min(height, np.ceil(box[3] + margin))])
+    return np.array(
+        [
+            max(0, np.floor(box[0] - margin)),
+            max(0, np.floor(box[1] - margin)),
+            min(width, np.ceil(box[2] + margin)),
+            min(height, np.ceil(box[3] + margin)),
+        ]
+    )
 
 
 def pick_examples(results: list[InstanceResult], iou_of) -> list[tuple[str, InstanceResult]]:
@@ -504,13 +558,16 @@ def pick_examples(results: list[InstanceResult], iou_of) -> list[tuple[str, Inst
     if n <= 3 * k:
         return [("", r) for r in ranked]
     mid = n // 2 - k // 2
-    return [("best", r) for r in ranked[:k]] + [("median", r) for r in ranked[mid : mid + k]] + [
-        ("worst", r) for r in ranked[-k:]
-    ]
+    return (
+        [("best", r) for r in ranked[:k]]
+        + [("median", r) for r in ranked[mid : mid + k]]
+        + [("worst", r) for r in ranked[-k:]]
+    )
 
 
-def plot_instances(path: Path, dataset: CocoInstances, picks: list[tuple[str, InstanceResult]], key: str,
-                   title: str) -> None:
+def plot_instances(
+    path: Path, dataset: CocoInstances, picks: list[tuple[str, InstanceResult]], key: str, title: str
+) -> None:
     """A 4-column grid of instance overlays with the stored ``key`` prediction ("click" or "box")."""
     plt = _pyplot()
     index_of = {im["id"]: i for i, im in enumerate(dataset.images)}
@@ -518,7 +575,7 @@ def plot_instances(path: Path, dataset: CocoInstances, picks: list[tuple[str, In
     cols = 4
     rows = -(-len(picks) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False, layout="constrained")
-    for ax in axes.flat[len(picks):]:
+    for ax in axes.flat[len(picks) :]:
         ax.axis("off")
     for ax, (group, r) in zip(axes.flat, picks, strict=False):
         image = dataset.image(index_of[r.image_id])
@@ -527,8 +584,16 @@ def plot_instances(path: Path, dataset: CocoInstances, picks: list[tuple[str, In
         iou = r.click_ious[0] if key == "click" else r.box_iou
         name = dataset.categories[r.category_id]
         caption = f"{group} {name} ({r.size}) IoU {iou:.2f}".strip()
-        overlay(ax, image, [gt], rle_to_mask(r.masks[key]), caption, crop=context_crop(box, *image.shape[:2]),
-                clicks=r.clicks[:1] if key == "click" else (), box=box if key == "box" else None)
+        overlay(
+            ax,
+            image,
+            [gt],
+            rle_to_mask(r.masks[key]),
+            caption,
+            crop=context_crop(box, *image.shape[:2]),
+            clicks=r.clicks[:1] if key == "click" else (),
+            box=box if key == "box" else None,
+        )
     fig.suptitle(title)
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -539,8 +604,9 @@ def plot_proposals(path: Path, dataset: CocoInstances, examples: dict[int, list[
     plt = _pyplot()
     cols, rows_per_image = 5, -(-TOP_PROPOSALS // 5)
     rows = rows_per_image * len(examples)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, layout="constrained"
+    )
     for n, (index, props) in enumerate(examples.items()):
         image = dataset.image(index)
         gts = [dataset.mask(inst) for inst in dataset.instances_by_image[index]]
@@ -559,19 +625,34 @@ def plot_proposals(path: Path, dataset: CocoInstances, examples: dict[int, list[
     plt.close(fig)
 
 
-def write_report(out: Path, metrics: dict, dataset: CocoInstances, results: list[InstanceResult],
-                 examples: dict[int, list[tuple[dict, float]]]) -> None:
+def write_report(
+    out: Path,
+    metrics: dict,
+    dataset: CocoInstances,
+    results: list[InstanceResult],
+    examples: dict[int, list[tuple[dict, float]]],
+) -> None:
     """``clicks.png``, ``box.png``, ``proposals.png`` (those that have data) and ``report.md`` in ``out``."""
     figures = []
     if results and results[0].click_ious:
         picks = pick_examples(results, lambda r: r.click_ious[0])
-        plot_instances(out / "clicks.png", dataset, picks, "click",
-                       "One click (+) at the GT's deepest point: prediction red, GT green")
+        plot_instances(
+            out / "clicks.png",
+            dataset,
+            picks,
+            "click",
+            "One click (+) at the GT's deepest point: prediction red, GT green",
+        )
         figures.append(("One-click results (best, median, worst)", "clicks.png"))
     if results and results[0].box_iou is not None:
         picks = pick_examples(results, lambda r: r.box_iou)
-        plot_instances(out / "box.png", dataset, picks, "box",
-                       "Tight GT box (yellow) as the prompt: prediction red, GT green")
+        plot_instances(
+            out / "box.png",
+            dataset,
+            picks,
+            "box",
+            "Tight GT box (yellow) as the prompt: prediction red, GT green",
+        )
         figures.append(("Box-prompt results (best, median, worst)", "box.png"))
     if examples:
         plot_proposals(out / "proposals.png", dataset, examples)
@@ -589,11 +670,15 @@ def write_report(out: Path, metrics: dict, dataset: CocoInstances, results: list
         f"- total {metrics['seconds']['total']:.0f} s",
     ]
     if instances.get("median_feature_seconds") is not None:
-        lines.append(f"- click/box times exclude the per-image feature pass (`set_image`): median "
-                     f"{instances['median_feature_seconds']:.3f} s per image")
+        lines.append(
+            f"- click/box times exclude the per-image feature pass (`set_image`): median "
+            f"{instances['median_feature_seconds']:.3f} s per image"
+        )
     if instances.get("grabcut_fallbacks"):
-        lines.append(f"- GrabCut had no background for {instances['grabcut_fallbacks']} whole-image boxes: "
-                     "the filled box stands in")
+        lines.append(
+            f"- GrabCut had no background for {instances['grabcut_fallbacks']} whole-image boxes: "
+            "the filled box stands in"
+        )
     for title, headers, rows in tables(metrics):
         lines += ["", f"## {title}", "", markdown_table(headers, rows)]
     for title, name in figures:
@@ -647,8 +732,13 @@ def evaluate(
     predictor = load_predictor(checkpoint, device)
     dataset = CocoInstances(data, split)
     image_indices = sorted(range(len(dataset)), key=lambda i: dataset.images[i]["id"])[:max_images]
-    log.info("evaluating %s on %d %s images: %s", checkpoint or DEFAULT_CHECKPOINT, len(image_indices), split,
-             ", ".join(sorted(parts)))
+    log.info(
+        "evaluating %s on %d %s images: %s",
+        checkpoint or DEFAULT_CHECKPOINT,
+        len(image_indices),
+        split,
+        ", ".join(sorted(parts)),
+    )
     metrics: dict = {
         "command": command,
         "checkpoint": str(Path(checkpoint or DEFAULT_CHECKPOINT).resolve()),
@@ -659,9 +749,14 @@ def evaluate(
         "image_ids": [dataset.images[i]["id"] for i in image_indices],
         "hardware": hardware(predictor.device),
         "protocol": {
-            "min_area": MIN_AREA, "large_area": LARGE_AREA, "corrections": CORRECTIONS,
-            "grabcut_iterations": GRABCUT_ITERATIONS, "mask_threshold_logit": predictor.threshold_logit,
-            "scales": list(predictor.scales), "refined": predictor.refine, "patch_seed": PATCH_SEED,
+            "min_area": MIN_AREA,
+            "large_area": LARGE_AREA,
+            "corrections": CORRECTIONS,
+            "grabcut_iterations": GRABCUT_ITERATIONS,
+            "mask_threshold_logit": predictor.threshold_logit,
+            "scales": list(predictor.scales),
+            "refined": predictor.refine,
+            "patch_seed": PATCH_SEED,
         },
         "seconds": {},
     }

@@ -32,7 +32,7 @@ class ModelConfig:
 
 
 class SegmentationModel(nn.Module):
-    """``trunk`` (taps s2..s16), ``deepmask`` (window embedding, mask, objectness), ``sharpmask`` (refinement)."""
+    """``trunk`` (taps s2..s16), ``deepmask`` (embedding, mask, objectness), ``sharpmask`` (refinement)."""
 
     def __init__(self, config: ModelConfig, pretrained_trunk: bool = True, trunk_weights: str | None = None):
         super().__init__()

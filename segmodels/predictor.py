@@ -36,7 +36,7 @@ OUTSIDE_LOGIT = -30.0
 
 @dataclass
 class Mask:
-    """One object: ``mask`` bool (H, W); ``score`` objectness probability in [0, 1]; polygon computed on use."""
+    """One object: ``mask`` bool (H, W); ``score`` objectness probability in [0, 1]; polygon on demand."""
 
     mask: np.ndarray
     score: float
@@ -109,8 +109,12 @@ def paste_window(logits: np.ndarray, box: np.ndarray, height: int, width: int) -
     # Inverse map from region pixel index d to window sample index: image centre x0 + d + 0.5.
     m = np.array([[kx, 0, (x0 + 0.5 - box[0]) * kx - 0.5], [0, ky, (y0 + 0.5 - box[1]) * ky - 0.5]])
     region = cv2.warpAffine(
-        logits.astype(np.float32), m, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_CONSTANT, borderValue=OUTSIDE_LOGIT,
+        logits.astype(np.float32),
+        m,
+        (x1 - x0, y1 - y0),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=OUTSIDE_LOGIT,
     )
     return region, (y0, y1, x0, x1)
 
@@ -141,8 +145,14 @@ def _logit_box(logits: np.ndarray, box: np.ndarray) -> np.ndarray | None:
         return None
     s = logits.shape[0]
     w, h = box[2] - box[0], box[3] - box[1]
-    return np.array([box[0] + xs.min() / s * w, box[1] + ys.min() / s * h,
-                     box[0] + (xs.max() + 1) / s * w, box[1] + (ys.max() + 1) / s * h])
+    return np.array(
+        [
+            box[0] + xs.min() / s * w,
+            box[1] + ys.min() / s * h,
+            box[0] + (xs.max() + 1) / s * w,
+            box[1] + (ys.max() + 1) / s * h,
+        ]
+    )
 
 
 class MaskPredictor:
@@ -185,8 +195,9 @@ class MaskPredictor:
             # At least one full window per level, rounded up to whole stride-16 cells.
             pw = -(-max(rw + 2 * PAD, INPUT) // STRIDE) * STRIDE
             ph = -(-max(rh + 2 * PAD, INPUT) // STRIDE) * STRIDE
-            padded = cv2.copyMakeBorder(resized, PAD, ph - rh - PAD, PAD, pw - rw - PAD, cv2.BORDER_CONSTANT,
-                                        value=PAD_VALUE)
+            padded = cv2.copyMakeBorder(
+                resized, PAD, ph - rh - PAD, PAD, pw - rw - PAD, cv2.BORDER_CONSTANT, value=PAD_VALUE
+            )
             x = torch.from_numpy(padded).to(self.device).permute(2, 0, 1)[None].float().div_(255)
             taps = self.model.trunk(x.contiguous(memory_format=torch.channels_last))
             emb = self.model.deepmask.embedding(taps["s16"])
@@ -241,14 +252,16 @@ class MaskPredictor:
 
     # ---- proposals ------------------------------------------------------------------------------------
     def top_windows(self, k: int) -> list[Candidate]:
-        """The ``k`` highest-objectness windows over all scales (the papers' merge of sorted lists, no NMS)."""
+        """The ``k`` highest-objectness windows over all scales (merged sorted lists, no NMS)."""
         feats = self._require_features()
         cands = []
         for li, level in enumerate(feats.levels):
             scores = level.scores.float().cpu().numpy()
             flat = np.argsort(-scores, axis=None)[:k]
             rows, cols = np.unravel_index(flat, scores.shape)
-            cands += [Candidate(li, int(r), int(c), float(scores[r, c])) for r, c in zip(rows, cols, strict=True)]
+            cands += [
+                Candidate(li, int(r), int(c), float(scores[r, c])) for r, c in zip(rows, cols, strict=True)
+            ]
         cands.sort(key=lambda c: -c.objectness)
         return cands[:k]
 
@@ -333,7 +346,9 @@ def box_mask(box: np.ndarray, height: int, width: int, margin: float = 0.02) -> 
     return iny[:, None] & inx[None, :]
 
 
-def load_predictor(path: str | Path | None = None, device: str | torch.device = "cpu", **kwargs) -> MaskPredictor:
+def load_predictor(
+    path: str | Path | None = None, device: str | torch.device = "cpu", **kwargs
+) -> MaskPredictor:
     """A predictor from a checkpoint directory (the shipped default when ``path`` is None)."""
     model, meta = load_checkpoint(DEFAULT_CHECKPOINT if path is None else path, device)
     return MaskPredictor(model, meta, device, **kwargs)

@@ -19,7 +19,7 @@ TAP_STRIDES = {"s2": 2, "s4": 4, "s8": 8, "s16": 16}
 
 
 class RefinementModule(nn.Module):
-    """One top-down step: ``(B, k_in, n, n)`` mask encoding + ``(B, C, n, n)`` skip -> ``(B, k_out, 2n, 2n)``."""
+    """One top-down step: ``(B, k_in, n, n)`` encoding + ``(B, C, n, n)`` skip -> ``(B, k_out, 2n, 2n)``."""
 
     def __init__(self, skip_channels: int, k_in: int, k_s: int, k_out: int) -> None:
         super().__init__()
@@ -38,7 +38,9 @@ class SharpMask(nn.Module):
     ``k`` holds k_m = k_s per module, halving from 32 as in the paper (32, 16, 8, 4).
     """
 
-    def __init__(self, tap_channels: dict[str, int], embed_dim: int = 512, k: tuple[int, ...] = (32, 16, 8, 4)):
+    def __init__(
+        self, tap_channels: dict[str, int], embed_dim: int = 512, k: tuple[int, ...] = (32, 16, 8, 4)
+    ):
         super().__init__()
         if len(k) != len(REFINE_TAPS):
             raise ValueError(f"need one k per refinement tap {REFINE_TAPS}, got {k}")
@@ -52,7 +54,7 @@ class SharpMask(nn.Module):
         self.out = nn.Conv2d(k[-1], 1, 3, padding=1)
 
     def forward(self, embedding: torch.Tensor, skips: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``embedding (N, 512)``; ``skips[t]`` is the window's crop of tap t, ``(N, C_t, 160/stride, 160/stride)``."""
+        """``embedding (N, 512)``; ``skips[t]``: the window's crop of tap t, ``(N, C_t, 160/s, 160/s)``."""
         m = F.relu(self.vertical0(embedding)).view(-1, self.k0, CELLS, CELLS)
         for tap, module in zip(REFINE_TAPS, self.refine, strict=True):
             m = module(m, skips[tap])

@@ -107,7 +107,7 @@ def parameter_groups(model: SegmentationModel, cfg: TrainConfig) -> list[dict]:
 
 
 def sharpmask_logits(model: SegmentationModel, inputs: torch.Tensor) -> torch.Tensor:
-    """``(B, 3, 192, 192)`` crops -> ``(B, 160, 160)`` refined logits (trunk and DeepMask without gradient)."""
+    """``(B, 3, 192, 192)`` crops -> ``(B, 160, 160)`` refined logits (trunk and DeepMask frozen)."""
     with torch.no_grad():
         taps = model.trunk(inputs)
         emb = model.deepmask.embedding(taps["s16"]).flatten(1)
@@ -124,7 +124,9 @@ def mask_logits(model: SegmentationModel, stage: str, inputs: torch.Tensor) -> t
 def batch_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample IoU of ``logits > 0`` against the {0, 1} target, at the logits' resolution."""
     if target.shape[-1] != logits.shape[-1]:
-        target = torch.nn.functional.interpolate(target[:, None], size=logits.shape[-2:], mode="area")[:, 0] >= 0.5
+        target = (
+            torch.nn.functional.interpolate(target[:, None], size=logits.shape[-2:], mode="area")[:, 0] >= 0.5
+        )
     pred, gt = logits > 0, target > 0.5
     inter = (pred & gt).flatten(1).sum(1).float()
     union = (pred | gt).flatten(1).sum(1).float()
@@ -152,10 +154,14 @@ class Validation:
             logits = mask_logits(model, stage, x)
             mloss += mask_loss(logits, y).item() * len(x)
             ious.append(batch_iou(logits, y).cpu())
-        scores = torch.cat([
-            model.deepmask(model.trunk(to_device(self.score_inputs[i : i + self.batch], self.device))["s16"])[1].cpu()
-            for i in range(0, len(self.score_inputs), self.batch)
-        ])
+        scores = torch.cat(
+            [
+                model.deepmask(
+                    model.trunk(to_device(self.score_inputs[i : i + self.batch], self.device))["s16"]
+                )[1].cpu()
+                for i in range(0, len(self.score_inputs), self.batch)
+            ]
+        )
         model.train()
         iou = torch.cat(ious)
         return {
@@ -184,10 +190,16 @@ def save_state(out: Path, model, optimizer, step: int, sampler: WindowSampler, h
             tensors[f"optim.{pid}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors["torch_rng"] = torch.get_rng_state()
     save_tensors(out / STATE_TENSORS, tensors)
-    atomic_write_json(out / STATE_JSON, {
-        "step": step, "config": asdict(cfg), "numpy_rng": sampler.rng.bit_generator.state, "history": history,
-        "param_groups": opt["param_groups"],
-    })
+    atomic_write_json(
+        out / STATE_JSON,
+        {
+            "step": step,
+            "config": asdict(cfg),
+            "numpy_rng": sampler.rng.bit_generator.state,
+            "history": history,
+            "param_groups": opt["param_groups"],
+        },
+    )
 
 
 def load_state(out: Path, model, optimizer, sampler: WindowSampler) -> tuple[int, list]:
@@ -255,8 +267,12 @@ def train(cfg: TrainConfig) -> Path | None:
     started = time.monotonic()
     prior_seconds = history[-1]["seconds"] if history else 0.0
     running = {"train_mask_loss": [], "train_score_loss": []}
-    bar = tqdm(total=cfg.total_steps, initial=step, desc=f"train {cfg.stage}", unit="step", dynamic_ncols=True)
-    stop_at = cfg.total_steps if cfg.stop_after_steps is None else min(cfg.total_steps, step + cfg.stop_after_steps)
+    bar = tqdm(
+        total=cfg.total_steps, initial=step, desc=f"train {cfg.stage}", unit="step", dynamic_ncols=True
+    )
+    stop_at = (
+        cfg.total_steps if cfg.stop_after_steps is None else min(cfg.total_steps, step + cfg.stop_after_steps)
+    )
     while step < stop_at:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg) * group["lr_scale"]

@@ -50,8 +50,17 @@ def test_a_json_that_is_not_a_checkpoint_is_refused(tmp_path: Path):
 
 
 def _tiny(data: Path, out: Path, **kw) -> TrainConfig:
-    return TrainConfig(stage="deepmask", data=str(data), out=str(out), epochs=1, steps_per_epoch=4, batch_size=4,
-                       val_samples=4, checkpoint_every=2, **kw)
+    return TrainConfig(
+        stage="deepmask",
+        data=str(data),
+        out=str(out),
+        epochs=1,
+        steps_per_epoch=4,
+        batch_size=4,
+        val_samples=4,
+        checkpoint_every=2,
+        **kw,
+    )
 
 
 @pytest.mark.slow

@@ -155,8 +155,13 @@ def result(size: str, iou: float, seconds: float) -> InstanceResult:
 
 
 def test_summarise_success_rates_by_size():
-    results = [result("medium", 0.9, 1.0), result("medium", 0.6, 2.0), result("medium", 0.3, 3.0),
-               result("large", 0.8, 4.0), result("large", 0.76, 5.0)]
+    results = [
+        result("medium", 0.9, 1.0),
+        result("medium", 0.6, 2.0),
+        result("medium", 0.3, 3.0),
+        result("large", 0.8, 4.0),
+        result("large", 0.76, 5.0),
+    ]
     box = summarise(results)["box"]
     assert box["median_seconds"] == 3.0
     assert box["all"]["n"] == 5 and box["medium"]["n"] == 3 and box["large"]["n"] == 2

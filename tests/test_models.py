@@ -83,7 +83,9 @@ def test_dense_output_equals_forward_pass_on_the_corresponding_crop(model):
     cells = CONTEXT_MARGIN // 16
     with torch.no_grad():
         emb = model.deepmask.embedding(model.trunk(image)["s16"])
-        f16 = model.trunk(_crop_with_context(image, i, j))["s16"][:, :, cells : cells + CELLS + 2, cells : cells + CELLS + 2]
+        f16 = model.trunk(_crop_with_context(image, i, j))["s16"][
+            :, :, cells : cells + CELLS + 2, cells : cells + CELLS + 2
+        ]
         mask, score, vec = model.deepmask(f16)
         dense_mask = model.deepmask.mask(emb[:, :, i, j])
         dense_score = model.deepmask.score(emb)[0, i, j]
@@ -100,7 +102,9 @@ def test_dense_refinement_equals_refinement_on_the_corresponding_crop(model):
     with torch.no_grad():
         taps = model.trunk(image)
         emb = model.deepmask.embedding(taps["s16"])
-        dense = model.sharpmask(emb[:, :, i, j], window_skips(taps, torch.tensor([0]), torch.tensor([i]), torch.tensor([j])))
+        dense = model.sharpmask(
+            emb[:, :, i, j], window_skips(taps, torch.tensor([0]), torch.tensor([i]), torch.tensor([j]))
+        )
         crop_taps = model.trunk(_crop_with_context(image, i, j))
         crop_emb = model.deepmask.embedding(crop_taps["s16"])[:, :, cells, cells]
         skips = window_skips(crop_taps, torch.tensor([0]), torch.tensor([cells]), torch.tensor([cells]))
@@ -113,5 +117,10 @@ def test_window_skips_cover_the_central_160_pixels_of_a_192_crop(model):
     taps = model.trunk(torch.rand(2, 3, INPUT, INPUT))
     zero = torch.zeros(2, dtype=torch.long)
     skips = window_skips(taps, torch.arange(2), zero, zero)
-    assert {t: tuple(v.shape[-2:]) for t, v in skips.items()} == {"s16": (10, 10), "s8": (20, 20), "s4": (40, 40), "s2": (80, 80)}
+    assert {t: tuple(v.shape[-2:]) for t, v in skips.items()} == {
+        "s16": (10, 10),
+        "s8": (20, 20),
+        "s4": (40, 40),
+        "s2": (80, 80),
+    }
     torch.testing.assert_close(skips["s8"][1], taps["s8"][1, :, 2:22, 2:22])

@@ -73,12 +73,16 @@ def test_proposals_are_sorted_by_score_and_sized_like_the_image(untrained, image
 
 
 def test_pasting_a_window_covers_exactly_its_box():
-    region, (y0, y1, x0, x1) = paste_window(np.full((56, 56), 5.0, np.float32), np.array([10.0, 20, 50, 60]), 100, 100)
+    region, (y0, y1, x0, x1) = paste_window(
+        np.full((56, 56), 5.0, np.float32), np.array([10.0, 20, 50, 60]), 100, 100
+    )
     assert (y0, y1, x0, x1) == (20, 60, 10, 50) and (region > 0).all()
 
 
 def test_pasting_is_clipped_to_the_image():
-    region, (y0, y1, x0, x1) = paste_window(np.zeros((56, 56), np.float32), np.array([-30.0, -30, 20, 20]), 50, 50)
+    region, (y0, y1, x0, x1) = paste_window(
+        np.zeros((56, 56), np.float32), np.array([-30.0, -30, 20, 20]), 50, 50
+    )
     assert (y0, y1, x0, x1) == (0, 20, 0, 20) and region.shape == (20, 20)
 
 
