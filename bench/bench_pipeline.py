@@ -276,7 +276,8 @@ def run_proposals(pred: MaskPredictor, image: np.ndarray, k: int, refine: bool) 
     pred.set_features(feats)
     cands, t["top_windows"] = timed(lambda: pred.top_windows(k))
     logits, t["window_logits"] = timed(lambda: pred.window_logits(cands, refine=refine))
-    masks, t["paste"] = timed(lambda: [pred._to_mask(c, lg) for c, lg in zip(cands, logits, strict=True)])
+    windows = [pred._window(c, lg) for c, lg in zip(cands, logits, strict=True)]
+    masks, t["paste"] = timed(lambda: [pred._to_mask(w) for w in windows])
     _, t["polygons"] = timed(lambda: [m.polygon for m in masks])
     t["total"] = t["features"] + t["top_windows"] + t["window_logits"] + t["paste"]
     t["total+polygons"] = t["total"] + t["polygons"]

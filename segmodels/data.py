@@ -119,12 +119,8 @@ class CocoInstances:
         return self._images[image_index]
 
     def pyramid(self, image_index: int) -> list[np.ndarray]:
-        """Level k is the image downscaled by 2^k (area averaging), so crops never alias."""
         if image_index not in self._pyramids:
-            levels = [self.image(image_index)]
-            while min(levels[-1].shape[:2]) >= 64:
-                levels.append(cv2.pyrDown(levels[-1]))
-            self._pyramids[image_index] = levels
+            self._pyramids[image_index] = image_pyramid(self.image(image_index))
         return self._pyramids[image_index]
 
     def mask(self, inst: Instance) -> np.ndarray:
@@ -142,6 +138,14 @@ class CocoInstances:
         if key not in self._masks:
             self._masks[key] = self.mask(inst).astype(np.uint8) * 255
         return self._masks[key]
+
+
+def image_pyramid(image: np.ndarray) -> list[np.ndarray]:
+    """Level k is ``image`` downscaled by 2^k (Gaussian pyramid), so :func:`crop_window` never aliases."""
+    levels = [image]
+    while min(levels[-1].shape[:2]) >= 64:
+        levels.append(cv2.pyrDown(levels[-1]))
+    return levels
 
 
 def window_transform(centre: tuple[float, float], scale: float, flip: bool, out_size: int) -> np.ndarray:

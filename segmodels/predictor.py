@@ -21,8 +21,8 @@ import torch
 
 from segmodels.backbones import fold_batchnorm
 from segmodels.checkpoint import load_checkpoint
-from segmodels.data import PAD_VALUE
-from segmodels.deepmask import INPUT, STRIDE, WINDOW
+from segmodels.data import PAD_VALUE, crop_window, image_pyramid, to_tensor
+from segmodels.deepmask import INPUT, OBJECT, STRIDE, WINDOW
 from segmodels.geometry import mask_to_box, mask_to_polygon
 from segmodels.model import SegmentationModel
 from segmodels.sharpmask import window_skips
@@ -80,18 +80,40 @@ class PyramidLevel:
 
 @dataclass
 class ImageFeatures:
-    """Everything the heads need for one image; cheap to keep in an LRU cache keyed by image."""
+    """Everything the heads need for one image (~60 MB for 640x480: size an LRU cache in bytes)."""
 
-    height: int
-    width: int
+    image: np.ndarray
     levels: list[PyramidLevel] = field(default_factory=list)
+
+    @property
+    def height(self) -> int:
+        return self.image.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.image.shape[1]
+
+    @cached_property
+    def pyramid(self) -> list[np.ndarray]:
+        return image_pyramid(self.image)
 
 
 @dataclass
 class Candidate:
+    """A dense window: pyramid level, cell (row, col) and objectness logit."""
+
     level: int
     row: int
     col: int
+    objectness: float
+
+
+@dataclass
+class WindowMask:
+    """Mask logits ``(S, S)`` over a window ``box`` (xyxy image pixels), with its objectness logit."""
+
+    box: np.ndarray
+    logits: np.ndarray
     objectness: float
 
 
@@ -187,7 +209,7 @@ class MaskPredictor:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
         h, w = image.shape[:2]
-        feats = ImageFeatures(h, w)
+        feats = ImageFeatures(image)
         for scale in self.scales:
             rw, rh = max(1, round(w * scale)), max(1, round(h * scale))
             interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
@@ -241,14 +263,35 @@ class MaskPredictor:
                 out[n] = lg
         return out
 
-    def _to_mask(self, cand: Candidate, logits: np.ndarray) -> Mask:
+    def _window(self, cand: Candidate, logits: np.ndarray) -> WindowMask:
+        level = self._require_features().levels[cand.level]
+        return WindowMask(
+            level.window_box(np.array([cand.row]), np.array([cand.col]))[0], logits, cand.objectness
+        )
+
+    def _to_mask(self, window: WindowMask) -> Mask:
         feats = self._require_features()
-        level = feats.levels[cand.level]
-        box = level.window_box(np.array([cand.row]), np.array([cand.col]))[0]
-        region, (y0, y1, x0, x1) = paste_window(logits, box, feats.height, feats.width)
+        region, (y0, y1, x0, x1) = paste_window(window.logits, window.box, feats.height, feats.width)
         mask = np.zeros((feats.height, feats.width), dtype=bool)
         mask[y0:y1, x0:x1] = region > self.threshold_logit
-        return Mask(mask, float(torch.sigmoid(torch.tensor(cand.objectness))))
+        return Mask(mask, 1.0 / (1.0 + math.exp(-window.objectness)))
+
+    @torch.no_grad()
+    def box_window(self, box: np.ndarray) -> WindowMask:
+        """The window the models were trained on for an object in ``box`` (xyxy pixels): centred on it, at
+        the scale that makes its larger side 92 px. One trunk pass on a 192 px crop."""
+        feats = self._require_features()
+        centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+        scale = OBJECT / max(box[2] - box[0], box[3] - box[1], 1.0)
+        x = to_tensor([crop_window(feats.pyramid, centre, scale)]).to(self.device)
+        taps = self.model.trunk(x.contiguous(memory_format=torch.channels_last))
+        logits, score, vec = self.model.deepmask(taps["s16"])
+        if self.refine:
+            zero = torch.zeros(1, dtype=torch.long, device=self.device)
+            logits = self.model.sharpmask(vec, window_skips(taps, zero, zero, zero))
+        half = WINDOW / 2 / scale
+        wbox = np.array([centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half])
+        return WindowMask(wbox, logits[0].float().cpu().numpy(), float(score[0]))
 
     # ---- proposals ------------------------------------------------------------------------------------
     def top_windows(self, k: int) -> list[Candidate]:
@@ -268,7 +311,8 @@ class MaskPredictor:
     def propose(self, k: int = 100, refine: bool | None = None) -> list[Mask]:
         """Top-``k`` object masks of the whole image, best first (scores are objectness probabilities)."""
         cands = self.top_windows(k)
-        return [self._to_mask(c, lg) for c, lg in zip(cands, self.window_logits(cands, refine), strict=True)]
+        logits = self.window_logits(cands, refine)
+        return [self._to_mask(self._window(c, lg)) for c, lg in zip(cands, logits, strict=True)]
 
     # ---- interactive ----------------------------------------------------------------------------------
     def _prompt_candidates(self, anchors: np.ndarray) -> list[Candidate]:
@@ -286,19 +330,17 @@ class MaskPredictor:
                             cands.append(Candidate(li, rr, cc, float(level.scores[rr, cc])))
         return cands
 
-    def _rank(self, cand: Candidate, logits: np.ndarray, pos: np.ndarray, neg: np.ndarray, box) -> float:
+    def _rank(self, window: WindowMask, pos: np.ndarray, neg: np.ndarray, box: np.ndarray | None) -> float:
         """Higher is better: every violated point costs more than any objectness difference."""
-        level = self._require_features().levels[cand.level]
-        wbox = level.window_box(np.array([cand.row]), np.array([cand.col]))[0]
         t = self.threshold_logit
         violations = 0
         if len(pos):
-            violations += int((sample_window(logits, wbox, pos) <= t).sum())
+            violations += int((sample_window(window.logits, window.box, pos) <= t).sum())
         if len(neg):
-            violations += int((sample_window(logits, wbox, neg) > t).sum())
-        rank = -100.0 * violations + cand.objectness
+            violations += int((sample_window(window.logits, window.box, neg) > t).sum())
+        rank = -100.0 * violations + window.objectness
         if box is not None:
-            mbox = _logit_box(logits - t, wbox)
+            mbox = _logit_box(window.logits - t, window.box)
             rank += 20.0 * (_box_iou(mbox, box) if mbox is not None else 0.0)
         return rank
 
@@ -318,23 +360,57 @@ class MaskPredictor:
             raise ValueError(f"{len(pts)} points but {len(lab)} labels")
         bx = None if box is None else np.asarray(box, dtype=np.float64).reshape(4)
         pos, neg = pts[lab == 1], pts[lab != 1]
-        anchors = list(pos)
-        if len(pos) > 1:
-            anchors.append(pos.mean(axis=0))
-        if bx is not None:
-            anchors.append(np.array([(bx[0] + bx[2]) / 2, (bx[1] + bx[3]) / 2]))
-        if not anchors:
+        if not len(pos) and bx is None:
             raise ValueError("segment needs at least one positive point or a box")
-        cands = self._prompt_candidates(np.array(anchors))
-        coarse = self.window_logits(cands, refine=False)
-        ranked = sorted(range(len(cands)), key=lambda n: -self._rank(cands[n], coarse[n], pos, neg, bx))
-        best = [cands[n] for n in ranked[:3]]
-        fine = self.window_logits(best)
-        choice = max(range(len(best)), key=lambda n: self._rank(best[n], fine[n], pos, neg, bx))
-        result = self._to_mask(best[choice], fine[choice])
+        # The window is chosen on positives (and the box) only: negatives are corrections of that window's
+        # mask, not a reason to jump to another object.
+        options = [self.box_window(bx)] if bx is not None else []
+        if len(pos):
+            options += self._point_windows(pos, bx)
+        result = self._to_mask(max(options, key=lambda w: self._rank(w, pos, np.zeros((0, 2)), bx)))
+        for p in pos[~_inside(result.mask, pos)]:
+            # A positive click the mask misses adds that click's own best window.
+            single = p[None]
+            result.mask |= self._to_mask(
+                max(self._point_windows(single, None), key=lambda w: self._rank(w, single, neg, None))
+            ).mask
+        if len(neg) and _inside(result.mask, neg).any():
+            reference = pos if len(pos) else np.array([[(bx[0] + bx[2]) / 2, (bx[1] + bx[3]) / 2]])
+            result.mask &= nearer_to(reference, neg, feats.height, feats.width)
         if bx is not None:
             result.mask &= box_mask(bx, feats.height, feats.width)
         return result
+
+    def _point_windows(self, pos: np.ndarray, box: np.ndarray | None) -> list[WindowMask]:
+        """The 3 best-ranked dense windows around the positive points (and their centroid), refined."""
+        anchors = np.concatenate([pos, pos.mean(axis=0, keepdims=True)]) if len(pos) > 1 else pos
+        cands = self._prompt_candidates(anchors)
+        coarse = [
+            self._window(c, lg) for c, lg in zip(cands, self.window_logits(cands, refine=False), strict=True)
+        ]
+        none = np.zeros((0, 2))
+        order = sorted(range(len(cands)), key=lambda n: -self._rank(coarse[n], pos, none, box))
+        best = [cands[n] for n in order[:3]]
+        return [self._window(c, lg) for c, lg in zip(best, self.window_logits(best), strict=True)]
+
+
+def _inside(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """``(N,)`` bool: whether each ``(x, y)`` pixel point falls on a set pixel of ``mask``."""
+    h, w = mask.shape
+    cols = np.clip(np.floor(points[:, 0]).astype(int), 0, w - 1)
+    rows = np.clip(np.floor(points[:, 1]).astype(int), 0, h - 1)
+    return mask[rows, cols]
+
+
+def nearer_to(keep: np.ndarray, drop: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pixels nearer (Euclidean) to some ``keep`` point than to every ``drop`` point: a negative click cuts
+    away the part of the mask on its side, the annotator's usual intent."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+
+    def nearest(points: np.ndarray) -> np.ndarray:
+        return np.min([(xs - x) ** 2 + (ys - y) ** 2 for x, y in points], axis=0)
+
+    return nearest(keep) < nearest(drop)
 
 
 def box_mask(box: np.ndarray, height: int, width: int, margin: float = 0.02) -> np.ndarray:

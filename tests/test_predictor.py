@@ -112,7 +112,7 @@ def _click_point(mask: np.ndarray) -> tuple[float, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("image_id", [25, 30, 110])
+@pytest.mark.parametrize("image_id", [25, 400, 450])
 def test_one_click_on_a_large_held_out_object_finds_it(shipped, coco128, image_id):
     val = CocoInstances(coco128, "val")
     index = next(i for i, im in enumerate(val.images) if im["id"] == image_id)
