@@ -24,12 +24,14 @@ def ensure_allocator_env(argv: list[str]) -> None:
 
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model stage on COCO-format data")
-    p.add_argument("stage", choices=["deepmask", "sharpmask"])
+    p.add_argument("stage", choices=["deepmask", "sharpmask", "multipathnet"])
     p.add_argument(
         "--data", type=Path, default=DEFAULT_DATA, help="directory with instances.json and images/"
     )
     p.add_argument("--out", type=Path, required=True, help="output directory (resumes when it holds a state)")
-    p.add_argument("--init", type=Path, help="checkpoint to start from (required for sharpmask)")
+    p.add_argument(
+        "--init", type=Path, help="checkpoint to start from (required for sharpmask, multipathnet)"
+    )
     p.add_argument("--backbone", default="mobilenet_v2", choices=["mobilenet_v2", "resnet50"])
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--steps-per-epoch", type=int, default=200)
@@ -69,7 +71,10 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="click/box-to-mask, baselines, proposal AR and patch IoU on a split")
+    p = sub.add_parser(
+        "evaluate",
+        help="click/box-to-mask, baselines, proposal AR, patch IoU, label top-1 and detection AP on a split",
+    )
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="COCO-format directory")
     p.add_argument(
         "--images-from",
@@ -80,8 +85,19 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the shipped model)")
     p.add_argument("--out", type=Path, help="report directory (default: reports/eval-SPLIT)")
     p.add_argument("--max-images", type=int, help="only the first N images of the split, by id")
-    p.add_argument("--skip", default="", help="parts to skip: clicks,box,baselines,proposals,patches")
+    p.add_argument(
+        "--skip",
+        default="",
+        help="parts to skip: clicks,box,baselines,proposals,patches,labels,detection "
+        "(labels and detection run only for checkpoints with a MultiPathNet)",
+    )
     p.add_argument("--proposals-k", type=int, default=1000, help="proposals per image")
+    p.add_argument(
+        "--detection-proposals",
+        type=int,
+        default=100,
+        help="refined windows detect() classifies per image for detection AP (default 100)",
+    )
     p.add_argument("--patches", type=int, default=1000, help="jittered windows for the patch metrics")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
@@ -92,7 +108,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if skip - set(PARTS):
         raise SystemExit(f"segmask evaluate: unknown --skip {sorted(skip - set(PARTS))}; choose from {PARTS}")
-    for name in ("max_images", "proposals_k", "patches"):
+    for name in ("max_images", "proposals_k", "patches", "detection_proposals"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"segmask evaluate: --{name.replace('_', '-')} must be at least 1")
     out = args.out or Path("reports") / f"eval-{args.images_from}"
@@ -107,9 +123,57 @@ def run_evaluate(args: argparse.Namespace) -> None:
         patches=args.patches,
         device=args.device,
         command=" ".join(["segmask", *sys.argv[1:]]),
+        detection_proposals=args.detection_proposals,
     )
     print(format_tables(metrics))
     print(f"report: {out / 'report.md'}")
+
+
+def add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict", help="labelled masks for image files: COCO predictions.json, results.json and overlays"
+    )
+    p.add_argument(
+        "images", nargs="+", type=Path, metavar="IMAGE", help="image files (any format OpenCV reads)"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("predictions"), help="output directory (default predictions/)"
+    )
+    p.add_argument(
+        "--checkpoint", type=Path, help="checkpoint directory with a MultiPathNet (default: shipped)"
+    )
+    p.add_argument("--score-threshold", type=float, default=0.5, help="minimum detection score (default 0.5)")
+    p.add_argument("--max-detections", type=int, default=100, help="detections kept per image (default 100)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    from segmodels.export import predict_files
+    from segmodels.predictor import load_predictor
+
+    if args.max_detections < 1:
+        raise SystemExit("segmask predict: --max-detections must be at least 1")
+    if not 0.0 <= args.score_threshold <= 1.0:
+        raise SystemExit("segmask predict: --score-threshold must be in [0, 1]")
+    predictor = load_predictor(args.checkpoint, args.device)
+    if predictor.model.multipathnet is None:
+        raise SystemExit(
+            f"segmask predict: {args.checkpoint or 'the shipped checkpoint'} has no MultiPathNet (labels); "
+            "train one with `segmask train multipathnet` and pass --checkpoint"
+        )
+    summary = predict_files(
+        predictor,
+        args.images,
+        args.out,
+        score_threshold=args.score_threshold,
+        max_detections=args.max_detections,
+    )
+    print(
+        f"{summary.images} images, {summary.detections} detections: {args.out / 'predictions.json'}, "
+        f"{args.out / 'results.json'}, overlays {args.out}/*.png"
+    )
+    if summary.failed:
+        raise SystemExit(f"segmask predict: {len(summary.failed)} of {len(args.images)} images failed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,10 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_train(sub)
     add_evaluate(sub)
+    add_predict(sub)
     return parser
 
 
-COMMANDS = {"train": run_train, "evaluate": run_evaluate}
+COMMANDS = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,18 +9,24 @@ Cases, run interleaved (one run of every case per repeat, so background load hit
 - ``B first click``: features of a new image + ``segment`` of one positive click + polygon.
 - ``B repeated click``: the same click on the cached features (``segment`` + polygon).
 - ``C box``: ``segment`` of the tight box of the same object on the cached features + polygon.
+- ``D pre-annotation``: ``detect()`` on a new image (checkpoints with a MultiPathNet; skipped with a note
+  otherwise), stage by stage: ``features``, ``proposals`` (``propose``: top_windows + refinement + paste),
+  ``classify`` (MultiPathNet on the proposals' boxes), ``scoring+NMS`` (class scores, mask NMS, threshold),
+  ``polygons`` of the kept detections; ``detect`` (what ``detect()`` costs on cached features) and ``total``.
 
 The click is the interior point farthest from the boundary of the image's largest annotated object
 (targets.md). Medians, p90 and minima in ms after warm-up runs; a table is printed and JSON written.
 A benchmark, never a pass/fail test. Usage::
 
     .venv/bin/python bench/bench_pipeline.py [--checkpoint DIR] [--repeats N] [--out FILE] [--threads N]
+        [--score-threshold F]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import logging
 import os
@@ -39,7 +45,7 @@ import numpy as np
 import torch
 
 from segmodels.geometry import coco_segmentation_to_mask, mask_iou, mask_to_box
-from segmodels.predictor import DEFAULT_CHECKPOINT, MaskPredictor, load_predictor
+from segmodels.predictor import DEFAULT_CHECKPOINT, Detection, Mask, MaskPredictor, load_predictor, mask_nms
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
@@ -117,6 +123,13 @@ class Scene:
 
 CASE_SHARP, CASE_DEEP = "A proposals SharpMask", "A proposals DeepMask"
 CASE_FIRST, CASE_REPEAT, CASE_BOX = "B first click", "B repeated click", "C box"
+CASE_DETECT = "D pre-annotation"
+# detect()'s defaults, which case D uses (the score threshold can be lowered with --score-threshold).
+DETECT_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(MaskPredictor.detect).parameters.items()
+    if p.default is not inspect.Parameter.empty
+}
 TARGETS = (
     Target("full-image SharpMask proposals, top-100, 7 scales", CASE_SHARP, "total", 760.0),
     Target(
@@ -124,7 +137,14 @@ TARGETS = (
         CASE_SHARP,
         "total+polygons",
         1000.0,
-        "the 1.0 s pre-annotation target also includes labels (MultiPathNet), not measured here",
+        "the 1.0 s pre-annotation target also includes labels: case D",
+    ),
+    Target(
+        "full pre-annotation (proposals + labels + polygons)",
+        CASE_DETECT,
+        "total",
+        1000.0,
+        "detect() with its defaults on a new image, polygons of the kept detections",
     ),
     Target(
         "click -> polygon p50, new image",
@@ -297,8 +317,58 @@ def run_prompt(pred: MaskPredictor, scene: Scene, click: bool, image: np.ndarray
     return t
 
 
-def make_cases(pred: MaskPredictor, scene: Scene, k: int) -> dict[str, Callable[[], Stages]]:
-    """The benchmark cases by name, each a callable running one timed pass."""
+def score_and_nms(
+    pred: MaskPredictor, masks: list[Mask], probs: np.ndarray, boxes: np.ndarray, threshold: float
+) -> list[Detection]:
+    """The end of ``MaskPredictor.detect`` after ``classify``, step for step (``sanity`` checks that the
+    staged pipeline gives what ``detect()`` gives)."""
+    cls = probs[:, 1:].argmax(axis=1) + 1
+    scores = np.sqrt(np.array([m.score for m in masks]) * probs[np.arange(len(masks)), cls])
+    nms = mask_nms(np.stack([m.mask for m in masks]), scores, DETECT_DEFAULTS["nms_iou"])
+    keep = [i for i in nms if scores[i] >= threshold]
+    cfg = pred.model.config
+    return [
+        Detection(
+            cfg.classes[cls[i] - 1],
+            cfg.class_ids[cls[i] - 1],
+            float(scores[i]),
+            masks[i].mask,
+            boxes[i, cls[i]],
+        )
+        for i in keep[: DETECT_DEFAULTS["max_detections"]]
+    ]
+
+
+def staged_detect(pred: MaskPredictor, k: int, threshold: float) -> tuple[list[Detection], Stages]:
+    """``detect(score_threshold=threshold, proposals=k)`` on the current features, timed by stage."""
+    t: Stages = {}
+    masks, t["proposals"] = timed(lambda: [m for m in pred.propose(k) if m.mask.any()])
+    if masks:
+        (probs, boxes), t["classify"] = timed(lambda: pred.classify(np.stack([m.box for m in masks])))
+        detections, t["scoring+NMS"] = timed(lambda: score_and_nms(pred, masks, probs, boxes, threshold))
+    else:
+        detections, t["classify"], t["scoring+NMS"] = [], 0.0, 0.0
+    return detections, t
+
+
+def run_detect(pred: MaskPredictor, image: np.ndarray, k: int, threshold: float) -> Stages:
+    """One pre-annotation pass on a new image: features, ``detect`` by stage, polygons of the detections."""
+    t: Stages = {}
+    feats, t["features"] = timed(lambda: pred.compute_features(image))
+    pred.set_features(feats)
+    detections, stages = staged_detect(pred, k, threshold)
+    t.update(stages)
+    _, t["polygons"] = timed(lambda: [d.polygon for d in detections])
+    t["detect"] = t["proposals"] + t["classify"] + t["scoring+NMS"]
+    t["total"] = t["features"] + t["detect"] + t["polygons"]
+    return t
+
+
+def make_cases(
+    pred: MaskPredictor, scene: Scene, k: int, threshold: float = DETECT_DEFAULTS["score_threshold"]
+) -> dict[str, Callable[[], Stages]]:
+    """The benchmark cases by name, each a callable running one timed pass (case D only when the
+    checkpoint has a MultiPathNet; ``threshold`` is its score threshold)."""
     cached = pred.compute_features(scene.image)
 
     def on_cache(click: bool) -> Callable[[], Stages]:
@@ -308,13 +378,18 @@ def make_cases(pred: MaskPredictor, scene: Scene, k: int) -> dict[str, Callable[
 
         return run
 
-    return {
+    cases = {
         CASE_SHARP: lambda: run_proposals(pred, scene.image, k, refine=True),
         CASE_DEEP: lambda: run_proposals(pred, scene.image, k, refine=False),
         CASE_FIRST: lambda: run_prompt(pred, scene, click=True, image=scene.image),
         CASE_REPEAT: on_cache(click=True),
         CASE_BOX: on_cache(click=False),
     }
+    if pred.model.multipathnet is not None:
+        cases[CASE_DETECT] = lambda: run_detect(pred, scene.image, k, threshold)
+    else:
+        log.info("skipping %r: the checkpoint has no MultiPathNet", CASE_DETECT)
+    return cases
 
 
 def measure(cases: dict[str, Callable[[], Stages]], warmup: int, repeats: int) -> list[TimingRow]:
@@ -333,9 +408,12 @@ def measure(cases: dict[str, Callable[[], Stages]], warmup: int, repeats: int) -
     return list(rows.values())
 
 
-def sanity(pred: MaskPredictor, scene: Scene, k: int) -> dict[str, Any]:
-    """Untimed checks that the outputs are plausible: prompt IoUs with the object, non-empty proposals and
-    how the top-k windows spread over the pyramid levels (refinement is batched per level)."""
+def sanity(
+    pred: MaskPredictor, scene: Scene, k: int, threshold: float = DETECT_DEFAULTS["score_threshold"]
+) -> dict[str, Any]:
+    """Untimed checks that the outputs are plausible: prompt IoUs with the object, non-empty proposals,
+    how the top-k windows spread over the pyramid levels (refinement is batched per level) and, with a
+    MultiPathNet, case D's detections and whether its staged pipeline gives what ``detect()`` gives."""
     pred.set_image(scene.image)
     levels = np.bincount([c.level for c in pred.top_windows(k)], minlength=len(pred.scales))
     click = pred.segment(points=[scene.click], labels=[1])
@@ -348,6 +426,25 @@ def sanity(pred: MaskPredictor, scene: Scene, k: int) -> dict[str, Any]:
         "nonempty_proposals": sum(bool(m.mask.any()) for m in props),
         "top_k_per_level": levels.tolist(),
         "interactive_refine": pred.refine,
+        **(detect_sanity(pred, k, threshold) if pred.model.multipathnet is not None else {}),
+    }
+
+
+def detect_sanity(pred: MaskPredictor, k: int, threshold: float) -> dict[str, Any]:
+    """Case D's detections on the current image, and whether they equal ``detect()``'s."""
+    staged, _ = staged_detect(pred, k, threshold)
+    direct = pred.detect(score_threshold=threshold, proposals=k)
+    same = len(staged) == len(direct) and all(
+        a.class_id == b.class_id and abs(a.score - b.score) < 1e-6 and np.array_equal(a.mask, b.mask)
+        for a, b in zip(staged, direct, strict=True)
+    )
+    if not same:
+        log.warning("case D's staged pipeline differs from detect(): update score_and_nms")
+    return {
+        "detections": len(direct),
+        "detection_labels": [d.label for d in direct],
+        "detection_scores": [d.score for d in direct],
+        "staged_detect_matches_detect": same,
     }
 
 
@@ -367,7 +464,7 @@ def target_report(rows: list[TimingRow]) -> list[dict[str, Any]]:
                 "target_ms": t.target_ms,
                 "measured_median_ms": measured,
                 "ratio": measured / t.target_ms if measured else None,
-                "note": t.note,
+                "note": t.note if row else f"not measured: case {t.case!r} was skipped",
             }
         )
     return out
@@ -379,6 +476,11 @@ def side_by_side(rows: list[TimingRow]) -> dict[str, float]:
     return {
         "sharpmask/deepmask proposals total": med[CASE_SHARP, "total"] / med[CASE_DEEP, "total"],
         "first/repeated click total": med[CASE_FIRST, "total"] / med[CASE_REPEAT, "total"],
+        **(
+            {"pre-annotation/SharpMask proposals total": med[CASE_DETECT, "total"] / med[CASE_SHARP, "total"]}
+            if (CASE_DETECT, "total") in med
+            else {}
+        ),
     }
 
 
@@ -408,9 +510,9 @@ def print_report(rows: list[TimingRow], targets: list[dict[str, Any]], ratios: d
                 [
                     t["what"],
                     t["stage"],
-                    f"{t['measured_median_ms']:.1f}",
+                    "skipped" if t["measured_median_ms"] is None else f"{t['measured_median_ms']:.1f}",
                     f"{t['target_ms']:.0f}",
-                    f"{t['ratio']:.2f}",
+                    "-" if t["ratio"] is None else f"{t['ratio']:.2f}",
                 ]
                 for t in targets
             ],
@@ -432,6 +534,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--image", default="000000000009.jpg", help="coco128 image file name")
     p.add_argument("--top-k", type=int, default=100, help="proposals kept (default 100)")
+    p.add_argument(
+        "--score-threshold",
+        type=float,
+        default=DETECT_DEFAULTS["score_threshold"],
+        help=f"case D's detect() score threshold (default {DETECT_DEFAULTS['score_threshold']}, detect()'s)",
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -462,9 +570,14 @@ def main(argv: list[str] | None = None) -> None:
     log.info("image %s, click %s, box %s", scene.path.name, scene.click.tolist(), scene.box.tolist())
     pred = load_predictor(args.checkpoint)
     machine = machine_info()
-    rows = measure(make_cases(pred, scene, args.top_k), args.warmup, args.repeats)
+    rows = measure(make_cases(pred, scene, args.top_k, args.score_threshold), args.warmup, args.repeats)
     targets, ratios = target_report(rows), side_by_side(rows)
     print_report(rows, targets, ratios)
+    skipped = (
+        {} if pred.model.multipathnet is not None else {CASE_DETECT: "the checkpoint has no MultiPathNet"}
+    )
+    for case, reason in skipped.items():
+        print(f"skipped {case}: {reason}")
     result = {
         "benchmark": "pipeline",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -490,13 +603,15 @@ def main(argv: list[str] | None = None) -> None:
             "warmup": args.warmup,
             "threads": args.threads,
             "top_k": args.top_k,
+            "detect": {**DETECT_DEFAULTS, "score_threshold": args.score_threshold, "proposals": args.top_k},
             "scales": list(pred.scales),
             "percentile": "numpy linear interpolation",
         },
         "rows": [r.to_json() for r in rows],
         "targets": targets,
         "ratios": ratios,
-        "sanity": sanity(pred, scene, args.top_k),
+        "skipped": skipped,
+        "sanity": sanity(pred, scene, args.top_k, args.score_threshold),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

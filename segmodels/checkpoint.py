@@ -26,10 +26,18 @@ METADATA_FILE = "model.json"
 COMPACT_MIN_NUMEL = 65536
 
 
+def _new_file_mode() -> int:
+    """The mode an ordinary new file gets under the current umask (mkstemp's files are owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, _new_file_mode())
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -52,6 +60,7 @@ def save_tensors(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, _new_file_mode())
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)

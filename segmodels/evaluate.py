@@ -11,7 +11,12 @@ The protocol of docs/targets.md and docs/papers.md, measured on the split's imag
 - baselines on the same instances: the filled GT box, and OpenCV GrabCut (5 iterations from the tight box);
 - proposals: class-agnostic AR@10/100/1000 (pycocotools, ``segm`` and ``bbox``, ``useCats = 0``) of the
   top-k windows of ``MaskPredictor.propose``, against all of the images' annotations (crowd flags as COCO);
-- patches: the papers' evalPerPatch, mean mask IoU and success@.5/.7 on fixed-seed jittered windows.
+- patches: the papers' evalPerPatch, mean mask IoU and success@.5/.7 on fixed-seed jittered windows;
+- labels (checkpoints with a MultiPathNet): top-1 accuracy of ``MaskPredictor.classify`` on the tight box of
+  every evaluated instance's GT mask (argmax over the foreground classes), per frequent class with its most
+  common confusion, and once more over all non-crowd instances whatever their size;
+- detection (same): COCO AP of ``MaskPredictor.detect`` (score threshold 0, at most 100 per image) with
+  categories (``useCats = 1``, default maxDets), ``segm`` (RLE masks) and ``bbox`` (MultiPathNet's boxes).
 
 Coordinates follow geometry.py: images ``(H, W, 3) uint8 RGB``, masks ``bool (H, W)``, points ``(x, y)`` in
 pixel edge coordinates (pixel (row r, column c) has its centre at ``(c + 0.5, r + 0.5)``), boxes float
@@ -21,6 +26,7 @@ pixel edge coordinates (pixel (row r, column c) has its centre at ``(c + 0.5, r 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import logging
@@ -29,6 +35,7 @@ import platform
 import statistics
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,13 +48,23 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from segmodels.data import CocoInstances, WindowSampler
-from segmodels.geometry import mask_iou, mask_to_box, mask_to_rle, rle_to_mask
-from segmodels.predictor import DEFAULT_CHECKPOINT, Mask, MaskPredictor, box_mask, load_predictor
+from segmodels.export import detections_to_coco, draw_detections
+from segmodels.geometry import coco_segmentation_to_mask, mask_iou, mask_to_box, mask_to_rle, rle_to_mask
+from segmodels.predictor import (
+    DEFAULT_CHECKPOINT,
+    Detection,
+    Mask,
+    MaskPredictor,
+    box_mask,
+    load_predictor,
+)
 from segmodels.train import batch_iou, mask_logits, to_device
 
 log = logging.getLogger(__name__)
 
-PARTS = ("clicks", "box", "baselines", "proposals", "patches")
+PARTS = ("clicks", "box", "baselines", "proposals", "patches", "labels", "detection")
+# The parts that need the checkpoint's MultiPathNet (skipped with a note without one).
+LABEL_PARTS = ("labels", "detection")
 MIN_AREA = 32**2
 LARGE_AREA = 96**2
 SIZES = ("all", "medium", "large")
@@ -74,6 +91,26 @@ NUMPY2_WARNING = "__array__ implementation doesn't accept a copy keyword"
 EXAMPLES_PER_GROUP = 4
 PROPOSAL_IMAGES = 3
 TOP_PROPOSALS = 10
+# Labels: classes with at least this many evaluated instances get a row of their own.
+FREQUENT_CLASS = 3
+# Detection: AP over every detection (threshold 0), COCO's default maxDets (1, 10, 100).
+DETECTION_THRESHOLD = 0.0
+DETECTION_MAX = 100
+DETECTION_STATS = (
+    "AP",
+    "AP50",
+    "AP75",
+    "AP_small",
+    "AP_medium",
+    "AP_large",
+    "AR@1",
+    "AR@10",
+    "AR@100",
+    "AR_small@100",
+    "AR_medium@100",
+    "AR_large@100",
+)
+DETECTION_IMAGES = 4
 
 
 @dataclass
@@ -382,6 +419,199 @@ def evaluate_proposals(
     return metrics, examples
 
 
+# ---- labels ---------------------------------------------------------------------------------------------
+@dataclass
+class LabelResult:
+    """MultiPathNet's label for one non-crowd GT instance, classified from its tight mask box.
+
+    ``evaluated``: the instance passes the filter of the other parts (area > 32^2); the others count only in
+    the all-sizes line. ``predicted_id``/``predicted``: the argmax over the foreground classes (dataset
+    category id and name), ``probability`` its probability; ``gt_probability``: the probability of the true
+    class, None when the checkpoint's label set does not have it (the instance can only be wrong).
+    """
+
+    image_id: int
+    annotation_id: int
+    category_id: int
+    area: float
+    evaluated: bool
+    predicted_id: int
+    predicted: str
+    probability: float
+    gt_probability: float | None
+
+    @property
+    def correct(self) -> bool:
+        return self.predicted_id == self.category_id
+
+
+def gt_box(annotation: dict, height: int, width: int) -> np.ndarray:
+    """Tight xyxy box of an annotation's rasterised mask; its COCO ``bbox`` when the mask is empty (tiny
+    polygons can cover no pixel centre)."""
+    box = mask_to_box(coco_segmentation_to_mask(annotation["segmentation"], height, width))
+    if box[2] > box[0] and box[3] > box[1]:
+        return box
+    x, y, w, h = annotation["bbox"]
+    return np.array([x, y, x + max(w, 1.0), y + max(h, 1.0)], np.float32)
+
+
+def evaluate_labels(
+    predictor: MaskPredictor, dataset: CocoInstances, image_indices: Sequence[int]
+) -> list[LabelResult]:
+    """``classify`` the tight GT boxes of every non-crowd annotation of the images (one call per image,
+    after ``set_image``), in image order."""
+    cfg = predictor.model.config
+    column_of = {cid: n + 1 for n, cid in enumerate(cfg.class_ids)}
+    evaluated = {
+        inst.annotation_id for insts in dataset.instances_by_image for inst in insts if inst.area > MIN_AREA
+    }
+    by_image: dict[int, list[dict]] = {}
+    for ann in dataset.annotations:
+        if not ann.get("iscrowd", 0):
+            by_image.setdefault(ann["image_id"], []).append(ann)
+    results: list[LabelResult] = []
+    for index in tqdm(image_indices, desc="labels", unit="image", dynamic_ncols=True):
+        info = dataset.images[index]
+        anns = by_image.get(info["id"], [])
+        if not anns:
+            continue
+        predictor.set_image(dataset.image(index))
+        boxes = np.stack([gt_box(a, info["height"], info["width"]) for a in anns])
+        probs, _ = predictor.classify(boxes)
+        best = probs[:, 1:].argmax(axis=1)
+        for ann, p, k in zip(anns, probs, best, strict=True):
+            column = column_of.get(ann["category_id"])
+            results.append(
+                LabelResult(
+                    info["id"],
+                    ann["id"],
+                    ann["category_id"],
+                    float(ann["area"]),
+                    ann["id"] in evaluated,
+                    int(cfg.class_ids[k]),
+                    cfg.classes[k],
+                    float(p[k + 1]),
+                    None if column is None else float(p[column]),
+                )
+            )
+    return results
+
+
+def label_summary(results: Sequence[LabelResult], names: dict[int, str]) -> dict:
+    """Top-1 accuracy of the evaluated instances and of all of them, and a row per frequent class.
+
+    ``names``: GT category id -> name. Returns ``{"n", "top1", "all_sizes": {"n", "top1"},
+    "not_in_label_set", "per_class": [{"category_id", "name", "n", "top1", "confusion", "confusion_n"}]}``
+    with the classes of at least :data:`FREQUENT_CLASS` evaluated instances, most instances first (then by
+    name); ``confusion`` is the most common wrong label of the class (None when it has none). Rates are
+    None without instances.
+    """
+
+    def top1(rows: Sequence[LabelResult]) -> float | None:
+        return sum(r.correct for r in rows) / len(rows) if rows else None
+
+    evaluated = [r for r in results if r.evaluated]
+    per_category: dict[int, list[LabelResult]] = {}
+    for r in evaluated:
+        per_category.setdefault(r.category_id, []).append(r)
+    per_class = []
+    for category, rows in per_category.items():
+        if len(rows) < FREQUENT_CLASS:
+            continue
+        wrong = Counter(r.predicted for r in rows if not r.correct).most_common(1)
+        per_class.append(
+            {
+                "category_id": category,
+                "name": names.get(category, str(category)),
+                "n": len(rows),
+                "top1": top1(rows),
+                "confusion": wrong[0][0] if wrong else None,
+                "confusion_n": wrong[0][1] if wrong else 0,
+            }
+        )
+    per_class.sort(key=lambda c: (-c["n"], c["name"]))
+    return {
+        "n": len(evaluated),
+        "top1": top1(evaluated),
+        "all_sizes": {"n": len(results), "top1": top1(results)},
+        "not_in_label_set": sum(r.gt_probability is None for r in evaluated),
+        "per_class": per_class,
+    }
+
+
+# ---- detection ------------------------------------------------------------------------------------------
+def detection_ap(gt: COCO, results: list[dict]) -> dict[str, dict[str, float]]:
+    """COCOeval with categories (``useCats = 1``, default maxDets 1/10/100) of COCO detection results
+    (:func:`segmodels.export.detections_to_coco`) over all of ``gt``'s images, ``segm`` and ``bbox``:
+    stats named :data:`DETECTION_STATS` (-1 where ``gt`` has no instance of a size).
+
+    ``segm`` evaluates copies without ``bbox``, so that ``loadRes`` takes each result's area (COCO's size
+    ranges) from its mask; ``bbox`` copies without ``segmentation``. No result at all scores 0.
+    """
+    if not results:
+        return {t: dict.fromkeys(DETECTION_STATS, 0.0) for t in ("segm", "bbox")}
+    out = {}
+    for iou_type, drop in (("segm", "bbox"), ("bbox", "segmentation")):
+        copies = [{k: v for k, v in r.items() if k != drop} for r in results]
+        printed = io.StringIO()
+        with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
+            warnings.filterwarnings("ignore", message=NUMPY2_WARNING)
+            evaluator = COCOeval(gt, gt.loadRes(copies), iou_type)
+            evaluator.params.imgIds = sorted(gt.getImgIds())
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        log.debug("COCOeval %s with categories:\n%s", iou_type, printed.getvalue())
+        out[iou_type] = dict(zip(DETECTION_STATS, (float(v) for v in evaluator.stats), strict=True))
+    return out
+
+
+def default_detect_threshold() -> float:
+    """``MaskPredictor.detect``'s default ``score_threshold`` (what pre-annotation shows)."""
+    return float(inspect.signature(MaskPredictor.detect).parameters["score_threshold"].default)
+
+
+def evaluate_detection(
+    predictor: MaskPredictor, dataset: CocoInstances, image_indices: Sequence[int], proposals: int = 100
+) -> tuple[dict, dict[int, tuple[list[Detection], float | None]]]:
+    """AP of ``detect(score_threshold=0, max_detections=100, proposals=proposals)`` on every image.
+
+    Detections at ``detect``'s default threshold are those of the threshold-0 list scoring at least that
+    (the list is sorted and cut after the threshold): their count per image is reported, and they are
+    returned with the image's top score (None without detections) for the first :data:`DETECTION_IMAGES`
+    images with instances, keyed by image index.
+    """
+    threshold = default_detect_threshold()
+    results: list[dict] = []
+    seconds: list[float] = []
+    shown: list[int] = []
+    examples: dict[int, tuple[list[Detection], float | None]] = {}
+    for index in tqdm(image_indices, desc="detection", unit="image", dynamic_ncols=True):
+        start = time.perf_counter()
+        predictor.set_image(dataset.image(index))
+        detections = predictor.detect(
+            score_threshold=DETECTION_THRESHOLD, max_detections=DETECTION_MAX, proposals=proposals
+        )
+        seconds.append(time.perf_counter() - start)
+        results += detections_to_coco(detections, dataset.images[index]["id"])
+        kept = [d for d in detections if d.score >= threshold]
+        shown.append(len(kept))
+        if len(examples) < DETECTION_IMAGES and dataset.instances_by_image[index]:
+            examples[index] = (kept, detections[0].score if detections else None)
+    metrics = {
+        "images": len(image_indices),
+        "proposals": proposals,
+        "score_threshold": DETECTION_THRESHOLD,
+        "max_detections": DETECTION_MAX,
+        "detections": len(results),
+        "default_threshold": threshold,
+        "mean_detections_at_default": float(np.mean(shown)) if shown else 0.0,
+        "median_seconds_per_image": statistics.median(seconds) if seconds else None,
+        **detection_ap(coco_ground_truth(dataset, image_indices), results),
+    }
+    return metrics, examples
+
+
 # ---- patches --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_patches(predictor: MaskPredictor, dataset: CocoInstances, n: int) -> dict[str, dict[str, float]]:
@@ -439,11 +669,49 @@ def tables(metrics: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             f"median {proposals['median_seconds_per_image']:.2f} s/image"
         )
         out.append((title, ["type", *names], rows))
+    out += label_tables(metrics.get("labels"))
+    detection = metrics.get("detection")
+    if detection:
+        names = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large"]
+        rows = [[iou_type, *(_fmt(detection[iou_type][s]) for s in names)] for iou_type in ("segm", "bbox")]
+        seconds = detection["median_seconds_per_image"]
+        title = (
+            f"Detection: COCO AP with categories, {detection['images']} images, score >= "
+            f"{detection['score_threshold']:g}, <= {detection['max_detections']} per image; "
+            f"{detection['mean_detections_at_default']:.1f} per image at the default threshold "
+            f"{detection['default_threshold']:g}"
+            + (f", median {seconds:.2f} s/image" if seconds is not None else "")
+        )
+        out.append((title, ["type", *names], rows))
     patches = metrics.get("patches")
     if patches:
         names = ["mean_iou", *(f"success@{t}" for t in PATCH_THRESHOLDS)]
         rows = [[stage, str(v["n"]), *(_fmt(v[s]) for s in names)] for stage, v in patches.items()]
         out.append(("Patches (evalPerPatch)", ["stage", "n", *names], rows))
+    return out
+
+
+def label_tables(labels: dict | None) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The top-1 table (evaluated instances, all sizes) and the per-class table of :func:`label_summary`."""
+    if not labels:
+        return []
+    rows = [
+        [f"area > {MIN_AREA} px", str(labels["n"]), _fmt(labels["top1"])],
+        ["all sizes", str(labels["all_sizes"]["n"]), _fmt(labels["all_sizes"]["top1"])],
+    ]
+    out = [("Labels: MultiPathNet top-1 on the tight boxes of GT masks", ["instances", "n", "top-1"], rows)]
+    if labels["per_class"]:
+        rows = [
+            [
+                c["name"],
+                str(c["n"]),
+                _fmt(c["top1"]),
+                f"{c['confusion']} ({c['confusion_n']})" if c["confusion"] else "-",
+            ]
+            for c in labels["per_class"]
+        ]
+        title = f"Labels per class (>= {FREQUENT_CLASS} instances, area > {MIN_AREA} px)"
+        out.append((title, ["class", "n", "top-1", "most common confusion (n)"], rows))
     return out
 
 
@@ -625,14 +893,56 @@ def plot_proposals(path: Path, dataset: CocoInstances, examples: dict[int, list[
     plt.close(fig)
 
 
+def gt_detections(dataset: CocoInstances, index: int) -> list[Detection]:
+    """The image's non-crowd instances as :class:`Detection` (score 1, tight mask box), for drawing."""
+    out = []
+    for inst in dataset.instances_by_image[index]:
+        mask = dataset.mask(inst)
+        name = dataset.categories.get(inst.category_id, str(inst.category_id))
+        out.append(Detection(name, inst.category_id, 1.0, mask, mask_to_box(mask)))
+    return out
+
+
+def plot_detections(
+    path: Path,
+    dataset: CocoInstances,
+    examples: dict[int, tuple[list[Detection], float | None]],
+    threshold: float,
+) -> None:
+    """A row per image: its GT instances and the detections at ``threshold`` (``export.draw_detections``),
+    captioned with the image's top detection score (:func:`evaluate_detection`'s examples)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        len(examples), 2, figsize=(10, 3.9 * len(examples)), squeeze=False, layout="constrained"
+    )
+    for (index, (detections, top)), (left, right) in zip(examples.items(), axes, strict=True):
+        image = dataset.image(index)
+        gt = gt_detections(dataset, index)
+        image_id = dataset.images[index]["id"]
+        left.imshow(draw_detections(image, gt, show_scores=False))
+        left.set_title(f"image {image_id}: {len(gt)} GT instances", fontsize=9)
+        right.imshow(draw_detections(image, detections))
+        best = "no detection" if top is None else f"top score {top:.2f}"
+        right.set_title(
+            f"image {image_id}: {len(detections)} detections (score >= {threshold:g}; {best})", fontsize=9
+        )
+        for ax in (left, right):
+            ax.axis("off")
+    fig.suptitle("Detections at detect()'s default threshold (right) and the GT (left)")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def write_report(
     out: Path,
     metrics: dict,
     dataset: CocoInstances,
     results: list[InstanceResult],
     examples: dict[int, list[tuple[dict, float]]],
+    detection_examples: dict[int, tuple[list[Detection], float | None]] | None = None,
 ) -> None:
-    """``clicks.png``, ``box.png``, ``proposals.png`` (those that have data) and ``report.md`` in ``out``."""
+    """``clicks.png``, ``box.png``, ``proposals.png``, ``detections.png`` (those that have data) and
+    ``report.md`` in ``out``."""
     figures = []
     if results and results[0].click_ious:
         picks = pick_examples(results, lambda r: r.click_ious[0])
@@ -657,6 +967,10 @@ def write_report(
     if examples:
         plot_proposals(out / "proposals.png", dataset, examples)
         figures.append((f"Top-{TOP_PROPOSALS} proposals", "proposals.png"))
+    if detection_examples:
+        threshold = metrics["detection"]["default_threshold"]
+        plot_detections(out / "detections.png", dataset, detection_examples, threshold)
+        figures.append((f"Detections (score >= {threshold:g}) and GT", "detections.png"))
     instances = metrics.get("instances", {})
     lines = [
         f"# Evaluation: {metrics['split']} split",
@@ -678,6 +992,14 @@ def write_report(
         lines.append(
             f"- GrabCut had no background for {instances['grabcut_fallbacks']} whole-image boxes: "
             "the filled box stands in"
+        )
+    for part, reason in metrics.get("skipped", {}).items():
+        lines.append(f"- {part}: skipped ({reason})")
+    labels = metrics.get("labels")
+    if labels and labels["not_in_label_set"]:
+        lines.append(
+            f"- labels: {labels['not_in_label_set']} evaluated instances have a category the checkpoint's "
+            "label set lacks (counted wrong)"
         )
     for title, headers, rows in tables(metrics):
         lines += ["", f"## {title}", "", markdown_table(headers, rows)]
@@ -719,9 +1041,13 @@ def evaluate(
     patches: int = 1000,
     device: str = "cpu",
     command: str = "",
+    detection_proposals: int = 100,
 ) -> dict:
     """Run every part not in ``skip`` (:data:`PARTS`) on the first ``max_images`` images (by id) of ``split``;
-    write ``metrics.json``, ``table.txt``, ``report.md`` and the figures to ``out``; return the metrics."""
+    write ``metrics.json``, ``table.txt``, ``report.md`` and the figures to ``out``; return the metrics.
+
+    ``labels`` and ``detection`` run only when the checkpoint has a MultiPathNet (otherwise they are noted
+    in ``metrics["skipped"]``); ``detection_proposals``: refined windows ``detect`` classifies per image."""
     unknown = set(skip) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown parts to skip {sorted(unknown)}; choose from {PARTS}")
@@ -730,6 +1056,12 @@ def evaluate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     predictor = load_predictor(checkpoint, device)
+    skipped: dict[str, str] = {}
+    if predictor.model.multipathnet is None and parts & set(LABEL_PARTS):
+        for part in sorted(parts & set(LABEL_PARTS)):
+            skipped[part] = "the checkpoint has no MultiPathNet"
+        log.info("skipping %s: the checkpoint has no MultiPathNet", ", ".join(sorted(skipped)))
+        parts -= set(LABEL_PARTS)
     dataset = CocoInstances(data, split)
     image_indices = sorted(range(len(dataset)), key=lambda i: dataset.images[i]["id"])[:max_images]
     log.info(
@@ -757,7 +1089,14 @@ def evaluate(
             "scales": list(predictor.scales),
             "refined": predictor.refine,
             "patch_seed": PATCH_SEED,
+            "label_frequent_class": FREQUENT_CLASS,
+            "detection": {
+                "score_threshold": DETECTION_THRESHOLD,
+                "max_detections": DETECTION_MAX,
+                "proposals": detection_proposals,
+            },
         },
+        "skipped": skipped,
         "seconds": {},
     }
     results: list[InstanceResult] = []
@@ -781,8 +1120,23 @@ def evaluate(
         start = time.perf_counter()
         metrics["patches"] = evaluate_patches(predictor, dataset, patches)
         metrics["seconds"]["patches"] = time.perf_counter() - start
+    if "labels" in parts:
+        start = time.perf_counter()
+        labels = evaluate_labels(predictor, dataset, image_indices)
+        metrics["labels"] = {
+            **label_summary(labels, dataset.categories),
+            "results": [asdict(r) for r in labels],
+        }
+        metrics["seconds"]["labels"] = time.perf_counter() - start
+    detection_examples: dict[int, tuple[list[Detection], float | None]] = {}
+    if "detection" in parts:
+        start = time.perf_counter()
+        metrics["detection"], detection_examples = evaluate_detection(
+            predictor, dataset, image_indices, detection_proposals
+        )
+        metrics["seconds"]["detection"] = time.perf_counter() - start
     metrics["seconds"]["total"] = time.perf_counter() - started
-    write_report(out, metrics, dataset, results, examples)
+    write_report(out, metrics, dataset, results, examples, detection_examples)
     (out / "table.txt").write_text(format_tables(metrics) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log.info("wrote %s", out)

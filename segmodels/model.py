@@ -1,4 +1,4 @@
-"""The composite model: one shared trunk with the DeepMask and SharpMask stages, built from a config."""
+"""The composite model: one shared trunk with the DeepMask, SharpMask and MultiPathNet stages."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from torch import nn
 
 from segmodels.backbones import build_trunk
 from segmodels.deepmask import DeepMask
+from segmodels.multipathnet import MultiPathNet
 from segmodels.sharpmask import SharpMask
 
 
@@ -19,7 +20,9 @@ class ModelConfig:
     reduce_channels: int = 32
     embed_dim: int = 512
     sharpmask_k: tuple[int, ...] = (32, 16, 8, 4)
+    # MultiPathNet's label set: names, and the dataset's category ids they came from (same order).
     classes: list[str] = field(default_factory=list)
+    class_ids: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -32,7 +35,8 @@ class ModelConfig:
 
 
 class SegmentationModel(nn.Module):
-    """``trunk`` (taps s2..s16), ``deepmask`` (embedding, mask, objectness), ``sharpmask`` (refinement)."""
+    """``trunk`` (taps s2..s16), ``deepmask`` (embedding, mask, objectness), ``sharpmask`` (refinement),
+    and ``multipathnet`` (labels) when the config has classes."""
 
     def __init__(self, config: ModelConfig, pretrained_trunk: bool = True, trunk_weights: str | None = None):
         super().__init__()
@@ -40,3 +44,14 @@ class SegmentationModel(nn.Module):
         self.trunk = build_trunk(config.backbone, pretrained=pretrained_trunk, weights_path=trunk_weights)
         self.deepmask = DeepMask(self.trunk.tap_channels["s16"], config.reduce_channels, config.embed_dim)
         self.sharpmask = SharpMask(self.trunk.tap_channels, config.embed_dim, config.sharpmask_k)
+        self.multipathnet = (
+            MultiPathNet(self.trunk.tap_channels, len(config.classes)) if config.classes else None
+        )
+
+    def set_classes(self, names: list[str], ids: list[int]) -> None:
+        """Replace the label set with a new, untrained MultiPathNet for ``names`` (dataset ids ``ids``)."""
+        if len(names) != len(ids):
+            raise ValueError(f"{len(names)} class names but {len(ids)} ids")
+        self.config.classes, self.config.class_ids = list(names), list(ids)
+        device = next(self.trunk.parameters()).device
+        self.multipathnet = MultiPathNet(self.trunk.tap_channels, len(names)).to(device)

@@ -23,8 +23,9 @@ from segmodels.backbones import fold_batchnorm
 from segmodels.checkpoint import load_checkpoint
 from segmodels.data import PAD_VALUE, crop_window, image_pyramid, to_tensor
 from segmodels.deepmask import INPUT, OBJECT, STRIDE, WINDOW
-from segmodels.geometry import mask_to_box, mask_to_polygon
+from segmodels.geometry import mask_to_box, mask_to_polygon, masks_iou_matrix
 from segmodels.model import SegmentationModel
+from segmodels.multipathnet import decode_boxes
 from segmodels.sharpmask import window_skips
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "default"
@@ -50,6 +51,23 @@ class Mask:
     def box(self) -> np.ndarray:
         """Tight box ``[x1, y1, x2, y2]`` float32 pixels (exclusive edges)."""
         return mask_to_box(self.mask)
+
+
+@dataclass
+class Detection:
+    """A labelled object: ``label`` (class name), ``class_id`` (the training data's category id), ``score``
+    in [0, 1], ``mask`` bool (H, W), ``box`` xyxy pixels (MultiPathNet's regressed box)."""
+
+    label: str
+    class_id: int
+    score: float
+    mask: np.ndarray
+    box: np.ndarray
+
+    @cached_property
+    def polygon(self) -> np.ndarray | None:
+        """Largest part as an editable polygon ``(N, 2)`` float32 pixel (x, y), or None for an empty mask."""
+        return mask_to_polygon(self.mask)
 
 
 @dataclass
@@ -115,6 +133,21 @@ class WindowMask:
     box: np.ndarray
     logits: np.ndarray
     objectness: float
+
+
+def level_input(image: np.ndarray, scale: float) -> tuple[np.ndarray, float, float]:
+    """``image`` resized by ``scale`` and padded by :data:`PAD` grey pixels (more on the right/bottom up to a
+    multiple of 16, and at least one 192 px window): ``(Hp, Wp, 3) uint8``, and the actual x/y scales."""
+    h, w = image.shape[:2]
+    rw, rh = max(1, round(w * scale)), max(1, round(h * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (rw, rh), interpolation=interp)
+    pw = -(-max(rw + 2 * PAD, INPUT) // STRIDE) * STRIDE
+    ph = -(-max(rh + 2 * PAD, INPUT) // STRIDE) * STRIDE
+    padded = cv2.copyMakeBorder(
+        resized, PAD, ph - rh - PAD, PAD, pw - rw - PAD, cv2.BORDER_CONSTANT, value=PAD_VALUE
+    )
+    return padded, rw / w, rh / h
 
 
 def paste_window(logits: np.ndarray, box: np.ndarray, height: int, width: int) -> tuple[np.ndarray, tuple]:
@@ -208,23 +241,14 @@ class MaskPredictor:
         """Run the trunk and the dense DeepMask embedding/objectness over the pyramid of ``image``."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
-        h, w = image.shape[:2]
         feats = ImageFeatures(image)
         for scale in self.scales:
-            rw, rh = max(1, round(w * scale)), max(1, round(h * scale))
-            interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-            resized = cv2.resize(image, (rw, rh), interpolation=interp)
-            # At least one full window per level, rounded up to whole stride-16 cells.
-            pw = -(-max(rw + 2 * PAD, INPUT) // STRIDE) * STRIDE
-            ph = -(-max(rh + 2 * PAD, INPUT) // STRIDE) * STRIDE
-            padded = cv2.copyMakeBorder(
-                resized, PAD, ph - rh - PAD, PAD, pw - rw - PAD, cv2.BORDER_CONSTANT, value=PAD_VALUE
-            )
-            x = torch.from_numpy(padded).to(self.device).permute(2, 0, 1)[None].float().div_(255)
+            padded, sx, sy = level_input(image, scale)
+            x = to_tensor([padded]).to(self.device)
             taps = self.model.trunk(x.contiguous(memory_format=torch.channels_last))
             emb = self.model.deepmask.embedding(taps["s16"])
             scores = self.model.deepmask.score(emb)[0]
-            feats.levels.append(PyramidLevel(scale, rw / w, rh / h, taps, emb[0], scores))
+            feats.levels.append(PyramidLevel(scale, sx, sy, taps, emb[0], scores))
         return feats
 
     def set_image(self, image: np.ndarray) -> None:
@@ -314,6 +338,76 @@ class MaskPredictor:
         logits = self.window_logits(cands, refine)
         return [self._to_mask(self._window(c, lg)) for c, lg in zip(cands, logits, strict=True)]
 
+    # ---- labels ---------------------------------------------------------------------------------------
+    @property
+    def classes(self) -> list[str]:
+        return self.model.config.classes
+
+    def _classifier_level(self) -> PyramidLevel:
+        """MultiPathNet reads the pyramid level nearest to the original resolution (how it was trained)."""
+        return min(self._require_features().levels, key=lambda lv: abs(math.log2(lv.scale)))
+
+    @torch.no_grad()
+    def classify(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """MultiPathNet on ``boxes (R, 4)`` xyxy image pixels of the current image.
+
+        Returns class probabilities ``(R, K+1)`` (column 0 = background, column i = ``classes[i-1]``) and the
+        regressed boxes of every class ``(R, K+1, 4)`` xyxy image pixels.
+        """
+        if self.model.multipathnet is None:
+            raise RuntimeError(
+                "this checkpoint has no MultiPathNet stage (train one: segmask train multipathnet)"
+            )
+        level = self._classifier_level()
+        scale = np.array([level.sx, level.sy, level.sx, level.sy])
+        rois = torch.as_tensor(
+            np.asarray(boxes, np.float64).reshape(-1, 4) * scale + PAD, dtype=torch.float32
+        )
+        out = self.model.multipathnet(level.taps, rois.to(self.device))
+        n, k = out["probs"].shape
+        labels = torch.arange(k).repeat(n)
+        decoded = decode_boxes(
+            rois.repeat_interleave(k, 0), out["deltas"].cpu().repeat_interleave(k, 0), labels
+        )
+        decoded = (decoded.view(n, k, 4).numpy() - PAD) / scale
+        return out["probs"].float().cpu().numpy(), decoded
+
+    def detect(
+        self,
+        score_threshold: float = 0.5,
+        max_detections: int = 100,
+        proposals: int = 100,
+        nms_iou: float = 0.5,
+    ) -> list[Detection]:
+        """Labelled objects of the current image, best first.
+
+        ``proposals`` refined DeepMask windows are classified by MultiPathNet; a detection's score is the
+        geometric mean of the window's objectness and its class probability; duplicates (mask IoU above
+        ``nms_iou``, whatever their labels) are removed greedily, best first.
+        """
+        masks = [m for m in self.propose(proposals) if m.mask.any()]
+        if not masks:
+            return []
+        probs, boxes = self.classify(np.stack([m.box for m in masks]))
+        cls = probs[:, 1:].argmax(axis=1) + 1
+        scores = np.sqrt(np.array([m.score for m in masks]) * probs[np.arange(len(masks)), cls])
+        keep = [
+            i
+            for i in mask_nms(np.stack([m.mask for m in masks]), scores, nms_iou)
+            if scores[i] >= score_threshold
+        ]
+        cfg = self.model.config
+        return [
+            Detection(
+                cfg.classes[cls[i] - 1],
+                cfg.class_ids[cls[i] - 1],
+                float(scores[i]),
+                masks[i].mask,
+                boxes[i, cls[i]],
+            )
+            for i in keep[:max_detections]
+        ]
+
     # ---- interactive ----------------------------------------------------------------------------------
     def _prompt_candidates(self, anchors: np.ndarray) -> list[Candidate]:
         """Windows whose centres are among the 2x2 nearest to each anchor, at every scale."""
@@ -392,6 +486,18 @@ class MaskPredictor:
         order = sorted(range(len(cands)), key=lambda n: -self._rank(coarse[n], pos, none, box))
         best = [cands[n] for n in order[:3]]
         return [self._window(c, lg) for c, lg in zip(best, self.window_logits(best), strict=True)]
+
+
+def mask_nms(masks: np.ndarray, scores: np.ndarray, iou: float, stride: int = 4) -> list[int]:
+    """Greedy non-maximum suppression of ``(N, H, W)`` bool masks: indices kept, best score first. IoUs are
+    computed on masks subsampled by ``stride`` (plenty to tell duplicates apart, 16x cheaper)."""
+    order = np.argsort(-scores)
+    ious = masks_iou_matrix(masks[order, ::stride, ::stride], masks[order, ::stride, ::stride])
+    kept: list[int] = []
+    for i in range(len(order)):
+        if all(ious[i, j] <= iou for j in kept):
+            kept.append(i)
+    return [int(order[i]) for i in kept]
 
 
 def _inside(mask: np.ndarray, points: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ from segmodels.model import ModelConfig, SegmentationModel
 from segmodels.sharpmask import window_skips
 
 log = logging.getLogger(__name__)
-STAGES = ("deepmask", "sharpmask")
+STAGES = ("deepmask", "sharpmask", "multipathnet")
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
 
@@ -182,7 +182,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def save_state(out: Path, model, optimizer, step: int, sampler: WindowSampler, history: list, cfg) -> None:
+def save_state(out: Path, model, optimizer, step: int, rng: np.random.Generator, history: list, cfg) -> None:
+    """Model, optimiser, step, RNG states and history, written atomically (see module docstring)."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
     for pid, st in opt["state"].items():
@@ -195,14 +196,14 @@ def save_state(out: Path, model, optimizer, step: int, sampler: WindowSampler, h
         {
             "step": step,
             "config": asdict(cfg),
-            "numpy_rng": sampler.rng.bit_generator.state,
+            "numpy_rng": rng.bit_generator.state,
             "history": history,
             "param_groups": opt["param_groups"],
         },
     )
 
 
-def load_state(out: Path, model, optimizer, sampler: WindowSampler) -> tuple[int, list]:
+def load_state(out: Path, model, optimizer, rng: np.random.Generator) -> tuple[int, list]:
     from safetensors.torch import load_file
 
     meta = json.loads((out / STATE_JSON).read_text())
@@ -215,11 +216,12 @@ def load_state(out: Path, model, optimizer, sampler: WindowSampler) -> tuple[int
             state.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["torch_rng"])
-    sampler.rng.bit_generator.state = meta["numpy_rng"]
+    rng.bit_generator.state = meta["numpy_rng"]
     return meta["step"], meta["history"]
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
+    """Losses (log scale, left) and validation metrics (right) against the step, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,15 +229,14 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [h["step"] for h in history]
-    for key in ("train_mask_loss", "train_score_loss", "val_mask_loss"):
+    keys = [k for k in history[-1] if k not in ("step", "seconds")]
+    for key in keys:
         vals = [h.get(key) for h in history]
         if any(v is not None for v in vals):
-            ax1.plot(steps, vals, label=key)
+            (ax1 if "loss" in key else ax2).plot(steps, vals, label=key)
     ax1.set_xlabel("step")
     ax1.set_yscale("log")
     ax1.legend()
-    for key in ("val_mean_iou", "val_success_50", "val_success_70", "val_score_accuracy"):
-        ax2.plot(steps, [h[key] for h in history], label=key)
     ax2.set_xlabel("step")
     ax2.set_ylim(0, 1)
     ax2.legend()
@@ -251,6 +252,10 @@ def train(cfg: TrainConfig) -> Path | None:
     ``stop_after_steps`` ended this run early (the state is saved: run again to continue)."""
     if cfg.stage not in STAGES:
         raise ValueError(f"unknown stage {cfg.stage!r}; choose one of {STAGES}")
+    if cfg.stage == "multipathnet":
+        from segmodels.train_multipathnet import train_multipathnet
+
+        return train_multipathnet(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -262,7 +267,7 @@ def train(cfg: TrainConfig) -> Path | None:
     validate = Validation(cfg, device)
     step, history = 0, []
     if (out / STATE_JSON).exists():
-        step, history = load_state(out, model, optimizer, sampler)
+        step, history = load_state(out, model, optimizer, sampler.rng)
         log.info("resuming %s from step %d", out, step)
     started = time.monotonic()
     prior_seconds = history[-1]["seconds"] if history else 0.0
@@ -300,14 +305,19 @@ def train(cfg: TrainConfig) -> Path | None:
             log.info("step %d: %s", step, {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
             plot_curves(history, out / "curves.png", f"{cfg.stage} training")
         if step % cfg.checkpoint_every == 0 or step == stop_at:
-            save_state(out, model, optimizer, step, sampler, history, cfg)
+            save_state(out, model, optimizer, step, sampler.rng, history, cfg)
     bar.close()
     if step < cfg.total_steps:
         log.info("stopped at step %d of %d; run the same command again to resume", step, cfg.total_steps)
         return None
+    return save_final(model, cfg, init_meta, history, device)
+
+
+def save_final(model: SegmentationModel, cfg: TrainConfig, init_meta: dict, history: list, device) -> Path:
+    """Write the trained checkpoint to ``cfg.out``: stages so far, and this stage's command, config, time,
+    hardware and final validation figures next to those of the stages it started from."""
     model.eval()
-    stages = init_meta.get("stages", [])
-    stages = [s for s in stages if s != cfg.stage] + [cfg.stage]
+    stages = [s for s in init_meta.get("stages", []) if s != cfg.stage] + [cfg.stage]
     meta = {
         "stages": stages,
         "training": {
@@ -316,11 +326,10 @@ def train(cfg: TrainConfig) -> Path | None:
                 "command": " ".join(["segmask", *sys.argv[1:]]) if sys.argv else "",
                 "config": asdict(cfg),
                 "seconds": history[-1]["seconds"] if history else 0.0,
-                "hardware": f"{platform.machine()} {device.type} x{torch.get_num_threads()} threads",
+                "hardware": f"{platform.machine()} {torch.device(device)} x{torch.get_num_threads()} threads",
                 "final": history[-1] if history else {},
             },
         },
         "metrics": init_meta.get("metrics", {}),
     }
-    save_checkpoint(model, out, meta, compact=cfg.compact)
-    return out
+    return save_checkpoint(model, cfg.out, meta, compact=cfg.compact)

@@ -1,38 +1,26 @@
-from pathlib import Path
-
 import numpy as np
 import pytest
+from shapes import disc, rectangle
 
 from segmodels.data import CocoInstances
 from segmodels.evaluate import (
     InstanceResult,
+    LabelResult,
     average_recall,
     click_point,
     coco_ground_truth,
+    detection_ap,
     filled_box_mask,
     grabcut_mask,
+    label_summary,
+    label_tables,
     next_correction,
     proposal_results,
     summarise,
 )
-from segmodels.geometry import coco_segmentation_to_mask, mask_iou
-from segmodels.predictor import Mask
-
-# pycocotools' decode trips a numpy 2 DeprecationWarning thousands of times; it is not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
-
-COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
-
-
-def disc(height: int, width: int, cx: float, cy: float, radius: float) -> np.ndarray:
-    yy, xx = np.mgrid[:height, :width]
-    return (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= radius**2
-
-
-def rectangle(height: int, width: int, x1: int, y1: int, x2: int, y2: int) -> np.ndarray:
-    mask = np.zeros((height, width), dtype=bool)
-    mask[y1:y2, x1:x2] = True
-    return mask
+from segmodels.export import detections_to_coco
+from segmodels.geometry import coco_segmentation_to_mask, mask_iou, mask_to_box
+from segmodels.predictor import Detection, Mask
 
 
 def depth(mask: np.ndarray) -> np.ndarray:
@@ -97,10 +85,8 @@ def test_grabcut_finds_a_contrasting_rectangle_and_refuses_a_whole_image_box():
 
 
 @pytest.fixture(scope="module")
-def few_images():
-    if not (COCO128 / "instances.json").exists():
-        pytest.skip(f"COCO128 not found at {COCO128}")
-    dataset = CocoInstances(COCO128, "all")
+def few_images(coco128):
+    dataset = CocoInstances(coco128, "all")
     counts = {}
     for a in dataset.annotations:
         counts[a["image_id"]] = counts.get(a["image_id"], 0) + 1
@@ -174,3 +160,79 @@ def test_summarise_success_rates_by_size():
     assert box["large"]["success@0.85"] == 0.0
     assert box["all"]["success@0.75"] == pytest.approx(3 / 5)
     assert set(summarise(results)) == {"box"}
+
+
+def label(category: int, predicted: int, evaluated: bool = True, known: bool = True) -> LabelResult:
+    names = {1: "person", 2: "bicycle", 3: "car", 4: "motorcycle"}
+    return LabelResult(
+        1, 1, category, 2000.0, evaluated, predicted, names[predicted], 0.5, 0.1 if known else None
+    )
+
+
+def test_label_summary_top1_per_class_and_confusions():
+    results = [
+        label(1, 1),
+        label(1, 1),
+        label(1, 3),
+        label(1, 1),
+        label(3, 1),
+        label(3, 2),
+        label(3, 1),
+        label(2, 2),  # a rare class: counts overall, no row of its own
+        label(4, 1, known=False),  # not in the label set: always wrong
+        label(2, 2, evaluated=False),  # small: only in the all-sizes line
+        label(2, 1, evaluated=False),
+    ]
+    names = {1: "person", 2: "bicycle", 3: "car", 4: "motorcycle"}
+    summary = label_summary(results, names)
+    assert summary["n"] == 9 and summary["top1"] == pytest.approx(4 / 9)
+    assert summary["all_sizes"] == {"n": 11, "top1": pytest.approx(5 / 11)}
+    assert summary["not_in_label_set"] == 1
+    assert summary["per_class"] == [
+        {"category_id": 1, "name": "person", "n": 4, "top1": 0.75, "confusion": "car", "confusion_n": 1},
+        {"category_id": 3, "name": "car", "n": 3, "top1": 0.0, "confusion": "person", "confusion_n": 2},
+    ]
+    (_, _, top_rows), (_, _, class_rows) = label_tables(summary)
+    assert top_rows[1] == ["all sizes", "11", "0.455"]
+    assert class_rows[1] == ["car", "3", "0.000", "person (2)"]
+
+
+def test_label_summary_without_instances():
+    summary = label_summary([], {})
+    assert summary["n"] == 0 and summary["top1"] is None and summary["per_class"] == []
+    assert summary["all_sizes"] == {"n": 0, "top1": None}
+
+
+def gt_detections_of(dataset: CocoInstances, index: int, category_of=lambda c: c) -> list[Detection]:
+    out = []
+    for n, mask in enumerate(gt_masks(dataset, index)):
+        ann = [
+            a
+            for a in dataset.annotations
+            if a["image_id"] == dataset.images[index]["id"] and not a.get("iscrowd", 0)
+        ][n]
+        category = category_of(ann["category_id"])
+        out.append(Detection(str(category), category, 0.9, mask, mask_to_box(mask)))
+    return out
+
+
+def test_detection_ap_is_one_for_the_gt_and_zero_for_wrong_labels(few_images):
+    dataset, indices = few_images
+    gt = coco_ground_truth(dataset, indices)
+
+    def ap(category_of) -> dict:
+        results = []
+        for index in indices:
+            results += detections_to_coco(
+                gt_detections_of(dataset, index, category_of), dataset.images[index]["id"]
+            )
+        return detection_ap(gt, results)
+
+    right = ap(lambda c: c)
+    for iou_type in ("segm", "bbox"):
+        assert right[iou_type]["AP"] == pytest.approx(1.0)
+        assert right[iou_type]["AP50"] == pytest.approx(1.0)
+    others = sorted(dataset.categories)
+    wrong = ap(lambda c: others[(others.index(c) + 1) % len(others)])
+    assert wrong["segm"]["AP"] == 0.0 and wrong["bbox"]["AP"] == 0.0
+    assert detection_ap(gt, [])["segm"]["AP50"] == 0.0

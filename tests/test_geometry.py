@@ -1,8 +1,8 @@
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from shapes import disc, rectangle
 
 from segmodels.geometry import (
     box_xywh_percent_to_xyxy_pixels,
@@ -19,22 +19,6 @@ from segmodels.geometry import (
     polygons_to_mask,
     rle_to_mask,
 )
-
-# pycocotools' decode trips a numpy 2 DeprecationWarning thousands of times; it is not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
-
-COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
-
-
-def disc(height: int, width: int, cx: float, cy: float, radius: float) -> np.ndarray:
-    yy, xx = np.mgrid[:height, :width]
-    return (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= radius**2
-
-
-def rectangle(height: int, width: int, x1: int, y1: int, x2: int, y2: int) -> np.ndarray:
-    mask = np.zeros((height, width), dtype=bool)
-    mask[y1:y2, x1:x2] = True
-    return mask
 
 
 def l_shape() -> np.ndarray:
@@ -234,12 +218,9 @@ def test_box_xywh_percent_to_xyxy_pixels():
 
 
 @pytest.fixture(scope="module")
-def coco128():
+def coco_masks(coco128):
     """(annotation, mask) pairs of COCO128, decoded once for the real-data tests."""
-    instances = COCO128 / "instances.json"
-    if not instances.is_file():
-        pytest.skip(f"COCO128 annotations not found at {instances}")
-    data = json.loads(instances.read_text())
+    data = json.loads((coco128 / "instances.json").read_text())
     sizes = {image["id"]: (image["height"], image["width"]) for image in data["images"]}
     return [
         (ann, coco_segmentation_to_mask(ann["segmentation"], *sizes[ann["image_id"]]))
@@ -247,15 +228,17 @@ def coco128():
     ]
 
 
-def test_coco_polygon_masks_match_annotated_area(coco128):
+def test_coco_polygon_masks_match_annotated_area(coco_masks):
     # `area` is the polygon's own area, so below ~100 px the half-pixel rasterisation dominates the error.
-    ratios = [mask.sum() / ann["area"] for ann, mask in coco128 if not ann["iscrowd"] and ann["area"] >= 100]
+    ratios = [
+        mask.sum() / ann["area"] for ann, mask in coco_masks if not ann["iscrowd"] and ann["area"] >= 100
+    ]
     assert ratios
     np.testing.assert_allclose(ratios, 1.0, atol=0.1)
 
 
-def test_coco_crowd_rle_masks_decode_to_their_runs_and_box(coco128):
-    crowds = [(ann, mask) for ann, mask in coco128 if ann["iscrowd"]]
+def test_coco_crowd_rle_masks_decode_to_their_runs_and_box(coco_masks):
+    crowds = [(ann, mask) for ann, mask in coco_masks if ann["iscrowd"]]
     if not crowds:
         pytest.skip("no crowd annotation in COCO128")
     for ann, mask in crowds:
@@ -266,11 +249,11 @@ def test_coco_crowd_rle_masks_decode_to_their_runs_and_box(coco128):
         np.testing.assert_allclose(mask_to_box(mask), [x, y, x + w, y + h], atol=1.0)
 
 
-def test_coco_instance_masks_round_trip_through_polygons(coco128):
+def test_coco_instance_masks_round_trip_through_polygons(coco_masks):
     # Observed on COCO128 (442 instances): median 12 vertices per instance, median IoU 0.956, 96.2% >= 0.95;
     # the misses are multi-part objects whose small parts are dropped (all parts kept: IoU >= 0.95).
     ious = []
-    for ann, mask in coco128:
+    for ann, mask in coco_masks:
         if not ann["iscrowd"] and ann["area"] > 32 * 32:
             ious.append(mask_iou(polygons_to_mask(mask_to_polygons(mask), *mask.shape), mask))
     assert len(ious) > 100

@@ -1,0 +1,264 @@
+"""Training stage ``multipathnet``: class labels for the refined proposals, on the frozen shared trunk.
+
+- Classes are the data's categories (``instances.json``, by id), stored in the checkpoint, so a project's own
+  label set replaces COCO's by training on the project's data.
+- Proposals: the ``--init`` checkpoint's top-100 SharpMask proposals of every training image, computed once
+  and cached in ``OUT/proposals-train.json`` (boxes and mask IoU with every ground-truth instance).
+- The trunk is frozen (DeepMask and SharpMask share it), so the taps of every image at scale 1, and of its
+  mirror image, are computed once and kept in memory; a step is RoIAlign and the MultiPathNet heads only.
+- RoIs per image as in Fast R-CNN / MultiPathNet: up to 25% foreground (mask IoU >= 0.5 with an instance;
+  the ground-truth boxes join the proposals), the rest background (IoU in [0.1, 0.5)).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from segmodels.checkpoint import atomic_write_json, load_checkpoint
+from segmodels.data import CocoInstances, to_tensor
+from segmodels.geometry import mask_to_box, masks_iou_matrix
+from segmodels.model import SegmentationModel
+from segmodels.multipathnet import IOU_THRESHOLDS, assign_targets, encode_boxes, integral_loss
+from segmodels.predictor import PAD, MaskPredictor, level_input
+from segmodels.train import (
+    STATE_JSON,
+    TrainConfig,
+    load_state,
+    lr_at,
+    plot_curves,
+    resolve_device,
+    save_final,
+    save_state,
+)
+
+log = logging.getLogger(__name__)
+ROIS_PER_IMAGE = 64
+FG_FRACTION = 0.25
+FG_IOU = IOU_THRESHOLDS[0]
+BG_LOW = 0.1
+PROPOSALS = 100
+
+
+@dataclass
+class ImageRois:
+    """One image's RoIs: ``boxes (R, 4)`` xyxy image pixels (proposals, then the ground-truth boxes),
+    ``iou (R, G)`` mask IoU with the instances, ``gt_boxes (G, 4)`` and ``gt_labels (G,)`` in 1..K."""
+
+    image_index: int
+    boxes: np.ndarray
+    iou: np.ndarray
+    gt_boxes: np.ndarray
+    gt_labels: np.ndarray
+
+
+def class_list(dataset: CocoInstances) -> tuple[list[str], list[int]]:
+    """Every category of the data, ordered by id: names and ids."""
+    ids = sorted(dataset.categories)
+    return [dataset.categories[i] for i in ids], ids
+
+
+def image_rois(predictor: MaskPredictor, dataset: CocoInstances, labels: dict[int, int]) -> list[ImageRois]:
+    """Proposals and their mask IoU with the instances of every image that has instances."""
+    out = []
+    for index in tqdm(range(len(dataset)), desc="proposals", unit="image"):
+        instances = dataset.instances_by_image[index]
+        if not instances:
+            continue
+        gt = np.stack([dataset.mask(inst) for inst in instances])
+        predictor.set_image(dataset.image(index))
+        props = [m.mask for m in predictor.propose(PROPOSALS) if m.mask.any()]
+        masks = np.concatenate([np.stack(props), gt]) if props else gt
+        gt_boxes = np.stack([mask_to_box(m) for m in gt])
+        out.append(
+            ImageRois(
+                index,
+                np.stack([mask_to_box(m) for m in masks]),
+                masks_iou_matrix(masks, gt),
+                gt_boxes,
+                np.array([labels[inst.category_id] for inst in instances]),
+            )
+        )
+    return out
+
+
+def cached_rois(path: Path, compute) -> list[ImageRois]:
+    """``compute()`` once; later runs (and resumes) read the JSON."""
+    if path.exists():
+        rows = json.loads(path.read_text())
+        return [
+            ImageRois(
+                r["image_index"], *(np.asarray(r[k]) for k in ("boxes", "iou", "gt_boxes", "gt_labels"))
+            )
+            for r in rows
+        ]
+    rois = compute()
+    atomic_write_json(
+        path,
+        [
+            {
+                "image_index": r.image_index,
+                "boxes": r.boxes.tolist(),
+                "iou": r.iou.tolist(),
+                "gt_boxes": r.gt_boxes.tolist(),
+                "gt_labels": r.gt_labels.tolist(),
+            }
+            for r in rois
+        ],
+    )
+    return rois
+
+
+@torch.no_grad()
+def image_taps(
+    model: SegmentationModel, image: np.ndarray, device
+) -> tuple[dict[str, torch.Tensor], float, float]:
+    """Trunk taps s4/s8/s16 of ``image`` at scale 1 (the level MultiPathNet reads at inference)."""
+    padded, sx, sy = level_input(image, 1.0)
+    taps = model.trunk(to_tensor([padded]).to(device))
+    return {t: taps[t] for t in ("s4", "s8", "s16")}, sx, sy
+
+
+def to_trunk(boxes: np.ndarray, sx: float, sy: float, width: int | None = None) -> torch.Tensor:
+    """Image-pixel xyxy boxes -> trunk-input pixels; mirrored about ``width`` when it is given."""
+    b = boxes.astype(np.float64).copy()
+    if width is not None:
+        b[:, [0, 2]] = width - b[:, [2, 0]]
+    return torch.as_tensor(b * [sx, sy, sx, sy] + PAD, dtype=torch.float32)
+
+
+def sample_rois(rois: ImageRois, rng: np.random.Generator, n: int = ROIS_PER_IMAGE) -> np.ndarray:
+    """Indices of up to ``n`` RoIs, without replacement: at most 25% foreground, the rest background."""
+    best = rois.iou.max(axis=1)
+    fg = np.flatnonzero(best >= FG_IOU)
+    bg = np.flatnonzero((best >= BG_LOW) & (best < FG_IOU))
+    n_fg = min(len(fg), int(n * FG_FRACTION))
+    n_bg = min(len(bg), n - n_fg)
+    return np.concatenate([rng.choice(fg, n_fg, replace=False), rng.choice(bg, n_bg, replace=False)])
+
+
+class TapCache:
+    """Frozen-trunk taps of every image and of its mirror image, computed on first use."""
+
+    def __init__(self, model: SegmentationModel, dataset: CocoInstances, device) -> None:
+        self.model, self.dataset, self.device = model, dataset, device
+        self._taps: dict[tuple[int, bool], tuple] = {}
+
+    def __call__(self, index: int, flip: bool) -> tuple[dict[str, torch.Tensor], float, float]:
+        key = (index, flip)
+        if key not in self._taps:
+            image = self.dataset.image(index)
+            self._taps[key] = image_taps(self.model, image[:, ::-1].copy() if flip else image, self.device)
+        return self._taps[key]
+
+
+def roi_loss(model, taps_cache: TapCache, rois: ImageRois, idx: np.ndarray, flip: bool) -> tuple:
+    """Integral loss of one image's sampled RoIs."""
+    taps, sx, sy = taps_cache(rois.image_index, flip)
+    width = taps_cache.dataset.images[rois.image_index]["width"] if flip else None
+    boxes = to_trunk(rois.boxes[idx], sx, sy, width)
+    gt = to_trunk(rois.gt_boxes, sx, sy, width)
+    iou = torch.as_tensor(rois.iou[idx], dtype=torch.float32)
+    labels, matched, _ = assign_targets(boxes, gt, torch.as_tensor(rois.gt_labels), bg_low=BG_LOW, iou=iou)
+    out = model.multipathnet(taps, boxes.to(taps["s16"].device))
+    targets = encode_boxes(boxes, gt[matched.clamp(min=0)])
+    device = out["probs"].device
+    return integral_loss(out["logits"], labels.to(device), out["deltas"], targets.to(device))
+
+
+@torch.no_grad()
+def top1_accuracy(model: SegmentationModel, taps_cache: TapCache, rois: list[ImageRois]) -> float:
+    """Share of ground-truth instances whose box MultiPathNet labels correctly (top-1 over the classes)."""
+    model.eval()
+    hits, total = 0, 0
+    for r in rois:
+        taps, sx, sy = taps_cache(r.image_index, False)
+        probs = model.multipathnet(taps, to_trunk(r.gt_boxes, sx, sy).to(taps["s16"].device))["probs"]
+        pred = probs[:, 1:].argmax(dim=1).cpu().numpy() + 1
+        hits += int((pred == r.gt_labels).sum())
+        total += len(r.gt_labels)
+    model.train()
+    return hits / max(total, 1)
+
+
+def train_multipathnet(cfg: TrainConfig) -> Path | None:
+    """Run (or resume) the MultiPathNet stage from the ``cfg.init`` DeepMask+SharpMask checkpoint."""
+    if not cfg.init:
+        raise ValueError("multipathnet trains on a DeepMask+SharpMask checkpoint: pass --init CHECKPOINT_DIR")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = resolve_device(cfg.device)
+    train_data, val_data = CocoInstances(cfg.data, "train"), CocoInstances(cfg.data, "val")
+    names, ids = class_list(train_data)
+    labels = {cid: i + 1 for i, cid in enumerate(ids)}
+    proposer, _ = load_checkpoint(cfg.init, device)
+    predictor = MaskPredictor(proposer, {"stages": ["sharpmask"]}, device)
+    train_rois = cached_rois(out / "proposals-train.json", lambda: image_rois(predictor, train_data, labels))
+    val_rois = cached_rois(out / "proposals-val.json", lambda: image_rois(predictor, val_data, labels))
+    model, init_meta = load_checkpoint(cfg.init, device)
+    model.set_classes(names, ids)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(model.multipathnet.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    model.train()
+    optimizer = torch.optim.AdamW(
+        [{"params": params, "lr_scale": 1.0}], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    step, history = 0, []
+    if (out / STATE_JSON).exists():
+        step, history = load_state(out, model, optimizer, rng)
+        log.info("resuming %s from step %d", out, step)
+    train_taps, val_taps = TapCache(model, train_data, device), TapCache(model, val_data, device)
+    usable = [r for r in train_rois if (r.iou.max(axis=1) >= FG_IOU).any()]
+    started, prior = time.monotonic(), history[-1]["seconds"] if history else 0.0
+    running: dict[str, list[float]] = {"train_cls_loss": [], "train_box_loss": []}
+    stop_at = (
+        cfg.total_steps if cfg.stop_after_steps is None else min(cfg.total_steps, step + cfg.stop_after_steps)
+    )
+    bar = tqdm(
+        total=cfg.total_steps, initial=step, desc="train multipathnet", unit="step", dynamic_ncols=True
+    )
+    while step < stop_at:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        losses = []
+        for _ in range(max(1, cfg.batch_size // 16)):
+            rois = usable[rng.integers(len(usable))]
+            loss, parts = roi_loss(model, train_taps, rois, sample_rois(rois, rng), bool(rng.integers(2)))
+            losses.append(loss)
+            running["train_cls_loss"].append(parts["cls"].item())
+            running["train_box_loss"].append(parts["box"].item())
+        loss = torch.stack(losses).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % cfg.steps_per_epoch == 0 or step == cfg.total_steps:
+            record = {"step": step, "seconds": prior + time.monotonic() - started}
+            record.update({k: float(np.mean(v)) if v else None for k, v in running.items()})
+            record["val_top1"] = top1_accuracy(model, val_taps, val_rois)
+            record["train_top1"] = top1_accuracy(model, train_taps, train_rois)
+            running = {k: [] for k in running}
+            history.append(record)
+            log.info("step %d: %s", step, {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
+            plot_curves(history, out / "curves.png", "multipathnet training")
+        if step % cfg.checkpoint_every == 0 or step == stop_at:
+            save_state(out, model, optimizer, step, rng, history, cfg)
+    bar.close()
+    if step < cfg.total_steps:
+        log.info("stopped at step %d of %d; run the same command again to resume", step, cfg.total_steps)
+        return None
+    return save_final(model, cfg, init_meta, history, device)
