@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from segmodels.geometry import coco_segmentation_to_mask, mask_iou, mask_to_box
-from segmodels.predictor import DEFAULT_CHECKPOINT, Detection, Mask, MaskPredictor, load_predictor, mask_nms
+from segmodels.predictor import DEFAULT_CHECKPOINT, Detection, MaskPredictor, load_predictor
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
@@ -317,35 +317,13 @@ def run_prompt(pred: MaskPredictor, scene: Scene, click: bool, image: np.ndarray
     return t
 
 
-def score_and_nms(
-    pred: MaskPredictor, masks: list[Mask], probs: np.ndarray, boxes: np.ndarray, threshold: float
-) -> list[Detection]:
-    """The end of ``MaskPredictor.detect`` after ``classify``, step for step (``sanity`` checks that the
-    staged pipeline gives what ``detect()`` gives)."""
-    cls = probs[:, 1:].argmax(axis=1) + 1
-    scores = np.sqrt(np.array([m.score for m in masks]) * probs[np.arange(len(masks)), cls])
-    nms = mask_nms(np.stack([m.mask for m in masks]), scores, DETECT_DEFAULTS["nms_iou"])
-    keep = [i for i in nms if scores[i] >= threshold]
-    cfg = pred.model.config
-    return [
-        Detection(
-            cfg.classes[cls[i] - 1],
-            cfg.class_ids[cls[i] - 1],
-            float(scores[i]),
-            masks[i].mask,
-            boxes[i, cls[i]],
-        )
-        for i in keep[: DETECT_DEFAULTS["max_detections"]]
-    ]
-
-
 def staged_detect(pred: MaskPredictor, k: int, threshold: float) -> tuple[list[Detection], Stages]:
     """``detect(score_threshold=threshold, proposals=k)`` on the current features, timed by stage."""
     t: Stages = {}
     masks, t["proposals"] = timed(lambda: [m for m in pred.propose(k) if m.mask.any()])
     if masks:
         (probs, boxes), t["classify"] = timed(lambda: pred.classify(np.stack([m.box for m in masks])))
-        detections, t["scoring+NMS"] = timed(lambda: score_and_nms(pred, masks, probs, boxes, threshold))
+        detections, t["scoring+NMS"] = timed(lambda: pred.label_masks(masks, probs, boxes, threshold))
     else:
         detections, t["classify"], t["scoring+NMS"] = [], 0.0, 0.0
     return detections, t
@@ -439,7 +417,7 @@ def detect_sanity(pred: MaskPredictor, k: int, threshold: float) -> dict[str, An
         for a, b in zip(staged, direct, strict=True)
     )
     if not same:
-        log.warning("case D's staged pipeline differs from detect(): update score_and_nms")
+        log.warning("case D's staged pipeline differs from detect(): update the staged case D")
     return {
         "detections": len(direct),
         "detection_labels": [d.label for d in direct],

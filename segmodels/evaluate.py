@@ -72,13 +72,9 @@ THRESHOLDS = (0.5, 0.75, 0.85)
 CORRECTIONS = 3
 GRABCUT_ITERATIONS = 5
 MAX_DETS = (10, 100, 1000)
+AP_STATS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
 COCO_STATS = (
-    "AP",
-    "AP50",
-    "AP75",
-    "AP_small",
-    "AP_medium",
-    "AP_large",
+    *AP_STATS,
     *(f"AR@{d}" for d in MAX_DETS),
     *(f"AR_{s}@{MAX_DETS[-1]}" for s in ("small", "medium", "large")),
 )
@@ -97,12 +93,7 @@ FREQUENT_CLASS = 3
 DETECTION_THRESHOLD = 0.0
 DETECTION_MAX = 100
 DETECTION_STATS = (
-    "AP",
-    "AP50",
-    "AP75",
-    "AP_small",
-    "AP_medium",
-    "AP_large",
+    *AP_STATS,
     "AR@1",
     "AR@10",
     "AR@100",
@@ -368,21 +359,30 @@ def proposal_results(
 def average_recall(gt: COCO, segm: list[dict], bbox: list[dict]) -> dict[str, dict[str, float]]:
     """COCOeval stats (names in :data:`COCO_STATS`; -1 where no GT of a size) per iou type, class-agnostic,
     maxDets :data:`MAX_DETS`, over all of ``gt``'s images. Both result lists must be non-empty."""
-    out = {}
-    for iou_type, results in (("segm", segm), ("bbox", bbox)):
-        printed = io.StringIO()
-        with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
-            warnings.filterwarnings("ignore", message=NUMPY2_WARNING)
-            evaluator = COCOeval(gt, gt.loadRes(results), iou_type)
+    return {
+        iou_type: coco_stats(gt, results, iou_type, COCO_STATS, use_cats=False)
+        for iou_type, results in (("segm", segm), ("bbox", bbox))
+    }
+
+
+def coco_stats(
+    gt: COCO, results: list[dict], iou_type: str, names: Sequence[str], use_cats: bool = True
+) -> dict[str, float]:
+    """COCOeval of ``results`` over all of ``gt``'s images: its summary stats under ``names``. Class-agnostic
+    runs use maxDets :data:`MAX_DETS`, the others COCO's defaults (1/10/100)."""
+    printed = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
+        warnings.filterwarnings("ignore", message=NUMPY2_WARNING)
+        evaluator = COCOeval(gt, gt.loadRes(results), iou_type)
+        if not use_cats:
             evaluator.params.useCats = 0
             evaluator.params.maxDets = list(MAX_DETS)
-            evaluator.params.imgIds = sorted(gt.getImgIds())
-            evaluator.evaluate()
-            evaluator.accumulate()
-            evaluator.summarize()
-        log.debug("COCOeval %s:\n%s", iou_type, printed.getvalue())
-        out[iou_type] = dict(zip(COCO_STATS, (float(v) for v in evaluator.stats), strict=True))
-    return out
+        evaluator.params.imgIds = sorted(gt.getImgIds())
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    log.debug("COCOeval %s (categories: %s):\n%s", iou_type, use_cats, printed.getvalue())
+    return dict(zip(names, (float(v) for v in evaluator.stats), strict=True))
 
 
 def evaluate_proposals(
@@ -550,20 +550,12 @@ def detection_ap(gt: COCO, results: list[dict]) -> dict[str, dict[str, float]]:
     """
     if not results:
         return {t: dict.fromkeys(DETECTION_STATS, 0.0) for t in ("segm", "bbox")}
-    out = {}
-    for iou_type, drop in (("segm", "bbox"), ("bbox", "segmentation")):
-        copies = [{k: v for k, v in r.items() if k != drop} for r in results]
-        printed = io.StringIO()
-        with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
-            warnings.filterwarnings("ignore", message=NUMPY2_WARNING)
-            evaluator = COCOeval(gt, gt.loadRes(copies), iou_type)
-            evaluator.params.imgIds = sorted(gt.getImgIds())
-            evaluator.evaluate()
-            evaluator.accumulate()
-            evaluator.summarize()
-        log.debug("COCOeval %s with categories:\n%s", iou_type, printed.getvalue())
-        out[iou_type] = dict(zip(DETECTION_STATS, (float(v) for v in evaluator.stats), strict=True))
-    return out
+    return {
+        iou_type: coco_stats(
+            gt, [{k: v for k, v in r.items() if k != drop} for r in results], iou_type, DETECTION_STATS
+        )
+        for iou_type, drop in (("segm", "bbox"), ("bbox", "segmentation"))
+    }
 
 
 def default_detect_threshold() -> float:

@@ -389,23 +389,27 @@ class MaskPredictor:
         if not masks:
             return []
         probs, boxes = self.classify(np.stack([m.box for m in masks]))
+        return self.label_masks(masks, probs, boxes, score_threshold, max_detections, nms_iou)
+
+    def label_masks(
+        self,
+        masks: list[Mask],
+        probs: np.ndarray,
+        boxes: np.ndarray,
+        score_threshold: float = 0.5,
+        max_detections: int = 100,
+        nms_iou: float = 0.5,
+    ) -> list[Detection]:
+        """The last step of :meth:`detect`: scores, mask NMS and the threshold, for non-empty ``masks`` and
+        their :meth:`classify` output ``probs (R, K+1)``, ``boxes (R, K+1, 4)``."""
         cls = probs[:, 1:].argmax(axis=1) + 1
         scores = np.sqrt(np.array([m.score for m in masks]) * probs[np.arange(len(masks)), cls])
-        keep = [
-            i
-            for i in mask_nms(np.stack([m.mask for m in masks]), scores, nms_iou)
-            if scores[i] >= score_threshold
-        ]
+        nms = mask_nms(np.stack([m.mask for m in masks]), scores, nms_iou)
+        keep = [i for i in nms if scores[i] >= score_threshold][:max_detections]
         cfg = self.model.config
         return [
-            Detection(
-                cfg.classes[cls[i] - 1],
-                cfg.class_ids[cls[i] - 1],
-                float(scores[i]),
-                masks[i].mask,
-                boxes[i, cls[i]],
-            )
-            for i in keep[:max_detections]
+            Detection(cfg.classes[c - 1], cfg.class_ids[c - 1], float(scores[i]), masks[i].mask, boxes[i, c])
+            for i, c in ((i, cls[i]) for i in keep)
         ]
 
     # ---- interactive ----------------------------------------------------------------------------------

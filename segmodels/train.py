@@ -220,6 +220,26 @@ def load_state(out: Path, model, optimizer, rng: np.random.Generator) -> tuple[i
     return meta["step"], meta["history"]
 
 
+def record_epoch(
+    history: list[dict],
+    running: dict[str, list[float]],
+    step: int,
+    seconds: float,
+    metrics: dict,
+    out: Path,
+    stage: str,
+) -> dict[str, list[float]]:
+    """Append an epoch's mean training losses and validation ``metrics`` to ``history``, log them, redraw
+    ``out/curves.png``; returns emptied running lists for the next epoch."""
+    record = {"step": step, "seconds": seconds}
+    record.update({k: float(np.mean(v)) if v else None for k, v in running.items()})
+    record.update(metrics)
+    history.append(record)
+    log.info("step %d: %s", step, {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
+    plot_curves(history, out / "curves.png", f"{stage} training")
+    return {k: [] for k in running}
+
+
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
     """Losses (log scale, left) and validation metrics (right) against the step, as a PNG."""
     import matplotlib
@@ -297,13 +317,10 @@ def train(cfg: TrainConfig) -> Path | None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % cfg.steps_per_epoch == 0 or step == cfg.total_steps:
-            record = {"step": step, "seconds": prior_seconds + time.monotonic() - started}
-            record.update({k: float(np.mean(v)) if v else None for k, v in running.items()})
-            record.update(validate(model, cfg.stage))
-            running = {k: [] for k in running}
-            history.append(record)
-            log.info("step %d: %s", step, {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
-            plot_curves(history, out / "curves.png", f"{cfg.stage} training")
+            seconds = prior_seconds + time.monotonic() - started
+            running = record_epoch(
+                history, running, step, seconds, validate(model, cfg.stage), out, cfg.stage
+            )
         if step % cfg.checkpoint_every == 0 or step == stop_at:
             save_state(out, model, optimizer, step, sampler.rng, history, cfg)
     bar.close()

@@ -33,7 +33,7 @@ from segmodels.train import (
     TrainConfig,
     load_state,
     lr_at,
-    plot_curves,
+    record_epoch,
     resolve_device,
     save_final,
     save_state,
@@ -247,14 +247,12 @@ def train_multipathnet(cfg: TrainConfig) -> Path | None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % cfg.steps_per_epoch == 0 or step == cfg.total_steps:
-            record = {"step": step, "seconds": prior + time.monotonic() - started}
-            record.update({k: float(np.mean(v)) if v else None for k, v in running.items()})
-            record["val_top1"] = top1_accuracy(model, val_taps, val_rois)
-            record["train_top1"] = top1_accuracy(model, train_taps, train_rois)
-            running = {k: [] for k in running}
-            history.append(record)
-            log.info("step %d: %s", step, {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
-            plot_curves(history, out / "curves.png", "multipathnet training")
+            metrics = {
+                "val_top1": top1_accuracy(model, val_taps, val_rois),
+                "train_top1": top1_accuracy(model, train_taps, train_rois),
+            }
+            seconds = prior + time.monotonic() - started
+            running = record_epoch(history, running, step, seconds, metrics, out, cfg.stage)
         if step % cfg.checkpoint_every == 0 or step == stop_at:
             save_state(out, model, optimizer, step, rng, history, cfg)
     bar.close()
