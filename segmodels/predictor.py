@@ -22,7 +22,7 @@ import torch
 from segmodels.backbones import fold_batchnorm
 from segmodels.checkpoint import load_checkpoint
 from segmodels.data import PAD_VALUE, crop_window, image_pyramid, to_tensor
-from segmodels.deepmask import INPUT, OBJECT, STRIDE, WINDOW
+from segmodels.deepmask import CELLS, INPUT, OBJECT, STRIDE, WINDOW
 from segmodels.geometry import mask_to_box, mask_to_polygon, masks_iou_matrix
 from segmodels.model import SegmentationModel
 from segmodels.multipathnet import decode_boxes
@@ -72,7 +72,8 @@ class Detection:
 
 @dataclass
 class PyramidLevel:
-    """One scale: trunk taps, dense window embeddings and objectness logits.
+    """One scale: trunk taps, and the DeepMask window embeddings ``(512, rows, cols)`` and objectness
+    logits ``(rows, cols)`` once a full-image pass needs them all (``cells`` memoises the few a prompt needs).
 
     ``sx, sy``: trunk-input pixels per image pixel (the requested scale after rounding the resized size).
     Window (i, j)'s 160 px box in trunk-input pixels starts at ``(16 j + 16, 16 i + 16)``.
@@ -82,8 +83,15 @@ class PyramidLevel:
     sx: float
     sy: float
     taps: dict[str, torch.Tensor]
-    embedding: torch.Tensor
-    scores: torch.Tensor
+    embedding: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    cells: dict[tuple[int, int], tuple[torch.Tensor, float]] = field(default_factory=dict)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Number of window rows and columns (the 12x12-cell head on the stride-16 map)."""
+        h, w = self.taps["s16"].shape[-2:]
+        return h - CELLS - 1, w - CELLS - 1
 
     def window_box(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """``(N, 4)`` xyxy image-pixel boxes of windows ``(rows[n], cols[n])``."""
@@ -238,7 +246,7 @@ class MaskPredictor:
     # ---- image features -------------------------------------------------------------------------------
     @torch.no_grad()
     def compute_features(self, image: np.ndarray) -> ImageFeatures:
-        """Run the trunk and the dense DeepMask embedding/objectness over the pyramid of ``image``."""
+        """Run the trunk over the pyramid of ``image``; the DeepMask heads run later, where needed."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
         feats = ImageFeatures(image)
@@ -246,10 +254,37 @@ class MaskPredictor:
             padded, sx, sy = level_input(image, scale)
             x = to_tensor([padded]).to(self.device)
             taps = self.model.trunk(x.contiguous(memory_format=torch.channels_last))
-            emb = self.model.deepmask.embedding(taps["s16"])
-            scores = self.model.deepmask.score(emb)[0]
-            feats.levels.append(PyramidLevel(scale, sx, sy, taps, emb[0], scores))
+            feats.levels.append(PyramidLevel(scale, sx, sy, taps))
         return feats
+
+    @torch.no_grad()
+    def dense_heads(self, level: PyramidLevel) -> None:
+        """Embedding and objectness of every window of ``level`` (for full-image proposals)."""
+        if level.scores is None:
+            emb = self.model.deepmask.embedding(level.taps["s16"])
+            level.embedding, level.scores = emb[0], self.model.deepmask.score(emb)[0]
+
+    @torch.no_grad()
+    def cell_heads(
+        self, level: PyramidLevel, rows: list[int], cols: list[int]
+    ) -> tuple[torch.Tensor, list[float]]:
+        """Embeddings ``(N, 512)`` and objectness logits of windows ``(rows[n], cols[n])``. Without the dense
+        pass, the heads run on the smallest block of the stride-16 map that covers them (same numbers: the
+        heads are convolutions) and the results are memoised on the level."""
+        if level.scores is not None:
+            vec = level.embedding[:, rows, cols].T.contiguous()
+            return vec, level.scores[rows, cols].tolist()
+        if any((r, c) not in level.cells for r, c in zip(rows, cols, strict=True)):
+            r0, r1, c0, c1 = min(rows), max(rows), min(cols), max(cols)
+            emb = self.model.deepmask.embedding(
+                level.taps["s16"][:, :, r0 : r1 + CELLS + 2, c0 : c1 + CELLS + 2]
+            )
+            scores = self.model.deepmask.score(emb)[0]
+            for i in range(r1 - r0 + 1):
+                for j in range(c1 - c0 + 1):
+                    level.cells[(r0 + i, c0 + j)] = (emb[0, :, i, j], float(scores[i, j]))
+        found = [level.cells[(r, c)] for r, c in zip(rows, cols, strict=True)]
+        return torch.stack([v for v, _ in found]), [s for _, s in found]
 
     def set_image(self, image: np.ndarray) -> None:
         """Compute and keep the features of ``image`` (``(H, W, 3) uint8 RGB``)."""
@@ -277,7 +312,7 @@ class MaskPredictor:
                 continue
             rows = torch.tensor([cands[n].row for n in idx])
             cols = torch.tensor([cands[n].col for n in idx])
-            vec = level.embedding[:, rows, cols].T.contiguous()
+            vec, _ = self.cell_heads(level, rows.tolist(), cols.tolist())
             if refine:
                 skips = window_skips(level.taps, torch.zeros_like(rows), rows, cols)
                 logits = self.model.sharpmask(vec, skips)
@@ -323,6 +358,7 @@ class MaskPredictor:
         feats = self._require_features()
         cands = []
         for li, level in enumerate(feats.levels):
+            self.dense_heads(level)
             scores = level.scores.float().cpu().numpy()
             flat = np.argsort(-scores, axis=None)[:k]
             rows, cols = np.unravel_index(flat, scores.shape)
@@ -416,16 +452,19 @@ class MaskPredictor:
     def _prompt_candidates(self, anchors: np.ndarray) -> list[Candidate]:
         """Windows whose centres are among the 2x2 nearest to each anchor, at every scale."""
         feats = self._require_features()
-        seen, cands = set(), []
+        cands = []
         for li, level in enumerate(feats.levels):
-            nrows, ncols = level.scores.shape
+            nrows, ncols = level.grid
+            cells: list[tuple[int, int]] = []
             for x, y in anchors:
                 r, c = level.cell_of(float(x), float(y))
                 for rr in {min(max(math.floor(r), 0), nrows - 1), min(max(math.ceil(r), 0), nrows - 1)}:
                     for cc in {min(max(math.floor(c), 0), ncols - 1), min(max(math.ceil(c), 0), ncols - 1)}:
-                        if (li, rr, cc) not in seen:
-                            seen.add((li, rr, cc))
-                            cands.append(Candidate(li, rr, cc, float(level.scores[rr, cc])))
+                        if (rr, cc) not in cells:
+                            cells.append((rr, cc))
+            rows, cols = [r for r, _ in cells], [c for _, c in cells]
+            _, scores = self.cell_heads(level, rows, cols)
+            cands += [Candidate(li, r, c, sc) for r, c, sc in zip(rows, cols, scores, strict=True)]
         return cands
 
     def _rank(self, window: WindowMask, pos: np.ndarray, neg: np.ndarray, box: np.ndarray | None) -> float:

@@ -63,6 +63,23 @@ def test_second_prompt_reuses_the_image_features(untrained, image):
     assert untrained.features is features
 
 
+def test_prompt_heads_on_a_block_equal_the_dense_heads(untrained, image):
+    untrained.set_image(image)
+    level = untrained.features.levels[-1]
+    rows, cols = [0, 1, 3], [2, 2, 0]
+    vec, scores = untrained.cell_heads(level, rows, cols)
+    untrained.dense_heads(level)
+    dense_vec, dense_scores = untrained.cell_heads(level, rows, cols)
+    torch.testing.assert_close(vec, dense_vec, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(scores, dense_scores, atol=1e-4)
+
+
+def test_a_click_runs_the_heads_only_near_it(untrained, image):
+    untrained.set_image(image)
+    untrained.segment([[60, 50]], [1])
+    assert all(level.scores is None for level in untrained.features.levels)
+
+
 def test_proposals_are_sorted_by_score_and_sized_like_the_image(untrained, image):
     untrained.set_image(image)
     proposals = untrained.propose(k=20)
