@@ -37,6 +37,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps-per-epoch", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW's decoupled weight decay")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument(
@@ -60,6 +61,7 @@ def run_train(args: argparse.Namespace) -> None:
         steps_per_epoch=args.steps_per_epoch,
         batch_size=args.batch_size,
         lr=args.lr,
+        weight_decay=args.weight_decay,
         seed=args.seed,
         device=args.device,
         trunk_trainable_from=None if args.trunk_trainable_from == "none" else args.trunk_trainable_from,

@@ -1,6 +1,7 @@
 """Checkpoints round-trip through safetensors + JSON; training is seeded and resumes exactly."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,10 @@ def test_training_resumed_midway_ends_with_the_same_weights(coco128, tmp_path: P
     for key, value in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
     assert meta["stages"] == ["deepmask"] and (tmp_path / "straight" / "curves.png").stat().st_size > 0
+
+
+def test_checkpoint_files_get_the_permissions_of_ordinary_new_files(model, tmp_path: Path):
+    save_checkpoint(model, tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {0o666 & ~umask}
