@@ -88,6 +88,7 @@ class CocoInstances:
         self._images: dict[int, np.ndarray] = {}
         self._pyramids: dict[int, list[np.ndarray]] = {}
         self._masks: dict[int, np.ndarray] = {}
+        self._masks_u8: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.images)
@@ -134,10 +135,9 @@ class CocoInstances:
 
     def mask_u8(self, inst: Instance) -> np.ndarray:
         """The instance mask as ``uint8`` 0/255, the form warps read (cached)."""
-        key = -1 - inst.annotation_id
-        if key not in self._masks:
-            self._masks[key] = self.mask(inst).astype(np.uint8) * 255
-        return self._masks[key]
+        if inst.annotation_id not in self._masks_u8:
+            self._masks_u8[inst.annotation_id] = self.mask(inst).astype(np.uint8) * 255
+        return self._masks_u8[inst.annotation_id]
 
 
 def image_pyramid(image: np.ndarray) -> list[np.ndarray]:
