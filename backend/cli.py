@@ -1,4 +1,4 @@
-"""The ``segmask`` command: train, evaluate and inspect models (serving commands join as they land)."""
+"""The ``segmask`` command: train, evaluate and run models; serve the backend and its workers."""
 
 from __future__ import annotations
 
@@ -178,6 +178,53 @@ def run_predict(args: argparse.Namespace) -> None:
         raise SystemExit(f"segmask predict: {len(summary.failed)} of {len(args.images)} images failed")
 
 
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="serve the Label Studio ML backend (embedded mode without SEGMASK_REDIS_URL)"
+    )
+    p.add_argument("--host", help="listen address (default SEGMASK_HOST, 0.0.0.0)")
+    p.add_argument("--port", type=int, help="port (default SEGMASK_PORT, 9090)")
+    p.add_argument(
+        "--workers", type=int, default=2, help="gunicorn processes with Redis (embedded: always 1)"
+    )
+    p.add_argument("--dev", action="store_true", help="Flask's development server instead of gunicorn")
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from backend.server import serve
+    from backend.settings import Settings
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    serve(Settings.from_env(**overrides), workers=args.workers, dev=args.dev)
+
+
+def add_worker(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("worker", help="an RQ worker with the model loaded once (needs SEGMASK_REDIS_URL)")
+    p.add_argument(
+        "--queues", default="interactive,batch,training", help="queues to serve, highest priority first"
+    )
+    p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    from backend.settings import Settings
+    from backend.worker import run_worker as work
+
+    work(Settings.from_env(), tuple(q.strip() for q in args.queues.split(",") if q.strip()), burst=args.burst)
+
+
+def add_settings(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser("settings", help="list every environment variable the backend reads, with defaults")
+
+
+def run_settings(args: argparse.Namespace) -> None:
+    from backend.settings import Settings
+
+    current = Settings.from_env()
+    for (env, default, doc), value in zip(Settings.documentation(), vars(current).values(), strict=True):
+        print(f"{env} (default {default}; now {value})\n    {doc}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segmask", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -185,10 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)
     add_evaluate(sub)
     add_predict(sub)
+    add_serve(sub)
+    add_worker(sub)
+    add_settings(sub)
     return parser
 
 
-COMMANDS = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict}
+COMMANDS = {
+    "train": run_train,
+    "evaluate": run_evaluate,
+    "predict": run_predict,
+    "serve": run_serve,
+    "worker": run_worker,
+    "settings": run_settings,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ JSON last, so a reader sees either the old checkpoint or the complete new one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -108,6 +109,18 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
             f"{path}: format version {meta['format_version']} is newer than this code ({FORMAT_VERSION})"
         )
     return meta
+
+
+def checkpoint_version(directory: str | Path) -> str:
+    """The model version a checkpoint serves under: its metadata's ``version`` when it has one (the model
+    store's numbered versions), else ``<directory name>-<first 10 hex of sha1(model.json)>``. Reads only the
+    small JSON file, so it is cheap enough to call per request."""
+    path = Path(directory) / METADATA_FILE
+    raw = path.read_bytes()
+    version = json.loads(raw).get("version")
+    return (
+        str(version) if version else f"{Path(directory).resolve().name}-{hashlib.sha1(raw).hexdigest()[:10]}"
+    )
 
 
 def load_checkpoint(

@@ -1,0 +1,178 @@
+"""The Flask app factory: routes only (/health /setup /predict /webhook /metrics).
+
+``create_app()`` reads :class:`~backend.settings.Settings` once. With ``SEGMASK_REDIS_URL`` set, jobs go to
+RQ workers; without it (embedded mode) the model is loaded here, at start-up, never inside a request:
+Label Studio gives /health 1 s and /setup 3 s and calls them constantly.
+
+Every error is JSON ``{"error": kind, "message": ...}`` with a 4xx/5xx status, logged and counted in
+/metrics by kind, and the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hmac
+import logging
+import time
+from collections import deque
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from backend.credentials import LabelStudioCredentials
+from backend.errors import ServiceError, bad_request
+from backend.metrics import Metrics
+from backend.predict import PredictService
+from backend.queue import Dispatcher, EmbeddedDispatcher, RQDispatcher
+from backend.settings import Settings
+from segmodels.checkpoint import checkpoint_version
+
+log = logging.getLogger(__name__)
+# Routes Label Studio calls without credentials even when Basic auth is configured.
+UNAUTHENTICATED = {"/webhook"}
+
+
+def build_dispatcher(settings: Settings) -> Dispatcher:
+    """RQ when a Redis URL is configured, else a warm in-process runtime (embedded mode)."""
+    if settings.embedded:
+        from backend.jobs import Runtime
+
+        return EmbeddedDispatcher(Runtime(settings))
+    return RQDispatcher(
+        settings.redis_url, settings.queue_prefix, max(settings.interactive_timeout, settings.batch_timeout)
+    )
+
+
+def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None = None) -> Flask:
+    """The backend as a WSGI app; ``dispatcher`` overrides the one the settings choose (tests, benches)."""
+    settings = settings or Settings.from_env()
+    dispatcher = dispatcher or build_dispatcher(settings)
+    app = Flask("segmask")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    service = PredictService(
+        settings, dispatcher, LabelStudioCredentials(settings.label_studio_url, settings.label_studio_api_key)
+    )
+    metrics = Metrics(dispatcher.queue_depths, lambda: checkpoint_version(settings.model_dir))
+    events: deque[dict] = deque(maxlen=200)
+    app.extensions["segmask"] = {
+        "settings": settings,
+        "service": service,
+        "metrics": metrics,
+        "events": events,
+    }
+
+    _install_hooks(app, settings, metrics)
+    _install_error_handlers(app, metrics)
+
+    @app.get("/health")
+    def health():
+        return jsonify(status="UP", model_class="segmask", mode=dispatcher.mode)
+
+    @app.post("/setup")
+    def setup():
+        body = _json_body(required=False) or {}
+        if isinstance(body, dict):
+            service.remember_setup(body)
+        return jsonify(model_version=checkpoint_version(settings.model_dir))
+
+    @app.post("/predict")
+    def predict():
+        mode, response, outcomes = service.predict(_json_body())
+        g.mode = mode
+        for outcome in outcomes:
+            kind = "segment" if mode == "interactive" else "detect"
+            metrics.job_queued.labels(kind).observe(outcome.queued)
+            metrics.job_running.labels(kind).observe(outcome.running)
+        metrics.predicted_regions.labels(mode).inc(sum(len(r["result"]) for r in response["results"]))
+        return jsonify(response)
+
+    @app.post("/webhook")
+    def webhook():
+        body = _json_body()
+        if not isinstance(body, dict) or not isinstance(body.get("action"), str):
+            raise bad_request("a webhook body is a JSON object with an 'action' string", "bad_webhook")
+        project = body.get("project")
+        project_id = project.get("id") if isinstance(project, dict) else project
+        events.append({"action": body["action"], "project": project_id, "received": time.time()})
+        metrics.webhooks.labels(body["action"]).inc()
+        log.info("webhook %s for project %s recorded", body["action"], project_id)
+        return jsonify(status="ok", action=body["action"]), 200
+
+    @app.get("/metrics")
+    def prometheus():
+        return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
+
+    return app
+
+
+def _json_body(required: bool = True) -> object:
+    """The request's JSON (any content type, as Label Studio's clients vary); a 400 if it is not JSON."""
+    if not request.get_data(cache=True):
+        if required:
+            raise bad_request("the request body is empty; expected JSON", "malformed_json")
+        return None
+    body = request.get_json(force=True, silent=True)
+    if body is None:
+        raise bad_request("the request body is not valid JSON", "malformed_json")
+    return body
+
+
+def _install_hooks(app: Flask, settings: Settings, metrics: Metrics) -> None:
+    @app.before_request
+    def start():
+        g.started = time.perf_counter()
+        g.mode = "-"
+        if settings.basic_auth_user and request.path not in UNAUTHENTICATED:
+            _check_basic_auth(settings)
+
+    @app.after_request
+    def record(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule else "unknown"
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        if hasattr(g, "started"):
+            elapsed = time.perf_counter() - g.started
+            metrics.latency.labels(route, g.mode).observe(elapsed)
+            log.info("%s %s %s %.0f ms", request.method, request.path, response.status_code, elapsed * 1000)
+        return response
+
+
+def _check_basic_auth(settings: Settings) -> None:
+    header = request.headers.get("Authorization", "")
+    user = password = ""
+    if header.startswith("Basic "):
+        with contextlib.suppress(binascii.Error, UnicodeDecodeError):
+            user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
+    ok = hmac.compare_digest(user.encode(), settings.basic_auth_user.encode()) & hmac.compare_digest(
+        password.encode(), settings.basic_auth_pass.encode()
+    )
+    if not ok:
+        raise ServiceError(401, "unauthorized", "HTTP Basic credentials are missing or wrong")
+
+
+def _install_error_handlers(app: Flask, metrics: Metrics) -> None:
+    def answer(status: int, kind: str, message: str) -> tuple[Response, int]:
+        route = request.url_rule.rule if request.url_rule else "unknown"
+        metrics.errors.labels(route, kind).inc()
+        response = jsonify(error=kind, message=message)
+        if status == 401:
+            response.headers["WWW-Authenticate"] = 'Basic realm="segmask"'
+        return response, status
+
+    @app.errorhandler(ServiceError)
+    def service_error(exc: ServiceError):
+        level = logging.WARNING if exc.status < 500 else logging.ERROR
+        log.log(level, "%s %s -> %s %s: %s", request.method, request.path, exc.status, exc.kind, exc.message)
+        return answer(exc.status, exc.kind, exc.message)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        kind = {413: "body_too_large"}.get(exc.code, (exc.name or "http_error").lower().replace(" ", "_"))
+        log.warning("%s %s -> %s %s", request.method, request.path, exc.code, exc.description)
+        return answer(exc.code or 500, kind, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        log.exception("%s %s failed", request.method, request.path)
+        return answer(500, "internal", f"internal error ({exc.__class__.__name__}); see the backend log")

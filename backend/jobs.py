@@ -1,0 +1,236 @@
+"""The work a worker does: segment one prompt, pre-annotate one image. The same code runs in an RQ worker
+process and, in embedded mode, inside the server.
+
+Requests and results are plain JSON (RQ's JSON serializer; nothing is unpickled from Redis):
+
+- image: ``{"url", "label_studio_url", "authorization"}`` (see backend.images.ImageFetcher.fetch);
+- segment request: ``{"image", "prompt": {"points": [[x%, y%]], "positive": [bool], "box": [x1%, y1%, x2%,
+  y2%] | null}, "output": "polygon" | "brush"}``;
+- detect request: ``{"image", "output", "score_threshold", "max_detections"}``;
+- result: ``{"model_version", "width", "height", "objects": [{"score", "label"?, "polygon": [[x%, y%]] |
+  "rle": [int]}], "seconds": {"image", "features", "model", "encode"}}``, or ``{"error": {"status", "kind",
+  "message"}}`` for a problem the client must see (a ServiceError raised while serving).
+
+Percent coordinates are converted to pixels here, with the decoded image's own size.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from label_studio_sdk.converter.brush import mask2rle
+
+from backend.errors import ServiceError, bad_request
+from backend.images import ImageFetcher
+from backend.settings import Settings
+from segmodels.checkpoint import checkpoint_version
+from segmodels.geometry import mask_to_polygon, points_to_percent
+from segmodels.predictor import ImageFeatures, MaskPredictor, load_predictor
+from segmodels.train import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class FeatureCache:
+    """LRU of per-image trunk features keyed by the image's content hash (thread-safe)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(int(capacity), 0)
+        self._items: OrderedDict[str, ImageFeatures] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str, compute: Callable[[], ImageFeatures]) -> tuple[ImageFeatures, bool]:
+        """The cached features of ``key`` (and True), or ``compute()``'s, cached (and False)."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key], True
+            self.misses += 1
+        features = compute()
+        with self._lock:
+            self._items[key] = features
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return features, False
+
+
+class Runtime:
+    """What a worker process keeps warm: the predictor, the image fetcher and the feature cache.
+
+    One predictor serves one request at a time (it holds the current image's features); ``lock``
+    serialises requests when several threads share a runtime (embedded mode).
+    """
+
+    def __init__(self, settings: Settings, fetcher: ImageFetcher | None = None) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.fetcher = fetcher or ImageFetcher(settings)
+        self.features = FeatureCache(settings.feature_cache_images)
+        self.lock = threading.Lock()
+        started = time.perf_counter()
+        self.model_version = checkpoint_version(settings.model_dir)
+        self.predictor: MaskPredictor = load_predictor(settings.model_dir, self.device)
+        log.info(
+            "model %s loaded from %s on %s in %.1f s",
+            self.model_version,
+            settings.model_dir,
+            self.device,
+            time.perf_counter() - started,
+        )
+
+    def segment(self, request: dict) -> dict:
+        """One object for a click/box prompt (see the module docstring for shapes)."""
+        prompt = request.get("prompt") or {}
+        with self.lock:
+            image, seconds = self._set_image(request)
+            height, width = image.shape[:2]
+            points, positive, box = _prompt_pixels(prompt, width, height)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                mask = self.predictor.segment(points, positive.astype(int), box).mask
+            seconds["model"] = time.perf_counter() - started
+        obj = _encode(
+            mask, _prompt_score(mask, points, positive), request.get("output"), width, height, seconds
+        )
+        return self._result(width, height, [obj] if obj else [], seconds)
+
+    def detect(self, request: dict) -> dict:
+        """Labelled objects of one image (pre-annotation)."""
+        settings = self.settings
+        threshold = float(request.get("score_threshold", settings.score_threshold))
+        limit = int(request.get("max_detections", settings.max_detections))
+        with self.lock:
+            image, seconds = self._set_image(request)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                detections = self.predictor.detect(score_threshold=threshold, max_detections=limit)
+            seconds["model"] = time.perf_counter() - started
+        height, width = image.shape[:2]
+        objects = []
+        for det in detections:
+            obj = _encode(det.mask, det.score, request.get("output"), width, height, seconds)
+            if obj:
+                objects.append({**obj, "label": det.label})
+        return self._result(width, height, objects, seconds)
+
+    def _set_image(self, request: dict) -> tuple[np.ndarray, dict]:
+        ref = request.get("image") or {}
+        if not isinstance(ref.get("url"), str):
+            raise bad_request("the job names no image URL", "missing_image")
+        started = time.perf_counter()
+        image, key = self.fetcher.load(ref["url"], ref.get("label_studio_url"), ref.get("authorization"))
+        loaded = time.perf_counter()
+        with torch.inference_mode():
+            features, _ = self.features.get(key, lambda: self.predictor.compute_features(image))
+        self.predictor.set_features(features)
+        return image, {"image": loaded - started, "features": time.perf_counter() - loaded}
+
+    def _result(self, width: int, height: int, objects: list[dict], seconds: dict) -> dict:
+        return {
+            "model_version": self.model_version,
+            "width": width,
+            "height": height,
+            "objects": objects,
+            "seconds": {k: round(v, 4) for k, v in seconds.items()},
+        }
+
+
+def _prompt_pixels(prompt: dict, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Percent prompt -> ``points (N, 2)`` pixel (x, y), ``positive (N,)`` bool, ``box`` xyxy pixels/None."""
+    points = np.asarray(prompt.get("points") or [], dtype=np.float64).reshape(-1, 2)
+    positive = np.asarray(prompt.get("positive") or [True] * len(points), dtype=bool).reshape(-1)
+    if len(positive) != len(points):
+        raise bad_request(f"{len(points)} points but {len(positive)} positive flags", "bad_context")
+    box = prompt.get("box")
+    pixel_box = None
+    if box is not None:
+        pixel_box = (
+            np.asarray(box, dtype=np.float64).reshape(4) * np.array([width, height, width, height]) / 100
+        )
+    if not positive.any() and pixel_box is None:
+        raise bad_request(
+            "the prompt needs a positive point or a rectangle (only negative points were sent)", "bad_context"
+        )
+    return points * np.array([width, height]) / 100.0, positive, pixel_box
+
+
+def _prompt_score(mask: np.ndarray, points: np.ndarray, positive: np.ndarray) -> float:
+    """Share of the prompt's points the mask agrees with (1.0 for a box alone): a plain, honest score."""
+    if not len(points):
+        return 1.0 if mask.any() else 0.0
+    h, w = mask.shape
+    xs = np.clip(points[:, 0].astype(int), 0, w - 1)
+    ys = np.clip(points[:, 1].astype(int), 0, h - 1)
+    return float(np.mean(mask[ys, xs] == positive))
+
+
+def _encode(
+    mask: np.ndarray, score: float, output: str | None, width: int, height: int, seconds: dict
+) -> dict:
+    """``{"score", "polygon": [[x%, y%]]}`` or ``{"score", "rle"}`` (Label Studio brush RLE); {} if empty."""
+    started = time.perf_counter()
+    try:
+        if not mask.any():
+            return {}
+        if output == "brush":
+            return {"score": float(score), "rle": brush_rle(mask)}
+        polygon = mask_to_polygon(mask)
+        if polygon is None or len(polygon) < 3:
+            return {}
+        pct = np.clip(points_to_percent(polygon, width, height), 0.0, 100.0)
+        return {"score": float(score), "polygon": np.round(pct, 3).tolist()}
+    finally:
+        seconds["encode"] = seconds.get("encode", 0.0) + time.perf_counter() - started
+
+
+def brush_rle(mask: np.ndarray) -> list[int]:
+    """Label Studio's brush RLE (RGBA, alpha 255 inside) of a bool ``(H, W)`` mask."""
+    return [int(v) for v in mask2rle(mask.astype(np.uint8) * 255)]
+
+
+# ---- RQ entry points ---------------------------------------------------------------------------------------
+# A worker process holds exactly one warm Runtime; RQ calls these functions by import path.
+_runtime: Runtime | None = None
+
+
+def install_runtime(runtime: Runtime) -> None:
+    """Make ``runtime`` the one the job functions of this process use (backend.worker does this at start)."""
+    global _runtime
+    _runtime = runtime
+
+
+def current_runtime() -> Runtime:
+    if _runtime is None:
+        install_runtime(Runtime(Settings.from_env()))
+    return _runtime
+
+
+def run_job(kind: str, request: dict) -> dict:
+    """Run ``kind`` ("segment" or "detect") on ``request``; a ServiceError becomes ``{"error": ...}``."""
+    runtime = current_runtime()
+    try:
+        handler = {"segment": runtime.segment, "detect": runtime.detect}[kind]
+    except KeyError:
+        raise ValueError(f"unknown job kind {kind!r}") from None
+    try:
+        return handler(request)
+    except ServiceError as exc:
+        log.warning("%s job refused: %s (%s)", kind, exc.message, exc.kind)
+        return {"error": {"status": exc.status, "kind": exc.kind, "message": exc.message}}
+
+
+def segment_job(request: dict) -> dict:
+    return run_job("segment", request)
+
+
+def detect_job(request: dict) -> dict:
+    return run_job("detect", request)

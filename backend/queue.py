@@ -1,0 +1,167 @@
+"""Queue names and priorities, enqueue-and-wait, and the embedded (in-process) mode.
+
+The server never runs a model itself when Redis is configured: it enqueues a job on the queue of its
+priority and blocks on the job's result stream (RQ's ``latest_result``) until a deadline well under Label
+Studio's 100 s. Workers take queues in the order of :data:`PRIORITIES`, so a click waiting behind a
+pre-annotation batch is served first. Without Redis, :class:`EmbeddedDispatcher` runs the same job code in
+the server process, one job at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import redis
+from rq import Queue, Worker
+from rq.job import Job
+from rq.results import Result
+from rq.serializers import JSONSerializer
+
+from backend.errors import ServiceError
+from backend.jobs import Runtime
+
+log = logging.getLogger(__name__)
+
+# Highest priority first: workers listen in this order.
+PRIORITIES = ("interactive", "batch", "training")
+JOB_FUNCTIONS = {"segment": "backend.jobs.segment_job", "detect": "backend.jobs.detect_job"}
+QUEUE_OF = {"segment": "interactive", "detect": "batch"}
+
+
+def queue_names(prefix: str) -> list[str]:
+    """Redis queue names in priority order, e.g. ``segmask:interactive``."""
+    return [f"{prefix}:{name}" for name in PRIORITIES]
+
+
+@dataclass
+class JobOutcome:
+    """A finished job: its JSON ``result`` and where the time went (seconds)."""
+
+    result: dict
+    queued: float = 0.0
+    running: float = 0.0
+
+
+class Dispatcher(Protocol):
+    mode: str
+
+    def run(self, kind: str, requests: list[dict], timeout: float) -> list[JobOutcome | ServiceError]:
+        """Run ``kind`` on every request; one outcome (or the ServiceError that stopped it) per request."""
+        ...
+
+    def queue_depths(self) -> dict[str, int]:
+        """Jobs waiting per queue."""
+        ...
+
+
+def unwrap(outcome: JobOutcome) -> dict:
+    """The job's result, raising the ServiceError a job reported as ``{"error": ...}``."""
+    error = outcome.result.get("error")
+    if error:
+        raise ServiceError(int(error["status"]), str(error["kind"]), str(error["message"]))
+    return outcome.result
+
+
+class EmbeddedDispatcher:
+    """Runs jobs in this process with a warm :class:`Runtime` (no Redis, no worker)."""
+
+    mode = "embedded"
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def run(self, kind: str, requests: list[dict], timeout: float) -> list[JobOutcome | ServiceError]:
+        handler = {"segment": self.runtime.segment, "detect": self.runtime.detect}[kind]
+        outcomes: list[JobOutcome | ServiceError] = []
+        for request in requests:
+            started = time.perf_counter()
+            try:
+                outcomes.append(JobOutcome(handler(request), running=time.perf_counter() - started))
+            except ServiceError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def queue_depths(self) -> dict[str, int]:
+        return {}
+
+
+class RQDispatcher:
+    """Enqueues on Redis for ``segmask worker`` processes and waits for their results."""
+
+    mode = "rq"
+
+    def __init__(self, redis_url: str, prefix: str, longest_wait: float) -> None:
+        self.redis_url = redis_url
+        self.prefix = prefix
+        # Short connect timeout: a dead Redis must give a quick 503, not a hang. The read timeout must
+        # outlast the longest blocking wait on a result stream.
+        self.connection = redis.Redis.from_url(
+            redis_url, socket_connect_timeout=1.0, socket_timeout=longest_wait + 5.0, health_check_interval=30
+        )
+        self.queues = {
+            name: Queue(f"{prefix}:{name}", connection=self.connection, serializer=JSONSerializer)
+            for name in PRIORITIES
+        }
+
+    def run(self, kind: str, requests: list[dict], timeout: float) -> list[JobOutcome | ServiceError]:
+        queue = self.queues[QUEUE_OF[kind]]
+        try:
+            self._require_worker(queue)
+            jobs = [
+                queue.enqueue(
+                    JOB_FUNCTIONS[kind],
+                    request,
+                    ttl=math.ceil(timeout),
+                    result_ttl=60,
+                    failure_ttl=3600,
+                    job_timeout=max(math.ceil(timeout), 30),
+                )
+                for request in requests
+            ]
+            deadline = time.monotonic() + timeout
+            return [self._wait(job, deadline) for job in jobs]
+        except redis.RedisError as exc:
+            raise ServiceError(
+                503,
+                "redis_unavailable",
+                f"Redis at {self._where()} is unavailable ({exc.__class__.__name__}: "
+                f"{exc}); the request was not processed, retry when it is back",
+            ) from exc
+
+    def _require_worker(self, queue: Queue) -> None:
+        if Worker.count(connection=self.connection, queue=queue) == 0:
+            raise ServiceError(
+                503,
+                "no_worker",
+                f"no worker listens on queue '{queue.name}' (start one with `segmask worker`)",
+            )
+
+    def _wait(self, job: Job, deadline: float) -> JobOutcome | ServiceError:
+        remaining = deadline - time.monotonic()
+        result = job.latest_result(timeout=max(1, math.ceil(remaining))) if remaining > 0 else None
+        if result is None:
+            job.cancel()
+            return ServiceError(
+                503, "worker_timeout", f"no worker finished job {job.id} within the timeout; it was cancelled"
+            )
+        if result.type != Result.Type.SUCCESSFUL:
+            last_line = (result.exc_string or "").strip().splitlines()[-1:] or ["no traceback"]
+            log.error("job %s failed on the worker:\n%s", job.id, result.exc_string)
+            return ServiceError(500, "worker_error", f"the worker failed on job {job.id}: {last_line[0]}")
+        job.refresh()
+        queued = (
+            (job.started_at - job.enqueued_at).total_seconds() if job.started_at and job.enqueued_at else 0
+        )
+        running = (job.ended_at - job.started_at).total_seconds() if job.ended_at and job.started_at else 0
+        return JobOutcome(result.return_value, queued=queued, running=running)
+
+    def queue_depths(self) -> dict[str, int]:
+        return {name: q.count for name, q in self.queues.items()}
+
+    def _where(self) -> str:
+        kwargs = self.connection.connection_pool.connection_kwargs
+        return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"

@@ -1,0 +1,170 @@
+"""Every environment variable the backend reads, in one place.
+
+``Settings.from_env()`` is called once by the app factory, the worker and the CLI; nothing else reads
+``os.environ``. Each field's ``doc`` is what the README's settings table says (``segmask settings``
+prints it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+# The shipped model, located without importing segmodels (which would load torch in every process that
+# only reads settings).
+_SEGMODELS = Path(importlib.util.find_spec("segmodels").submodule_search_locations[0])
+DEFAULT_MODEL_DIR = _SEGMODELS / "weights" / "default"
+
+
+def _setting(env: str, default, doc: str):
+    return field(default=default, metadata={"env": env, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Backend configuration; see the README's settings table (generated from the ``doc`` strings)."""
+
+    redis_url: str = _setting(
+        "SEGMASK_REDIS_URL",
+        "",
+        "Redis URL for the RQ queues (e.g. redis://127.0.0.1:6379/0). Empty: embedded "
+        "mode, jobs run inside the server process and no worker is needed.",
+    )
+    queue_prefix: str = _setting(
+        "SEGMASK_QUEUE_PREFIX",
+        "segmask",
+        "Prefix of the queue names (<prefix>:interactive, :batch, :training); "
+        "separate deployments sharing one Redis use different prefixes.",
+    )
+    label_studio_url: str = _setting(
+        "LABEL_STUDIO_URL",
+        "",
+        "Base URL of Label Studio, for /data/upload images and the API. Empty: the "
+        "hostname Label Studio sends in /setup.",
+    )
+    label_studio_api_key: str = _setting(
+        "LABEL_STUDIO_API_KEY",
+        "",
+        "A personal access token (exchanged for short-lived Bearer tokens) or a "
+        "legacy token. Empty: the access_token Label Studio sends in /setup (legacy tokens only).",
+    )
+    basic_auth_user: str = _setting(
+        "SEGMASK_BASIC_AUTH_USER",
+        "",
+        "With SEGMASK_BASIC_AUTH_PASS: require HTTP Basic auth on every route "
+        "except /webhook (Label Studio sends none there). Set the same pair in Label Studio's model "
+        "settings.",
+    )
+    basic_auth_pass: str = _setting("SEGMASK_BASIC_AUTH_PASS", "", "Password for SEGMASK_BASIC_AUTH_USER.")
+    model_dir: Path = _setting(
+        "SEGMASK_MODEL_DIR",
+        DEFAULT_MODEL_DIR,
+        "Checkpoint directory (model.safetensors + model.json). Default: the shipped model.",
+    )
+    device: str = _setting("SEGMASK_DEVICE", "auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
+    interactive_timeout: float = _setting(
+        "SEGMASK_INTERACTIVE_TIMEOUT",
+        20.0,
+        "Seconds the server waits for a click/box job before answering 503.",
+    )
+    batch_timeout: float = _setting(
+        "SEGMASK_BATCH_TIMEOUT",
+        85.0,
+        "Seconds the server waits for a batch pre-annotation request (Label Studio gives up after 100 s).",
+    )
+    score_threshold: float = _setting(
+        "SEGMASK_SCORE_THRESHOLD", 0.5, "Pre-annotation keeps detections scoring at least this (0..1)."
+    )
+    max_detections: int = _setting(
+        "SEGMASK_MAX_DETECTIONS", 20, "Pre-annotation keeps at most this many per image."
+    )
+    max_body_bytes: int = _setting(
+        "SEGMASK_MAX_BODY_BYTES", 16 * 1024 * 1024, "Largest request body accepted (413 above)."
+    )
+    max_image_bytes: int = _setting(
+        "SEGMASK_MAX_IMAGE_BYTES", 40 * 1024 * 1024, "Largest image file downloaded or read (413 above)."
+    )
+    max_image_pixels: int = _setting(
+        "SEGMASK_MAX_IMAGE_PIXELS",
+        50_000_000,
+        "Largest image decoded, width x height (413 above; guards against decompression bombs).",
+    )
+    image_timeout: float = _setting("SEGMASK_IMAGE_TIMEOUT", 10.0, "Seconds allowed for one image download.")
+    image_cache_mb: int = _setting(
+        "SEGMASK_IMAGE_CACHE_MB",
+        256,
+        "Downloaded image bytes kept per process (LRU), so repeated clicks do not download again.",
+    )
+    feature_cache_images: int = _setting(
+        "SEGMASK_FEATURE_CACHE_IMAGES",
+        4,
+        "Images whose trunk features a worker keeps (LRU; roughly 60-150 MB "
+        "each for 640x480). Clicks on a cached image skip the trunk.",
+    )
+    local_files_root: str = _setting(
+        "SEGMASK_LOCAL_FILES_ROOT",
+        "",
+        "Directory that /data/local-files/?d= paths are read from (Label "
+        "Studio's LOCAL_FILES_DOCUMENT_ROOT). Empty: such images are fetched from Label Studio.",
+    )
+    allowed_hosts: tuple[str, ...] = _setting(
+        "SEGMASK_ALLOWED_HOSTS",
+        (),
+        "Comma-separated host names or IPs on private networks that image URLs may "
+        "point to, besides Label Studio's own host.",
+    )
+    log_level: str = _setting("SEGMASK_LOG_LEVEL", "INFO", "Python logging level.")
+    host: str = _setting("SEGMASK_HOST", "0.0.0.0", "Address `segmask serve` listens on.")
+    port: int = _setting("SEGMASK_PORT", 9090, "Port `segmask serve` listens on.")
+    server_threads: int = _setting(
+        "SEGMASK_SERVER_THREADS", 8, "Threads of the server process (requests waiting on jobs hold one each)."
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
+        """Every field from ``environ`` (default ``os.environ``); ``overrides`` win (tests, CLI flags)."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, f.default, raw)
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def embedded(self) -> bool:
+        """True when jobs run in-process (no Redis configured)."""
+        return not self.redis_url
+
+    @classmethod
+    def documentation(cls) -> list[tuple[str, str, str]]:
+        """``(variable, default, doc)`` for every setting, in declaration order."""
+        rows = []
+        for f in fields(cls):
+            default = f.default
+            shown = ",".join(default) if isinstance(default, tuple) else str(default)
+            if isinstance(default, Path):
+                shown = "the shipped model"
+            rows.append((f.metadata["env"], shown, f.metadata["doc"]))
+        return rows
+
+
+def _parse(name: str, default, raw: str):
+    try:
+        if isinstance(default, bool):
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, Path):
+            return Path(raw)
+        if isinstance(default, tuple):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+    except ValueError as exc:
+        raise ValueError(f"setting {name}: cannot parse {raw!r}: {exc}") from exc
+    return raw

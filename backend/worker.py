@@ -1,0 +1,101 @@
+"""``segmask worker``: an RQ worker that loads the model once and keeps it warm.
+
+Why RQ's SimpleWorker (jobs run in the worker process) rather than the default fork-per-job Worker: a
+forked child would either load the model again (about 1 s) or inherit a copy of it whose per-image feature
+cache dies with the child, so every click would pay for the trunk again; and forking a process that has
+started PyTorch's thread pools is not safe. A crash in a job still only fails that job: RQ records it and
+the server answers 500 for it; if the whole process dies, the server answers 503 until a worker is back.
+Several workers may run, on one or many machines; each takes queues in priority order.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import time
+import uuid
+
+import redis
+from rq import Queue, SimpleWorker, worker_registration
+from rq.serializers import JSONSerializer
+
+from backend.jobs import Runtime, install_runtime
+from backend.queue import PRIORITIES, queue_names
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class WarmWorker(SimpleWorker):
+    """A SimpleWorker that registers itself again when Redis has forgotten it.
+
+    A Redis restarted without persistence loses the worker registry; RQ's worker reconnects but stays
+    unregistered, and the server, which checks for a registered worker before enqueueing (to answer 503
+    at once instead of after a timeout), would refuse requests this live worker could serve.
+    """
+
+    def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
+        super().heartbeat(timeout, pipeline)
+        if pipeline is None and not self.connection.sismember(self.redis_workers_keys, self.key):
+            log.warning("worker %s was not registered in Redis (restarted?); registering again", self.name)
+            self.connection.hset(self.key, mapping=self.serialize())
+            worker_registration.register(self)
+
+
+def build_worker(settings: Settings, queues: tuple[str, ...] = PRIORITIES) -> WarmWorker:
+    """A worker listening on ``queues`` (names from :data:`backend.queue.PRIORITIES`, in that priority)."""
+    if settings.embedded:
+        raise SystemExit("segmask worker needs SEGMASK_REDIS_URL (embedded mode runs jobs in the server)")
+    unknown = set(queues) - set(PRIORITIES)
+    if unknown:
+        raise SystemExit(f"unknown queue(s) {sorted(unknown)}; choose from {PRIORITIES}")
+    ordered = [name for name in PRIORITIES if name in queues]
+    connection = redis.Redis.from_url(settings.redis_url)
+    names = [
+        n for n, short in zip(queue_names(settings.queue_prefix), PRIORITIES, strict=True) if short in ordered
+    ]
+    rq_queues = [Queue(name, connection=connection, serializer=JSONSerializer) for name in names]
+    return WarmWorker(
+        rq_queues,
+        connection=connection,
+        serializer=JSONSerializer,
+        name=f"segmask-{socket.gethostname()}-{uuid.uuid4().hex[:8]}",
+    )
+
+
+def run_worker(settings: Settings, queues: tuple[str, ...] = PRIORITIES, burst: bool = False) -> None:
+    """Load the model, then serve jobs until stopped (SIGTERM/SIGINT finish the current job first).
+
+    RQ's worker quits when Redis goes away at some moments (e.g. while it records its state). This loop
+    keeps the process, and its warm model, alive: it waits for Redis to answer again and starts a fresh
+    RQ worker on the same runtime.
+    """
+    install_runtime(Runtime(settings))
+    while True:
+        worker = build_worker(settings, queues)
+        log.info("worker %s listening on %s", worker.name, ", ".join(q.name for q in worker.queues))
+        try:
+            worker.work(burst=burst, with_scheduler=False)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.error("worker %s lost Redis: %s", worker.name, exc)
+        if burst or worker._stop_requested:
+            return
+        # RQ's handlers stay installed after work(); plain signals stop the wait below.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        wait_for_redis(worker.connection)
+
+
+def wait_for_redis(connection: redis.Redis, longest_pause: float = 30.0) -> None:
+    """Block until ``connection`` answers PING, retrying with a growing pause."""
+    pause = 1.0
+    while True:
+        try:
+            connection.ping()
+            log.info("Redis answers again")
+            return
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("Redis unavailable (%s); retrying in %.0f s", exc, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, longest_pause)

@@ -1,0 +1,96 @@
+"""Real Redis and real `segmask worker` processes for the queued-path tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+REDIS_URL = os.environ.get("SEGMASK_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def require_redis(url: str = REDIS_URL) -> redis.Redis:
+    """A connection to the test Redis, or a skip saying how to provide one."""
+    connection = redis.Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        connection.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis at {url} ({exc}); start one (redis-server) or set SEGMASK_TEST_REDIS_URL")
+    return connection
+
+
+def start_worker(redis_url: str, prefix: str, log_path: Path, **env: str) -> subprocess.Popen:
+    """A `segmask worker` process on ``prefix``'s queues; returns once it has registered with Redis."""
+    cmd = [sys.executable, "-m", "backend.cli", "worker"]
+    environ = {**os.environ, "SEGMASK_REDIS_URL": redis_url, "SEGMASK_QUEUE_PREFIX": prefix, **env}
+    log = log_path.open("ab")
+    proc = subprocess.Popen(cmd, env=environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_worker(redis_url, prefix, proc, log_path)
+    return proc
+
+
+def wait_for_worker(
+    redis_url: str, prefix: str, proc: subprocess.Popen, log_path: Path, timeout: float = 90
+) -> None:
+    from rq import Queue, Worker
+
+    connection = redis.Redis.from_url(redis_url)
+    queue = Queue(f"{prefix}:interactive", connection=connection)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"segmask worker exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+            )
+        try:
+            if Worker.count(connection=connection, queue=queue):
+                return
+        except redis.RedisError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"segmask worker did not register within {timeout} s:\n{log_path.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis_server(port: int) -> subprocess.Popen:
+    """A private, throw-away redis-server on ``port`` (for outage tests); skips if there is no binary."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed; the Redis outage test needs its own server")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    connection = redis.Redis(port=port, socket_connect_timeout=0.2)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            connection.ping()
+            return proc
+        except redis.RedisError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"redis-server did not start on port {port}")

@@ -1,0 +1,116 @@
+"""The queued path: Flask app -> real Redis -> real `segmask worker` process -> back."""
+
+import time
+import uuid
+
+import numpy as np
+import pytest
+from ls_bodies import interior_point, keypoints, with_image
+from rq_worker import REDIS_URL, free_port, require_redis, start_redis_server, start_worker, stop
+from upload_server import UPLOAD_TOKEN
+
+from backend.app import create_app
+from backend.queue import PRIORITIES
+from backend.settings import Settings
+from backend.worker import build_worker
+from segmodels.geometry import percent_to_points, polygon_to_mask
+
+DOG_IMAGE = 42
+
+
+@pytest.fixture(scope="module")
+def queued(tmp_path_factory, upload_server, ls_request):
+    require_redis()
+    prefix = f"segmask-test-{uuid.uuid4().hex[:8]}"
+    worker = start_worker(REDIS_URL, prefix, tmp_path_factory.mktemp("worker") / "worker.log")
+    app = create_app(Settings.from_env({}, redis_url=REDIS_URL, queue_prefix=prefix))
+    client = app.test_client()
+    setup = dict(ls_request("setup"), hostname=upload_server.url, access_token=UPLOAD_TOKEN)
+    client.post("/setup", json=setup)
+    yield client, prefix
+    stop(worker)
+
+
+def test_a_click_is_served_by_the_worker(queued, ls_request, coco128):
+    client, _ = queued
+    x, y, gt = interior_point(coco128, DOG_IMAGE, "dog")
+    answer = client.post(
+        "/predict", json=keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(x, y, True)])
+    )
+    assert answer.status_code == 200, answer.get_json()
+    [prediction] = answer.get_json()["results"]
+    [region] = prediction["result"]
+    mask = polygon_to_mask(percent_to_points(np.array(region["value"]["points"]), 640, 478), 478, 640)
+    assert (mask & gt).sum() / (mask | gt).sum() > 0.5
+    assert prediction["model_version"] == client.post("/setup", json={}).get_json()["model_version"]
+
+
+def test_a_batch_is_served_by_the_worker_one_prediction_per_task(queued, ls_request):
+    client, _ = queued
+    body = with_image(ls_request("predict-batch"), DOG_IMAGE)
+    answer = client.post("/predict", json=body)
+    assert answer.status_code == 200, answer.get_json()
+    assert len(answer.get_json()["results"]) == len(body["tasks"])
+
+
+def test_a_refusal_on_the_worker_comes_back_as_the_same_4xx(queued, ls_request):
+    client, _ = queued
+    body = keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(50, 50, True)])
+    body["tasks"][0]["data"]["image"] = "file:///etc/passwd"
+    answer = client.post("/predict", json=body)
+    assert answer.status_code == 400 and answer.get_json()["error"] == "unsupported_url"
+
+
+def test_queue_depths_are_in_the_metrics(queued):
+    client, prefix = queued
+    assert 'segmask_queue_depth{queue="interactive"} 0.0' in client.get("/metrics").get_data(as_text=True)
+
+
+def test_without_a_worker_the_server_answers_503_at_once(ls_request):
+    require_redis()
+    app = create_app(
+        Settings.from_env({}, redis_url=REDIS_URL, queue_prefix=f"nobody-{uuid.uuid4().hex[:6]}")
+    )
+    started = time.perf_counter()
+    answer = app.test_client().post(
+        "/predict", json=keypoints(ls_request("predict-interactive-keypoint"), 9, [(5, 5, True)])
+    )
+    assert answer.status_code == 503 and answer.get_json()["error"] == "no_worker"
+    assert time.perf_counter() - started < 2
+
+
+def test_workers_take_queues_in_priority_order():
+    worker = build_worker(
+        Settings.from_env({}, redis_url=REDIS_URL, queue_prefix="p"), ("training", "interactive", "batch")
+    )
+    assert [q.name for q in worker.queues] == [f"p:{name}" for name in PRIORITIES]
+
+
+@pytest.mark.slow
+def test_a_redis_outage_gives_503_and_service_resumes_when_redis_is_back(tmp_path, upload_server, ls_request):
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    server = start_redis_server(port)
+    worker = start_worker(url, "outage", tmp_path / "worker.log")
+    try:
+        client = create_app(Settings.from_env({}, redis_url=url, queue_prefix="outage")).test_client()
+        client.post(
+            "/setup", json=dict(ls_request("setup"), hostname=upload_server.url, access_token=UPLOAD_TOKEN)
+        )
+        body = keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(60, 30, True)])
+        assert client.post("/predict", json=body).status_code == 200
+        server.kill()
+        server.wait()
+        answer = client.post("/predict", json=body)
+        assert answer.status_code == 503 and answer.get_json()["error"] == "redis_unavailable"
+        assert client.get("/health").status_code == 200
+        server = start_redis_server(port)
+        deadline = time.monotonic() + 60
+        while (
+            status := client.post("/predict", json=body).status_code
+        ) != 200 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert status == 200
+    finally:
+        stop(worker)
+        server.kill()
