@@ -35,3 +35,12 @@ def upload_server(coco128):
     server = UploadServer(coco128 / "images")
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """A real Label Studio 1.23.2 for the session (tests/labelstudio_harness.py); skips if it cannot start,
+    fails instead when SEGMASK_REQUIRE_LABEL_STUDIO=1 (CI)."""
+    from labelstudio_harness import label_studio_session
+
+    yield from label_studio_session(tmp_path_factory)
