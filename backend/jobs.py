@@ -25,6 +25,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from label_studio_sdk.converter.brush import mask2rle
+from rq import get_current_job
+from rq.utils import now as utcnow
 
 from backend.errors import ServiceError, bad_request
 from backend.images import ImageFetcher
@@ -221,11 +223,17 @@ def run_job(kind: str, request: dict) -> dict:
         handler = {"segment": runtime.segment, "detect": runtime.detect}[kind]
     except KeyError:
         raise ValueError(f"unknown job kind {kind!r}") from None
+    started = time.perf_counter()
+    job = get_current_job()
+    queued = (utcnow() - job.enqueued_at).total_seconds() if job and job.enqueued_at else 0.0
     try:
-        return handler(request)
+        result = handler(request)
     except ServiceError as exc:
         log.warning("%s job refused: %s (%s)", kind, exc.message, exc.kind)
-        return {"error": {"status": exc.status, "kind": exc.kind, "message": exc.message}}
+        result = {"error": {"status": exc.status, "kind": exc.kind, "message": exc.message}}
+    # Read by the server (backend.queue) for /metrics, so it needs no extra Redis round trip for them.
+    result["timing"] = {"queued": queued, "running": time.perf_counter() - started}
+    return result
 
 
 def segment_job(request: dict) -> dict:

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 PRIORITIES = ("interactive", "batch", "training")
 JOB_FUNCTIONS = {"segment": "backend.jobs.segment_job", "detect": "backend.jobs.detect_job"}
 QUEUE_OF = {"segment": "interactive", "detect": "batch"}
+WORKER_CHECK_S = 2.0
 
 
 def queue_names(prefix: str) -> list[str]:
@@ -102,6 +103,7 @@ class RQDispatcher:
         self.connection = redis.Redis.from_url(
             redis_url, socket_connect_timeout=1.0, socket_timeout=longest_wait + 5.0, health_check_interval=30
         )
+        self._worker_seen: dict[str, float] = {}
         self.queues = {
             name: Queue(f"{prefix}:{name}", connection=self.connection, serializer=JSONSerializer)
             for name in PRIORITIES
@@ -133,7 +135,12 @@ class RQDispatcher:
             ) from exc
 
     def _require_worker(self, queue: Queue) -> None:
-        if Worker.count(connection=self.connection, queue=queue) == 0:
+        # Checked at most every WORKER_CHECK_S per queue: a click should not pay for it every time.
+        if time.monotonic() - self._worker_seen.get(queue.name, -1e9) < WORKER_CHECK_S:
+            return
+        if Worker.count(connection=self.connection, queue=queue) > 0:
+            self._worker_seen[queue.name] = time.monotonic()
+        else:
             raise ServiceError(
                 503,
                 "no_worker",
@@ -152,12 +159,9 @@ class RQDispatcher:
             last_line = (result.exc_string or "").strip().splitlines()[-1:] or ["no traceback"]
             log.error("job %s failed on the worker:\n%s", job.id, result.exc_string)
             return ServiceError(500, "worker_error", f"the worker failed on job {job.id}: {last_line[0]}")
-        job.refresh()
-        queued = (
-            (job.started_at - job.enqueued_at).total_seconds() if job.started_at and job.enqueued_at else 0
-        )
-        running = (job.ended_at - job.started_at).total_seconds() if job.ended_at and job.started_at else 0
-        return JobOutcome(result.return_value, queued=queued, running=running)
+        value = result.return_value
+        timing = value.pop("timing", {}) if isinstance(value, dict) else {}
+        return JobOutcome(value, queued=timing.get("queued", 0.0), running=timing.get("running", 0.0))
 
     def queue_depths(self) -> dict[str, int]:
         return {name: q.count for name, q in self.queues.items()}
