@@ -9,6 +9,7 @@ the server process, one job at a time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -17,6 +18,7 @@ from typing import Protocol
 
 import redis
 from rq import Queue, Worker
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.results import Result
 from rq.serializers import JSONSerializer
@@ -151,7 +153,10 @@ class RQDispatcher:
         remaining = deadline - time.monotonic()
         result = job.latest_result(timeout=max(1, math.ceil(remaining))) if remaining > 0 else None
         if result is None:
-            job.cancel()
+            # Nobody will read a late result. The job's ttl equals the timeout, so an unstarted job may
+            # have expired already and there is nothing left to cancel.
+            with contextlib.suppress(InvalidJobOperation, NoSuchJobError):
+                job.cancel()
             return ServiceError(
                 503, "worker_timeout", f"no worker finished job {job.id} within the timeout; it was cancelled"
             )

@@ -1,10 +1,13 @@
 """The queued path: Flask app -> real Redis -> real `segmask worker` process -> back."""
 
+import os
+import signal
 import time
 import uuid
 
 import numpy as np
 import pytest
+import redis
 from ls_bodies import interior_point, keypoints, with_image
 from rq_worker import REDIS_URL, free_port, require_redis, start_redis_server, start_worker, stop
 from upload_server import UPLOAD_TOKEN
@@ -59,6 +62,39 @@ def test_a_refusal_on_the_worker_comes_back_as_the_same_4xx(queued, ls_request):
     body["tasks"][0]["data"]["image"] = "file:///etc/passwd"
     answer = client.post("/predict", json=body)
     assert answer.status_code == 400 and answer.get_json()["error"] == "unsupported_url"
+
+
+@pytest.fixture
+def frozen_worker(queued):
+    """The module's worker, stopped with SIGSTOP (a hung worker) for the test, then resumed."""
+    client, prefix = queued
+    from rq import Queue, Worker
+
+    connection = redis.Redis.from_url(REDIS_URL)
+    [worker] = Worker.all(connection=connection, queue=Queue(f"{prefix}:interactive", connection=connection))
+    os.kill(worker.pid, signal.SIGSTOP)
+    yield prefix
+    os.kill(worker.pid, signal.SIGCONT)
+
+
+def test_a_hung_worker_gives_a_503_within_the_timeout_not_a_hang(frozen_worker, ls_request, upload_server):
+    settings = Settings.from_env({}, redis_url=REDIS_URL, queue_prefix=frozen_worker, interactive_timeout=2)
+    client = create_app(settings).test_client()
+    client.post(
+        "/setup", json=dict(ls_request("setup"), hostname=upload_server.url, access_token=UPLOAD_TOKEN)
+    )
+    started = time.perf_counter()
+    answer = client.post(
+        "/predict", json=keypoints(ls_request("predict-interactive-keypoint"), 9, [(5, 5, True)])
+    )
+    assert answer.status_code == 503 and answer.get_json()["error"] == "worker_timeout"
+    assert time.perf_counter() - started < 5
+
+
+def test_the_worker_serves_again_after_it_was_hung(queued, ls_request):
+    client, _ = queued
+    body = keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(60, 30, True)])
+    assert client.post("/predict", json=body).status_code == 200
 
 
 def test_queue_depths_are_in_the_metrics(queued):
