@@ -16,9 +16,10 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $@
 
-# The backend in embedded mode (no Redis needed) on the shipped model, port 9090 (SEGMASK_PORT).
+# The backend in embedded mode (no Redis needed) on the shipped model, port 9090 (SEGMASK_PORT); retrained
+# versions go to var/models unless SEGMASK_MODEL_STORE says otherwise.
 serve: setup
-	$(VENV)/bin/segmask serve
+	SEGMASK_MODEL_STORE=$${SEGMASK_MODEL_STORE:-$(CURDIR)/var/models} $(VENV)/bin/segmask serve
 
 # An RQ worker for a backend started with SEGMASK_REDIS_URL set (same variable here).
 worker: setup

@@ -1,4 +1,5 @@
-"""The Flask app factory: routes only (/health /setup /predict /webhook /metrics).
+"""The Flask app factory: routes only (/health /setup /predict /webhook /metrics /versions /jobs; admin:
+/train).
 
 ``create_app()`` reads :class:`~backend.settings.Settings` once. With ``SEGMASK_REDIS_URL`` set, jobs go to
 RQ workers; without it (embedded mode) the model is loaded here, at start-up, never inside a request:
@@ -26,8 +27,11 @@ from backend.errors import ServiceError, bad_request
 from backend.metrics import Metrics
 from backend.predict import PredictService
 from backend.queue import Dispatcher, EmbeddedDispatcher, RQDispatcher
+from backend.rescore import rescore
 from backend.settings import Settings
-from segmodels.checkpoint import checkpoint_version
+from backend.training import JobBoard, TrainingScheduler
+from backend.versions import open_store, versions_json
+from backend.webhooks import WebhookHandler, project_id
 
 log = logging.getLogger(__name__)
 # Routes Label Studio calls without credentials even when Basic auth is configured.
@@ -45,6 +49,14 @@ def build_dispatcher(settings: Settings) -> Dispatcher:
     )
 
 
+def build_scheduler(settings: Settings, dispatcher: Dispatcher) -> TrainingScheduler:
+    """Training bookkeeping in Redis with RQ; in this process (jobs in threads) in embedded mode."""
+    if isinstance(dispatcher, RQDispatcher):
+        return TrainingScheduler(settings, dispatcher.connection)
+    runtime = dispatcher.runtime
+    return TrainingScheduler(settings, None, rescore_inline=lambda req: rescore(runtime, req))
+
+
 def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None = None) -> Flask:
     """The backend as a WSGI app; ``dispatcher`` overrides the one the settings choose (tests, benches)."""
     settings = settings or Settings.from_env()
@@ -54,7 +66,10 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     service = PredictService(
         settings, dispatcher, LabelStudioCredentials(settings.label_studio_url, settings.label_studio_api_key)
     )
-    metrics = Metrics(dispatcher.queue_depths, lambda: checkpoint_version(settings.model_dir))
+    store = open_store(settings)
+    metrics = Metrics(dispatcher.queue_depths, store.current_version)
+    scheduler = build_scheduler(settings, dispatcher)
+    webhooks = WebhookHandler(scheduler, service)
     events: deque[dict] = deque(maxlen=200)
     app.extensions["segmask"] = {
         "settings": settings,
@@ -75,7 +90,7 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
         body = _json_body(required=False) or {}
         if isinstance(body, dict):
             service.remember_setup(body)
-        return jsonify(model_version=checkpoint_version(settings.model_dir))
+        return jsonify(model_version=store.current_version())
 
     @app.post("/predict")
     def predict():
@@ -93,12 +108,34 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
         body = _json_body()
         if not isinstance(body, dict) or not isinstance(body.get("action"), str):
             raise bad_request("a webhook body is a JSON object with an 'action' string", "bad_webhook")
-        project = body.get("project")
-        project_id = project.get("id") if isinstance(project, dict) else project
-        events.append({"action": body["action"], "project": project_id, "received": time.time()})
+        events.append({"action": body["action"], "project": project_id(body), "received": time.time()})
         metrics.webhooks.labels(body["action"]).inc()
-        log.info("webhook %s for project %s recorded", body["action"], project_id)
-        return jsonify(status="ok", action=body["action"]), 200
+        answer = webhooks.handle(body)
+        log.info(
+            "webhook %s for project %s: %s",
+            body["action"],
+            answer["project"],
+            answer.get("training", "recorded"),
+        )
+        return jsonify(answer), 200
+
+    @app.post("/train")
+    def train():
+        _check_admin(settings)
+        body = _json_body()
+        project = body.get("project") if isinstance(body, dict) else None
+        if not isinstance(project, int) or isinstance(project, bool):
+            raise bad_request('POST /train needs {"project": <Label Studio project id>}', "bad_train_request")
+        state = scheduler.request(webhooks.train_request(project, "POST /train"))
+        return jsonify(project=project, training=state), 202
+
+    @app.get("/jobs")
+    def jobs():
+        return jsonify(jobs=JobBoard(store).all())
+
+    @app.get("/versions")
+    def versions():
+        return jsonify(versions_json(store))
 
     @app.get("/metrics")
     def prometheus():
@@ -136,6 +173,17 @@ def _install_hooks(app: Flask, settings: Settings, metrics: Metrics) -> None:
             metrics.latency.labels(route, g.mode).observe(elapsed)
             log.info("%s %s %s %.0f ms", request.method, request.path, response.status_code, elapsed * 1000)
         return response
+
+
+def _check_admin(settings: Settings) -> None:
+    """Admin routes need the header ``X-Segmask-Admin-Token: <SEGMASK_ADMIN_TOKEN>``; unset, they are off."""
+    if not settings.admin_token:
+        raise ServiceError(
+            403, "admin_disabled", "admin routes are off: set SEGMASK_ADMIN_TOKEN to enable them"
+        )
+    given = request.headers.get("X-Segmask-Admin-Token", "")
+    if not hmac.compare_digest(given.encode(), settings.admin_token.encode()):
+        raise ServiceError(401, "unauthorized", "X-Segmask-Admin-Token is missing or wrong")
 
 
 def _check_basic_auth(settings: Settings) -> None:

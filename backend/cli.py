@@ -23,12 +23,21 @@ def ensure_allocator_env(argv: list[str]) -> None:
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model stage on COCO-format data")
-    p.add_argument("stage", choices=["deepmask", "sharpmask", "multipathnet"])
+    p = sub.add_parser(
+        "train",
+        help="train a model stage on COCO-format data, or (--project) fine-tune on a Label Studio project",
+    )
+    p.add_argument("stage", nargs="?", choices=["deepmask", "sharpmask", "multipathnet"])
+    p.add_argument(
+        "--project",
+        type=int,
+        help="Label Studio project id: fine-tune the served version on its annotations and publish it if not "
+        "worse (queued on the training queue with SEGMASK_REDIS_URL, else run here)",
+    )
     p.add_argument(
         "--data", type=Path, default=DEFAULT_DATA, help="directory with instances.json and images/"
     )
-    p.add_argument("--out", type=Path, required=True, help="output directory (resumes when it holds a state)")
+    p.add_argument("--out", type=Path, help="output directory of a stage (resumes when it holds a state)")
     p.add_argument(
         "--init", type=Path, help="checkpoint to start from (required for sharpmask, multipathnet)"
     )
@@ -49,6 +58,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    if args.project is not None:
+        run_project_training(args.project)
+        return
+    if args.stage is None or args.out is None:
+        raise SystemExit("segmask train: give a STAGE and --out, or --project ID")
     from segmodels.train import TrainConfig, train
 
     cfg = TrainConfig(
@@ -178,6 +192,87 @@ def run_predict(args: argparse.Namespace) -> None:
         raise SystemExit(f"segmask predict: {len(summary.failed)} of {len(args.images)} images failed")
 
 
+def run_project_training(project: int) -> None:
+    import json
+
+    import redis
+
+    from backend.settings import Settings
+    from backend.training import TrainingScheduler, TrainRequest, run_training
+
+    settings = Settings.from_env()
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        raise SystemExit("segmask train --project needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+    req = TrainRequest(
+        project, settings.label_studio_url, settings.label_studio_api_key, "segmask train --project"
+    )
+    if settings.redis_url:
+        state = TrainingScheduler(settings, redis.Redis.from_url(settings.redis_url)).request(req)
+        print(f"project {project}: training {state} (progress: GET /jobs, or <store>/jobs/{project}.json)")
+        return
+    print(json.dumps(run_training(settings, req, rescore=None), indent=2))
+
+
+def add_versions(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("versions", help="list the model store's versions and which one is served")
+    p.add_argument("--json", action="store_true")
+    r = sub.add_parser("rollback", help="serve an earlier version again (workers switch without a restart)")
+    r.add_argument("version", help="a version name from `segmask versions` (e.g. v2)")
+
+
+def run_versions(args: argparse.Namespace) -> None:
+    import json
+
+    from backend.settings import Settings
+    from backend.versions import open_store, versions_json
+
+    view = versions_json(open_store(Settings.from_env()))
+    if args.json:
+        print(json.dumps(view, indent=2))
+        return
+    print(f"store: {view['store'] or '(none: SEGMASK_MODEL_STORE is not set)'}; serving {view['current']}")
+    for v in view["versions"]:
+        mark = "*" if v["current"] else " "
+        new = v["metrics"].get("new", {})
+        shown = ", ".join(f"{k} {val:.3f}" for k, val in new.items() if isinstance(val, float))
+        state = "published" if v["published"] else "never published"
+        print(f"{mark} {v['version']:<24} {v['created'] or '':<26} {state:<16} {shown}")
+
+
+def run_rollback(args: argparse.Namespace) -> None:
+    from backend.settings import Settings
+    from backend.versions import open_store
+
+    store = open_store(Settings.from_env())
+    try:
+        store.rollback(args.version)
+    except (KeyError, PermissionError) as exc:
+        raise SystemExit(f"segmask rollback: {exc}") from None
+    print(f"now serving {store.current_version()}")
+
+
+def add_rescore(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "rescore", help="rank a project's unlabelled tasks by uncertainty (writes predictions)"
+    )
+    p.add_argument("--project", type=int, required=True)
+
+
+def run_rescore(args: argparse.Namespace) -> None:
+    from backend.jobs import Runtime
+    from backend.rescore import rescore
+    from backend.settings import Settings
+    from backend.training import TrainRequest
+
+    settings = Settings.from_env()
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        raise SystemExit("segmask rescore needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+    req = TrainRequest(
+        args.project, settings.label_studio_url, settings.label_studio_api_key, "segmask rescore"
+    )
+    print(rescore(Runtime(settings), req)["rescored"], "tasks rescored")
+
+
 def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="serve the Label Studio ML backend (embedded mode without SEGMASK_REDIS_URL)"
@@ -235,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve(sub)
     add_worker(sub)
     add_settings(sub)
+    add_versions(sub)
+    add_rescore(sub)
     return parser
 
 
@@ -245,6 +342,9 @@ COMMANDS = {
     "serve": run_serve,
     "worker": run_worker,
     "settings": run_settings,
+    "versions": run_versions,
+    "rollback": run_rollback,
+    "rescore": run_rescore,
 }
 
 

@@ -133,8 +133,10 @@ class LabelStudioCredentials:
 
         if not self.base_url:
             raise ServiceError(
-                502, "label_studio_auth", "a personal access token is configured but no Label Studio URL is "
-                "known to exchange it at (set LABEL_STUDIO_URL)"
+                502,
+                "label_studio_auth",
+                "a personal access token is configured but no Label Studio URL is "
+                "known to exchange it at (set LABEL_STUDIO_URL)",
             )
         try:
             if self._client is None:
@@ -152,6 +154,7 @@ class LabelStudioCredentials:
         except (ParsingError, ValueError) as exc:  # a 2xx answer that is not the expected JSON
             problem = f"unexpected answer ({type(exc).__name__})"
         raise ServiceError(
-            502, "label_studio_auth",
+            502,
+            "label_studio_auth",
             f"cannot exchange the personal access token at {self.base_url}/api/token/refresh/: {problem}",
         )

@@ -118,7 +118,11 @@ def is_public_address(address: str) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return not (
-        ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
         or ip.is_unspecified
     )
 
@@ -212,7 +216,9 @@ class ImageFetcher:
         if pillow_limit is not None and settings.max_image_pixels > 2 * pillow_limit:
             logger.warning(
                 "SEGMASK_MAX_IMAGE_PIXELS=%d exceeds Pillow's own decompression-bomb limit (%d); images "
-                "above that are refused too", settings.max_image_pixels, 2 * pillow_limit,
+                "above that are refused too",
+                settings.max_image_pixels,
+                2 * pillow_limit,
             )
 
     @property
@@ -261,7 +267,8 @@ class ImageFetcher:
         if scheme not in ("http", "https"):
             raise bad_request(
                 f"image URL scheme {scheme + ':' if scheme else '(none)'} is not supported: only http(s) "
-                "URLs and Label Studio paths (/data/...)", kind="unsupported_url"
+                "URLs and Label Studio paths (/data/...)",
+                kind="unsupported_url",
             )
         target = _Target(ls_url, authorization)
         self._check_host(url, target)  # before the cache too: a cached URL is no way around the policy
@@ -285,7 +292,8 @@ class ImageFetcher:
                 return _to_rgb_array(_upright(image))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ServiceError(
-                413, "image_too_many_pixels",
+                413,
+                "image_too_many_pixels",
                 f"image refused as a decompression bomb ({exc}); the limit is "
                 f"{self.settings.max_image_pixels} pixels",
             ) from None
@@ -300,7 +308,8 @@ class ImageFetcher:
         if not ls_url:
             raise bad_request(
                 f"{describe_url(path)} is relative to Label Studio, but its URL is unknown (set "
-                "LABEL_STUDIO_URL, or Label Studio sends it in /setup)", kind="no_label_studio_url"
+                "LABEL_STUDIO_URL, or Label Studio sends it in /setup)",
+                kind="no_label_studio_url",
             )
         if origin(ls_url) is None:
             raise bad_request(
@@ -371,7 +380,8 @@ class ImageFetcher:
             address = str(info[4][0])
             if not is_public_address(address):
                 raise ServiceError(
-                    403, "private_address",
+                    403,
+                    "private_address",
                     f"image host {host!r} resolves to the non-public address {address}; only Label Studio's "
                     "own host and SEGMASK_ALLOWED_HOSTS may be private",
                 )
@@ -421,7 +431,8 @@ class ImageFetcher:
                     location = response.headers.get("Location")
                     if not location:
                         raise ServiceError(
-                            422, "image_unreachable",
+                            422,
+                            "image_unreachable",
                             f"{describe_url(current)} answered {response.status_code} without a Location",
                         )
                     logger.debug("image redirect %s -> %s", describe_url(current), describe_url(location))
@@ -460,7 +471,8 @@ class ImageFetcher:
 
     def _timed_out(self, url: str) -> ServiceError:
         return ServiceError(
-            422, "image_unreachable",
+            422,
+            "image_unreachable",
             f"downloading {describe_url(url)} took more than {self.settings.image_timeout:g} s",
         )
 
@@ -468,7 +480,8 @@ class ImageFetcher:
         status = response.status_code
         if status in (401, 403):
             raise ServiceError(
-                422, "image_forbidden",
+                422,
+                "image_forbidden",
                 f"{describe_url(url)} answered {status} with credentials: {credential_kind(authorization)} "
                 "(check LABEL_STUDIO_API_KEY, or enable legacy tokens in Label Studio)",
             )
@@ -505,14 +518,16 @@ class ImageFetcher:
     def _check_size(self, size: int, what: str) -> None:
         if size > self.settings.max_image_bytes:
             raise ServiceError(
-                413, "image_too_large",
+                413,
+                "image_too_large",
                 f"{what} is larger than SEGMASK_MAX_IMAGE_BYTES ({self.settings.max_image_bytes} bytes)",
             )
 
     def _check_pixels(self, width: int, height: int) -> None:
         if width * height > self.settings.max_image_pixels:
             raise ServiceError(
-                413, "image_too_many_pixels",
+                413,
+                "image_too_many_pixels",
                 f"image is {width}x{height} = {width * height} pixels, more than SEGMASK_MAX_IMAGE_PIXELS "
                 f"({self.settings.max_image_pixels})",
             )

@@ -6,7 +6,8 @@ Requests and results are plain JSON (RQ's JSON serializer; nothing is unpickled 
 - image: ``{"url", "label_studio_url", "authorization"}`` (see backend.images.ImageFetcher.fetch);
 - segment request: ``{"image", "prompt": {"points": [[x%, y%]], "positive": [bool], "box": [x1%, y1%, x2%,
   y2%] | null}, "output": "polygon" | "brush"}``;
-- detect request: ``{"image", "output", "score_threshold", "max_detections"}``;
+- detect request: ``{"image", "output", "score_threshold", "max_detections", "uncertainty"?: bool}``
+  (with ``uncertainty``, the result also has ``"uncertainty"`` and ``"confidence"`` in [0, 1]);
 - result: ``{"model_version", "width", "height", "objects": [{"score", "label"?, "polygon": [[x%, y%]] |
   "rle": [int]}], "seconds": {"image", "features", "model", "encode"}}``, or ``{"error": {"status", "kind",
   "message"}}`` for a problem the client must see (a ServiceError raised while serving).
@@ -31,10 +32,11 @@ from rq.utils import now as utcnow
 from backend.errors import ServiceError, bad_request
 from backend.images import ImageFetcher
 from backend.settings import Settings
-from segmodels.checkpoint import checkpoint_version
+from backend.versions import open_store
 from segmodels.geometry import mask_to_polygon, points_to_percent
 from segmodels.predictor import ImageFeatures, MaskPredictor, load_predictor
 from segmodels.train import resolve_device
+from segmodels.uncertainty import detect_with_uncertainty
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +78,25 @@ class Runtime:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.fetcher = fetcher or ImageFetcher(settings)
-        self.features = FeatureCache(settings.feature_cache_images)
         self.lock = threading.Lock()
+        self.store = open_store(settings)
+        self.model_version = ""
+        self._load_current()
+
+    def _load_current(self) -> None:
+        """Serve the store's current version, loading it if it is not the one loaded (no restart needed)."""
+        version = self.store.current_version()
+        if version == self.model_version:
+            return
         started = time.perf_counter()
-        self.model_version = checkpoint_version(settings.model_dir)
-        self.predictor: MaskPredictor = load_predictor(settings.model_dir, self.device)
+        path = self.store.current_dir()
+        self.predictor: MaskPredictor = load_predictor(path, self.device)
+        self.features = FeatureCache(self.settings.feature_cache_images)
+        self.model_version = version
         log.info(
             "model %s loaded from %s on %s in %.1f s",
-            self.model_version,
-            settings.model_dir,
+            version,
+            path,
             self.device,
             time.perf_counter() - started,
         )
@@ -114,7 +126,13 @@ class Runtime:
             image, seconds = self._set_image(request)
             started = time.perf_counter()
             with torch.inference_mode():
-                detections = self.predictor.detect(score_threshold=threshold, max_detections=limit)
+                if request.get("uncertainty"):
+                    detections, measure = detect_with_uncertainty(self.predictor, threshold, limit)
+                else:
+                    detections, measure = (
+                        self.predictor.detect(score_threshold=threshold, max_detections=limit),
+                        {},
+                    )
             seconds["model"] = time.perf_counter() - started
         height, width = image.shape[:2]
         objects = []
@@ -122,9 +140,13 @@ class Runtime:
             obj = _encode(det.mask, det.score, request.get("output"), width, height, seconds)
             if obj:
                 objects.append({**obj, "label": det.label})
-        return self._result(width, height, objects, seconds)
+        result = self._result(width, height, objects, seconds)
+        if measure:
+            result.update(uncertainty=float(measure["uncertainty"]), confidence=float(measure["confidence"]))
+        return result
 
     def _set_image(self, request: dict) -> tuple[np.ndarray, dict]:
+        self._load_current()
         ref = request.get("image") or {}
         if not isinstance(ref.get("url"), str):
             raise bad_request("the job names no image URL", "missing_image")

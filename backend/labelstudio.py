@@ -257,3 +257,16 @@ def prediction(results: list[dict], model_version: str) -> dict:
     """One task's prediction; its ``score`` is the mean of its regions' scores (0 when there are none)."""
     score = sum(r["score"] for r in results) / len(results) if results else 0.0
     return {"result": results, "score": round(score, 4), "model_version": model_version}
+
+
+def detections_prediction(result: dict, output: OutputControl) -> dict:
+    """A pre-annotation job's result as one task's prediction: each object's model class mapped onto the
+    control's labels (:attr:`OutputControl.class_to_label`), unmapped classes dropped."""
+    size = (result["width"], result["height"])
+    regions = []
+    for obj in result["objects"]:
+        label = output.class_to_label.get(obj["label"].lower())
+        region = object_region(output, label, obj, size) if label else None
+        if region:
+            regions.append(region)
+    return prediction(regions, result["model_version"])

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from backend.credentials import LabelStudioCredentials
 from backend.errors import ServiceError, bad_request
 from backend.labelstudio import (
-    OutputControl,
     ProjectConfig,
+    detections_prediction,
     object_region,
     parse_config,
     prediction,
@@ -114,7 +114,7 @@ class PredictService:
             try:
                 if isinstance(outcome, ServiceError):
                     raise outcome
-                results.append(self._task_prediction(unwrap(outcome), output))
+                results.append(detections_prediction(unwrap(outcome), output))
                 done.append(outcome)
             except ServiceError as exc:
                 log.error("pre-annotation of task %s failed: %s (%s)", task.get("id"), exc.message, exc.kind)
@@ -127,17 +127,6 @@ class PredictService:
         # nothing by Label Studio), and the failure is in the log and /metrics.
         version = next(r["model_version"] for r in results if r)
         return {"results": [r or prediction([], version) for r in results]}, done
-
-    @staticmethod
-    def _task_prediction(result: dict, output: OutputControl) -> dict:
-        size = (result["width"], result["height"])
-        regions = []
-        for obj in result["objects"]:
-            label = output.class_to_label.get(obj["label"].lower())
-            region = object_region(output, label, obj, size) if label else None
-            if region:
-                regions.append(region)
-        return prediction(regions, result["model_version"])
 
     # ---- image access ------------------------------------------------------------------------------------
     def _image_access(self, body: dict) -> dict:

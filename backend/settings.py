@@ -59,10 +59,28 @@ class Settings:
         "settings.",
     )
     basic_auth_pass: str = _setting("SEGMASK_BASIC_AUTH_PASS", "", "Password for SEGMASK_BASIC_AUTH_USER.")
+    admin_token: str = _setting(
+        "SEGMASK_ADMIN_TOKEN",
+        "",
+        "Token admins send as X-Segmask-Admin-Token to POST /train. Empty: admin routes are off.",
+    )
     model_dir: Path = _setting(
         "SEGMASK_MODEL_DIR",
         DEFAULT_MODEL_DIR,
-        "Checkpoint directory (model.safetensors + model.json). Default: the shipped model.",
+        "Checkpoint served while the model store has no published version (model.safetensors + model.json). "
+        "Default: the shipped model.",
+    )
+    model_store: str = _setting(
+        "SEGMASK_MODEL_STORE",
+        "",
+        "Directory of the versioned model store (retraining publishes there; `segmask versions`/`rollback`). "
+        "Shared by the server and all workers. Empty: serve SEGMASK_MODEL_DIR only, no retraining. "
+        "`make serve` sets var/models.",
+    )
+    retrain_every: int = _setting(
+        "SEGMASK_RETRAIN_EVERY",
+        20,
+        "Start a training job after this many new or updated annotations in a project (0: only on request).",
     )
     device: str = _setting("SEGMASK_DEVICE", "auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
     interactive_timeout: float = _setting(

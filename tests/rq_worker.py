@@ -26,9 +26,11 @@ def require_redis(url: str = REDIS_URL) -> redis.Redis:
     return connection
 
 
-def start_worker(redis_url: str, prefix: str, log_path: Path, **env: str) -> subprocess.Popen:
-    """A `segmask worker` process on ``prefix``'s queues; returns once it has registered with Redis."""
-    cmd = [sys.executable, "-m", "backend.cli", "worker"]
+def start_worker(
+    redis_url: str, prefix: str, log_path: Path, queues: str = "interactive,batch,training", **env: str
+) -> subprocess.Popen:
+    """A `segmask worker` process on ``prefix``'s ``queues``; returns once it has registered with Redis."""
+    cmd = [sys.executable, "-m", "backend.cli", "worker", "--queues", queues]
     environ = {**os.environ, "SEGMASK_REDIS_URL": redis_url, "SEGMASK_QUEUE_PREFIX": prefix, **env}
     log = log_path.open("ab")
     proc = subprocess.Popen(cmd, env=environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

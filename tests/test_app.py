@@ -205,7 +205,7 @@ def test_basic_auth_guards_every_route_but_the_webhook(guarded, path, method):
 
 def test_basic_auth_lets_the_right_credentials_and_webhooks_through(guarded, ls_request):
     assert guarded.get("/health", headers=_basic("ls", "s3cret")).status_code == 200
-    assert guarded.post("/webhook", json=ls_request("webhook-start_training")).status_code == 200
+    assert guarded.post("/webhook", json=ls_request("webhook-annotation_created")).status_code == 200
 
 
 def test_a_failing_task_in_a_batch_gets_an_empty_prediction_and_the_others_are_served(client, ls_request):
@@ -221,3 +221,30 @@ def test_the_setup_token_is_what_downloads_uploads(app, ls_request):
     body = keypoints(body, 9, [(50, 50, True)], label="person")
     answer = fresh.test_client().post("/predict", json=body)
     assert answer.status_code == 400 and "Label Studio" in answer.get_json()["message"]
+
+
+def test_the_train_button_without_a_model_store_is_a_clear_409(client, ls_request):
+    answer = client.post("/webhook", json=ls_request("webhook-start_training"))
+    assert answer.status_code == 409 and "SEGMASK_MODEL_STORE" in answer.get_json()["message"]
+
+
+def test_a_published_version_is_served_without_a_restart(tmp_path, upload_server, ls_request, dog):
+    import shutil
+
+    from segmodels.model_store import ModelStore
+
+    settings = Settings.from_env({}, model_store=str(tmp_path / "store"))
+    fresh = create_app(settings).test_client()
+    fresh.post(
+        "/setup", json=dict(ls_request("setup"), hostname=upload_server.url, access_token=UPLOAD_TOKEN)
+    )
+    body = keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(dog[0], dog[1], True)])
+    assert fresh.post("/predict", json=body).get_json()["results"][0]["model_version"].startswith("default-")
+    store = ModelStore(settings.model_store, settings.model_dir)
+    with store.new_version() as staged:
+        for name in ("model.safetensors", "model.json"):
+            shutil.copy(settings.model_dir / name, staged.path / name)
+    store.publish(staged.name, "test")
+    assert fresh.post("/setup", json={}).get_json()["model_version"] == "v1"
+    assert fresh.post("/predict", json=body).get_json()["results"][0]["model_version"] == "v1"
+    assert [v["version"] for v in fresh.get("/versions").get_json()["versions"]][1:] == ["v1"]

@@ -1,0 +1,78 @@
+"""Active learning: after a new version, predict every unlabelled task and rank tasks by how informative
+labelling them would be.
+
+Each prediction's ``score`` is the model's *confidence* in its pre-annotation of that image (1 minus the
+uncertainty of :func:`segmodels.uncertainty.image_uncertainty`, in [0, 1]). Sorting by *Prediction score*
+**ascending** in Label Studio's Data Manager therefore serves the most uncertain (most useful) task first;
+a Data Manager tab "segmask: most uncertain first" with that ordering is created once per project.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from backend.jobs import Runtime, current_runtime
+from backend.labelstudio import detections_prediction, parse_config
+from backend.training import JobBoard, TrainRequest, now
+from backend.versions import open_store
+
+log = logging.getLogger(__name__)
+VIEW_TITLE = "segmask: most uncertain first"
+
+
+def rescore_job(request: dict) -> dict:
+    """RQ entry point (batch queue): rescore with this worker's warm model."""
+    return rescore(current_runtime(), TrainRequest(**request))
+
+
+def rescore(runtime: Runtime, req: TrainRequest) -> dict:
+    """Write a ranked prediction for every task of ``req.project`` that has no annotation yet."""
+    from label_studio_sdk.client import LabelStudio
+
+    from backend.credentials import LabelStudioCredentials
+
+    client = LabelStudio(base_url=req.label_studio_url, api_key=req.api_key)
+    project = client.projects.get(id=req.project)
+    config = parse_config(project.label_config)
+    to_name, output = next(iter(config.outputs.items()))
+    auth = LabelStudioCredentials(req.label_studio_url, req.api_key).authorization()
+    board = JobBoard(open_store(runtime.settings))
+    started, done = time.monotonic(), 0
+    for task in client.tasks.list(project=req.project, fields="all", page_size=100):
+        task = task.model_dump() if hasattr(task, "model_dump") else dict(task)
+        if any(not a.get("was_cancelled") for a in task.get("annotations") or []):
+            continue
+        result = runtime.detect(
+            {
+                "image": {
+                    "url": config.image_url(task, to_name),
+                    "label_studio_url": req.label_studio_url,
+                    "authorization": auth,
+                },
+                "output": "brush" if output.type == "BrushLabels" else "polygon",
+                "uncertainty": True,
+            }
+        )
+        pred = detections_prediction(result, output)
+        client.predictions.create(
+            task=task["id"],
+            result=pred["result"],
+            score=result["confidence"],
+            model_version=result["model_version"],
+        )
+        done += 1
+    _ensure_view(client, req.project)
+    record = board.write(
+        req.project, rescored=done, rescored_at=now(), rescore_seconds=round(time.monotonic() - started, 1)
+    )
+    log.info("project %s: rescored %d unlabelled tasks with %s", req.project, done, runtime.model_version)
+    return {"rescored": done, "model_version": runtime.model_version, "record": record}
+
+
+def _ensure_view(client, project: int) -> None:
+    """A Data Manager tab ordered by prediction score, ascending (most uncertain first)."""
+    views = client.views.list(project=project)
+    if any((v.data or {}).get("title") == VIEW_TITLE for v in views):
+        return
+    client.views.create(project=project, data={"title": VIEW_TITLE, "ordering": ["tasks:predictions_score"]})

@@ -1,0 +1,424 @@
+"""Retraining: annotations -> dataset snapshot -> fine-tune -> old vs new -> publish (or keep) -> rescore.
+
+One training job per project at a time. A trigger while one is queued or running schedules exactly one
+follow-up, which starts when the running job ends (so annotations made meanwhile are trained on too).
+With Redis the bookkeeping lives in Redis (several servers may receive webhooks) and the job runs on a
+worker's ``training`` queue; in embedded mode it lives in this process and the job runs in a thread.
+
+Every job writes its progress to ``<store>/jobs/<project>.json`` (stage, percent, result), shown by
+``/jobs`` and in the logs; a failure is recorded there with its reason and the current version keeps
+serving. The new version is built in the store's staging area and appears in one rename, so a killed job
+leaves no half-written version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import redis
+from rq import Queue, get_current_job
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from backend.annotations import write_dataset
+from backend.credentials import LabelStudioCredentials
+from backend.errors import ServiceError
+from backend.images import ImageFetcher
+from backend.labelstudio import parse_config
+from backend.settings import Settings
+from backend.versions import open_store
+from segmodels.checkpoint import atomic_write_json
+from segmodels.model_store import ModelStore
+
+log = logging.getLogger(__name__)
+# A training job that has not finished after this long is considered dead (its lock expires).
+LOCK_SECONDS = 6 * 3600
+# A lock whose job is not in RQ yet is being enqueued for at most this long.
+ENQUEUE_GRACE_S = 30
+ACTIVE_STATES = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# ---- progress records ------------------------------------------------------------------------------------
+class JobBoard:
+    """Per-project training records in ``<store>/jobs/<project>.json`` (atomic writes)."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self.dir = store.root / "jobs" if store.root else None
+
+    def write(self, project: int, **fields) -> dict:
+        if self.dir is None:
+            return fields
+        path = self.dir / f"{project}.json"
+        record = {**self.read(project), **fields, "project": project, "updated_at": now()}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, record)
+        return record
+
+    def read(self, project: int) -> dict:
+        path = self.dir / f"{project}.json" if self.dir else None
+        if path is None or not path.exists():
+            return {}
+        record = json.loads(path.read_text())
+        if record.get("state") == "running" and not _process_alive(record):
+            record = {**record, "state": "interrupted", "reason": "the job's process is gone (killed?)"}
+        return record
+
+    def all(self) -> list[dict]:
+        if self.dir is None or not self.dir.exists():
+            return []
+        return [self.read(int(p.stem)) for p in sorted(self.dir.glob("*.json")) if p.stem.isdigit()]
+
+
+def _process_alive(record: dict) -> bool:
+    if record.get("host") != socket.gethostname():
+        return True  # another machine's job: trust its record
+    try:
+        os.kill(int(record.get("pid", 0)), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---- scheduling ------------------------------------------------------------------------------------------
+@dataclass
+class TrainRequest:
+    """What a training job needs: the project and how to reach Label Studio's API."""
+
+    project: int
+    label_studio_url: str
+    api_key: str
+    trigger: str
+
+    def to_json(self) -> dict:
+        return self.__dict__.copy()
+
+
+class TrainingScheduler:
+    """Starts at most one training job per project; a trigger during a run schedules one follow-up."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        connection: redis.Redis | None,
+        rescore_inline: Callable[[TrainRequest], None] | None = None,
+    ) -> None:
+        """``connection`` None: embedded mode, jobs run in threads and ``rescore_inline`` rescores."""
+        self.settings = settings
+        self.connection = connection
+        self.prefix = f"{settings.queue_prefix}:train"
+        self.rescore_inline = rescore_inline
+        self._lock = threading.Lock()
+        self._active: dict[int, threading.Thread] = {}
+        self._again: dict[int, TrainRequest] = {}
+        self._counts: dict[int, int] = {}
+
+    def request(self, req: TrainRequest) -> str:
+        """ "queued", "follow-up scheduled" (a job is running or queued), or a ServiceError if impossible."""
+        if not self.settings.model_store:
+            raise ServiceError(
+                409, "no_model_store", "retraining needs a model store: set SEGMASK_MODEL_STORE"
+            )
+        if self.connection is None:
+            return self._request_inline(req)
+        return self._request_rq(req)
+
+    def annotations_changed(
+        self, project: int, count: int, make_request: Callable[[], TrainRequest]
+    ) -> str | None:
+        """Count annotation changes; every ``retrain_every`` of them request a training job."""
+        every = self.settings.retrain_every
+        if every <= 0 or count <= 0:
+            return None
+        if self.connection is None:
+            with self._lock:
+                total = self._counts[project] = self._counts.get(project, 0) + count
+                if total >= every:
+                    self._counts[project] = 0
+        else:
+            key = f"{self.prefix}:{project}:changes"
+            total = int(self.connection.incrby(key, count))
+            if total >= every:
+                self.connection.delete(key)
+        if total >= every:
+            return self.request(make_request())
+        return None
+
+    # RQ: Redis keys <prefix>:train:<project>:active (the job id) and :again (a follow-up request).
+    def _request_rq(self, req: TrainRequest) -> str:
+        active_key, again_key = f"{self.prefix}:{req.project}:active", f"{self.prefix}:{req.project}:again"
+        job_id = f"train-{req.project}-{uuid.uuid4().hex[:12]}"
+        lock = json.dumps({"job": job_id, "at": time.time()})
+        for _ in range(3):
+            if self.connection.set(active_key, lock, nx=True, ex=LOCK_SECONDS):
+                self._enqueue(req, job_id)
+                return "queued"
+            held = self.connection.get(active_key)
+            if held is not None and self._stale(json.loads(held), req.project):
+                self._release_if(active_key, held)
+                continue
+            self.connection.set(again_key, json.dumps(req.to_json()), ex=LOCK_SECONDS)
+            log.info("training of project %s already queued or running; one follow-up scheduled", req.project)
+            return "follow-up scheduled"
+        raise ServiceError(409, "training_conflict", f"could not schedule training of project {req.project}")
+
+    def _enqueue(self, req: TrainRequest, job_id: str) -> None:
+        queue = Queue(
+            f"{self.settings.queue_prefix}:training", connection=self.connection, serializer=JSONSerializer
+        )
+        queue.enqueue(
+            "backend.training.train_job",
+            req.to_json(),
+            job_id=job_id,
+            job_timeout=LOCK_SECONDS,
+            result_ttl=24 * 3600,
+            failure_ttl=7 * 24 * 3600,
+        )
+        JobBoard(open_store(self.settings)).write(
+            req.project, state="queued", trigger=req.trigger, job_id=job_id, queued_at=now()
+        )
+        log.info("training of project %s queued (%s)", req.project, req.trigger)
+
+    def _release_if(self, key: str, value: bytes) -> None:
+        """Delete ``key`` only if it still holds ``value`` (another process may have taken it meanwhile)."""
+        with self.connection.pipeline() as pipe:
+            try:
+                pipe.watch(key)
+                if pipe.get(key) == value:
+                    pipe.multi()
+                    pipe.delete(key)
+                    pipe.execute()
+            except redis.WatchError:
+                pass
+
+    def _stale(self, lock: dict, project: int) -> bool:
+        """True when the job holding the project's lock has ended, or its process is gone (a killed worker
+        leaves its job "started" in RQ until RQ's own cleanup, minutes later). A lock taken moments ago
+        whose job is not in RQ yet is being enqueued, not stale."""
+        try:
+            job = Job.fetch(lock["job"], connection=self.connection, serializer=JSONSerializer)
+        except NoSuchJobError:
+            return time.time() - lock["at"] > ENQUEUE_GRACE_S
+        if job.get_status() not in ACTIVE_STATES:
+            return True
+        return JobBoard(open_store(self.settings)).read(project).get("state") == "interrupted"
+
+    def finished_rq(self, project: int) -> None:
+        """Called by the job at its end: release the lock, start the follow-up if one was asked for."""
+        self.connection.delete(f"{self.prefix}:{project}:active")
+        again = self.connection.getdel(f"{self.prefix}:{project}:again")
+        if again:
+            self.request(TrainRequest(**{**json.loads(again), "trigger": "follow-up"}))
+
+    # Embedded: a thread per job, the same rules in memory.
+    def _request_inline(self, req: TrainRequest) -> str:
+        with self._lock:
+            running = self._active.get(req.project)
+            if running is not None and running.is_alive():
+                self._again[req.project] = req
+                return "follow-up scheduled"
+            thread = threading.Thread(
+                target=self._run_inline, args=(req,), name=f"train-{req.project}", daemon=True
+            )
+            self._active[req.project] = thread
+            JobBoard(open_store(self.settings)).write(
+                req.project, state="queued", trigger=req.trigger, queued_at=now()
+            )
+            thread.start()
+            return "queued"
+
+    def _run_inline(self, req: TrainRequest) -> None:
+        try:
+            run_training(self.settings, req, self.rescore_inline)
+        finally:
+            with self._lock:
+                self._active.pop(req.project, None)
+                again = self._again.pop(req.project, None)
+            if again is not None:
+                self.request(TrainRequest(**{**again.to_json(), "trigger": "follow-up"}))
+
+
+# ---- the job ---------------------------------------------------------------------------------------------
+def train_job(request: dict) -> dict:
+    """RQ entry point on the training queue."""
+    settings = Settings.from_env()
+    req = TrainRequest(**request)
+    connection = get_current_job().connection
+    try:
+        return run_training(settings, req, rescore=_enqueue_rescore(settings, connection))
+    finally:
+        TrainingScheduler(settings, connection).finished_rq(req.project)
+
+
+def _enqueue_rescore(settings: Settings, connection: redis.Redis) -> Callable[[TrainRequest], None]:
+    def enqueue(req: TrainRequest) -> None:
+        queue = Queue(f"{settings.queue_prefix}:batch", connection=connection, serializer=JSONSerializer)
+        queue.enqueue("backend.rescore.rescore_job", req.to_json(), job_timeout=3600, result_ttl=24 * 3600)
+
+    return enqueue
+
+
+def run_training(
+    settings: Settings, req: TrainRequest, rescore: Callable[[TrainRequest], None] | None
+) -> dict:
+    """The whole job; returns (and records) its outcome. Any failure leaves the current version serving."""
+    from segmodels.finetune import FinetuneConfig, compare, finetune
+
+    store = open_store(settings)
+    board = JobBoard(store)
+    started = time.monotonic()
+    board.write(
+        req.project,
+        state="running",
+        stage="reading annotations",
+        percent=0,
+        started_at=now(),
+        finished_at=None,
+        error=None,
+        reason=None,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        trigger=req.trigger,
+        base_version=store.current_version(),
+    )
+
+    def progress(stage: str, fraction: float) -> None:
+        percent = round(10 + 80 * fraction, 1)
+        board.write(req.project, stage=stage, percent=percent)
+        job = get_current_job()
+        if job is not None:
+            job.meta.update(stage=stage, percent=percent)
+            job.save_meta()
+
+    try:
+        tasks, config = fetch_project(req)
+        with store.new_version() as staged:
+            fetcher = ImageFetcher(settings)
+            auth = LabelStudioCredentials(req.label_studio_url, req.api_key).authorization()
+            summary = write_dataset(
+                tasks,
+                config,
+                lambda url: fetcher.fetch(url, req.label_studio_url, auth),
+                staged.path / "data",
+            )
+            if not summary.train_image_ids:
+                raise ServiceError(
+                    409, "nothing_to_train", f"project {req.project} has no annotated images to train on"
+                )
+            log.info(
+                "project %s: %d images, %d instances %s",
+                req.project,
+                summary.images,
+                summary.instances,
+                summary.per_label,
+            )
+            board.write(req.project, stage="fine-tuning", percent=10, data=summary.to_json())
+            base = store.current_dir()
+            finetune(
+                base,
+                staged.path / "data",
+                staged.path,
+                FinetuneConfig(device=settings.device),
+                train_image_ids=summary.train_image_ids,
+                progress=progress,
+            )
+            board.write(req.project, stage="evaluating old vs new", percent=90)
+            metrics = compare(base, staged.path, staged.path / "data", summary.heldout_image_ids)
+            atomic_write_json(staged.path / "metrics.json", {**metrics, "data": summary.to_json()})
+        return _decide(store, board, req, staged.name, metrics, started, rescore)
+    except Exception as exc:
+        reason = exc.message if isinstance(exc, ServiceError) else f"{exc.__class__.__name__}: {exc}"
+        log.error("training of project %s failed: %s\n%s", req.project, reason, traceback.format_exc())
+        board.write(
+            req.project,
+            state="failed",
+            stage=None,
+            finished_at=now(),
+            error=reason,
+            seconds=round(time.monotonic() - started, 1),
+        )
+        return {"state": "failed", "error": reason}
+
+
+def _decide(
+    store: ModelStore,
+    board: JobBoard,
+    req: TrainRequest,
+    name: str,
+    metrics: dict,
+    started: float,
+    rescore: Callable[[TrainRequest], None] | None,
+) -> dict:
+    seconds = round(time.monotonic() - started, 1)
+    if metrics.get("better_or_equal", False):
+        store.publish(name, f"trained on project {req.project} ({req.trigger})")
+        record = board.write(
+            req.project,
+            state="published",
+            stage=None,
+            percent=100,
+            version=name,
+            finished_at=now(),
+            seconds=seconds,
+            metrics=metrics,
+        )
+        log.info("project %s: published %s in %.0f s", req.project, name, seconds)
+        if rescore is not None:
+            rescore(req)
+        return record
+    reason = metrics.get("reason", "the new version is worse on the held-out slice")
+    record = board.write(
+        req.project,
+        state="kept",
+        stage=None,
+        percent=100,
+        version=name,
+        finished_at=now(),
+        seconds=seconds,
+        metrics=metrics,
+        reason=reason,
+    )
+    log.warning(
+        "project %s: kept %s serving; %s not published: %s",
+        req.project,
+        store.current_version(),
+        name,
+        reason,
+    )
+    return record
+
+
+def fetch_project(req: TrainRequest) -> tuple[list[dict], object]:
+    """The project's label config and every task with its annotations, through label-studio-sdk."""
+    from label_studio_sdk.client import LabelStudio
+
+    if not req.label_studio_url or not req.api_key:
+        raise ServiceError(
+            409,
+            "no_label_studio_access",
+            "training needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY "
+            "(or a /setup from Label Studio with a legacy token)",
+        )
+    client = LabelStudio(base_url=req.label_studio_url, api_key=req.api_key)
+    project = client.projects.get(id=req.project)
+    tasks = [
+        task.model_dump() if hasattr(task, "model_dump") else dict(task)
+        for task in client.tasks.list(project=req.project, fields="all", page_size=100)
+    ]
+    return tasks, parse_config(project.label_config)
