@@ -340,6 +340,8 @@ def run_training(
             )
             board.write(req.project, stage="evaluating old vs new", percent=90)
             metrics = compare(base, staged.path, staged.path / "data", summary.heldout_image_ids)
+            # The candidate has no number until its staging directory joins the store.
+            metrics.setdefault("new", {})["version"] = "candidate"
             atomic_write_json(staged.path / "metrics.json", {**metrics, "data": summary.to_json()})
         return _decide(store, board, req, staged.name, metrics, started, rescore)
     except Exception as exc:
