@@ -19,13 +19,14 @@ import logging
 import time
 from collections import deque
 
+import redis
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from backend.credentials import LabelStudioCredentials
 from backend.errors import ServiceError, bad_request
 from backend.metrics import Metrics
-from backend.predict import PredictService
+from backend.predict import PredictService, SetupRegistry
 from backend.queue import Dispatcher, EmbeddedDispatcher, RQDispatcher
 from backend.rescore import rescore
 from backend.settings import Settings
@@ -63,8 +64,12 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     dispatcher = dispatcher or build_dispatcher(settings)
     app = Flask("segmask")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    connection = dispatcher.connection if isinstance(dispatcher, RQDispatcher) else None
     service = PredictService(
-        settings, dispatcher, LabelStudioCredentials(settings.label_studio_url, settings.label_studio_api_key)
+        settings,
+        dispatcher,
+        LabelStudioCredentials(settings.label_studio_url, settings.label_studio_api_key),
+        SetupRegistry(connection, settings.queue_prefix),
     )
     store = open_store(settings)
     metrics = Metrics(dispatcher.queue_depths, store.current_version)
@@ -219,6 +224,15 @@ def _install_error_handlers(app: Flask, metrics: Metrics) -> None:
         kind = {413: "body_too_large"}.get(exc.code, (exc.name or "http_error").lower().replace(" ", "_"))
         log.warning("%s %s -> %s %s", request.method, request.path, exc.code, exc.description)
         return answer(exc.code or 500, kind, exc.description or exc.name)
+
+    @app.errorhandler(redis.RedisError)
+    def redis_down(exc: redis.RedisError):
+        log.error("%s %s: Redis unavailable: %s", request.method, request.path, exc)
+        return answer(
+            503,
+            "redis_unavailable",
+            f"Redis is unavailable ({exc.__class__.__name__}: {exc}); retry when it is back",
+        )
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):

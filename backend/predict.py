@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import redis
+
 from backend.credentials import LabelStudioCredentials
 from backend.errors import ServiceError, bad_request
 from backend.labelstudio import (
@@ -25,6 +27,7 @@ from backend.queue import Dispatcher, JobOutcome, unwrap
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
+SETUP_TTL_S = 7 * 24 * 3600
 
 
 @dataclass
@@ -35,6 +38,42 @@ class SetupInfo:
     access_token: str | None = None
 
 
+class SetupRegistry:
+    """``/setup`` information by project id. With Redis it is kept there (for a week), so every server
+    process, and every server machine, knows what Label Studio told any one of them."""
+
+    def __init__(self, connection: redis.Redis | None = None, prefix: str = "segmask") -> None:
+        self.connection = connection
+        self.prefix = f"{prefix}:setup"
+        self._local: dict[str, SetupInfo] = {}
+
+    def remember(self, project: str, info: SetupInfo) -> None:
+        self._local[project] = info
+        if self.connection is None:
+            return
+        fields = {k: v for k, v in (("hostname", info.hostname), ("access_token", info.access_token)) if v}
+        key = f"{self.prefix}:{project}"
+        with self.connection.pipeline() as pipe:
+            pipe.delete(key)
+            if fields:
+                pipe.hset(key, mapping=fields)
+                pipe.expire(key, SETUP_TTL_S)
+            pipe.execute()
+
+    def get(self, project: str) -> SetupInfo | None:
+        if self.connection is None:
+            return self._local.get(project)
+        fields = {
+            k.decode(): v.decode() for k, v in self.connection.hgetall(f"{self.prefix}:{project}").items()
+        }
+        # This process's own copy covers a Redis that restarted empty, until Label Studio sends /setup again.
+        return (
+            SetupInfo(fields.get("hostname"), fields.get("access_token"))
+            if fields
+            else self._local.get(project)
+        )
+
+
 @dataclass
 class PredictService:
     """Answers ``/predict`` bodies; remembers each project's ``/setup`` information for image access."""
@@ -42,15 +81,18 @@ class PredictService:
     settings: Settings
     dispatcher: Dispatcher
     credentials: LabelStudioCredentials
-    setups: dict[str, SetupInfo] = field(default_factory=dict)
+    setups: SetupRegistry = field(default_factory=SetupRegistry)
 
     def remember_setup(self, body: dict) -> None:
         """Keep ``hostname`` and ``access_token`` of a ``/setup`` body, keyed by project id."""
         project = _project_id(body.get("project"))
         hostname, token = body.get("hostname"), body.get("access_token")
-        self.setups[project] = SetupInfo(
-            hostname if isinstance(hostname, str) and hostname else None,
-            token if isinstance(token, str) and token else None,
+        self.setups.remember(
+            project,
+            SetupInfo(
+                hostname if isinstance(hostname, str) and hostname else None,
+                token if isinstance(token, str) and token else None,
+            ),
         )
 
     def predict(self, body: object) -> tuple[str, dict, list[JobOutcome]]:
@@ -131,7 +173,7 @@ class PredictService:
     # ---- image access ------------------------------------------------------------------------------------
     def _image_access(self, body: dict) -> dict:
         """Where uploads live and how to authenticate: settings first, then the project's /setup values."""
-        setup = self.setups.get(_project_id(body.get("project")), SetupInfo())
+        setup = self.setups.get(_project_id(body.get("project"))) or SetupInfo()
         base = self.settings.label_studio_url or setup.hostname
         return {
             "label_studio_url": base,

@@ -13,6 +13,7 @@ leaves no half-written version.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,9 +22,10 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import redis
 from rq import Queue, get_current_job
@@ -308,7 +310,7 @@ def run_training(
 
     try:
         tasks, config = fetch_project(req)
-        with store.new_version() as staged:
+        with store.new_version() as staged, _job_log(staged.path / "train.log"):
             fetcher = ImageFetcher(settings)
             auth = LabelStudioCredentials(req.label_studio_url, req.api_key).authorization()
             summary = write_dataset(
@@ -356,6 +358,20 @@ def run_training(
             seconds=round(time.monotonic() - started, 1),
         )
         return {"state": "failed", "error": reason}
+
+
+@contextlib.contextmanager
+def _job_log(path: Path) -> Iterator[None]:
+    """Keep this job's log lines (data, fine-tuning, comparison) in the version's ``train.log``."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def _decide(

@@ -79,7 +79,8 @@ def run_worker(settings: Settings, queues: tuple[str, ...] = PRIORITIES, burst: 
             worker.work(burst=burst, with_scheduler=False)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.error("worker %s lost Redis: %s", worker.name, exc)
-        if burst or worker._stop_requested:
+        # A SIGTERM/SIGINT sets the shutdown date (RQ only sets _stop_requested when it arrives mid-job).
+        if burst or worker._stop_requested or worker._shutdown_requested_date is not None:
             return
         # RQ's handlers stay installed after work(); plain signals stop the wait below.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

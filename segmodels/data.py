@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -41,9 +42,18 @@ def in_split(image_id: int, split: str) -> bool:
     return split == "all" or (image_id % 5 == 0) == (split == "val")
 
 
+def has_segmentation(segmentation: list | dict | None) -> bool:
+    """Whether a COCO ``segmentation`` describes a mask: an RLE dict, or a list holding at least one polygon
+    of three vertices. Box-only annotations (e.g. Label Studio rectangles) have ``[]``."""
+    if isinstance(segmentation, dict):
+        return bool(segmentation)
+    return any(len(polygon) >= 6 for polygon in segmentation or [])
+
+
 @dataclass(frozen=True)
 class Instance:
-    """One non-crowd annotation: ``box`` is COCO xywh in pixels."""
+    """One non-crowd annotation: ``box`` is COCO xywh in pixels. ``has_mask`` is False for box-only
+    annotations (empty ``segmentation``): they are objects, but never mask targets."""
 
     index: int
     image_index: int
@@ -51,6 +61,7 @@ class Instance:
     category_id: int
     box: tuple[float, float, float, float]
     area: float
+    has_mask: bool = True
 
     @property
     def centre(self) -> tuple[float, float]:
@@ -62,26 +73,55 @@ class Instance:
         return max(self.box[2], self.box[3])
 
 
+def annotation_area(annotation: dict) -> float:
+    """COCO ``area``; for a box-only annotation without one (or with 0), the area of its ``bbox``."""
+    area = annotation.get("area") or 0.0
+    if area or has_segmentation(annotation.get("segmentation")):
+        return area
+    return annotation["bbox"][2] * annotation["bbox"][3]
+
+
 class CocoInstances:
-    """A COCO-format directory (``instances.json`` + ``images/``) restricted to one split.
+    """A COCO-format directory (``instances.json`` + ``images/``) restricted to one split, and to the images
+    ``image_ids`` when given (ids absent from the data are an error).
 
     Decoded images, their pyramids and instance masks are cached in memory (COCO128 needs ~0.5 GB).
     """
 
-    def __init__(self, root: str | Path, split: str = "all", min_area: float = MIN_AREA) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "all",
+        min_area: float = MIN_AREA,
+        image_ids: Iterable[int] | None = None,
+    ) -> None:
         self.root = Path(root)
         coco = json.loads((self.root / "instances.json").read_text())
         self.categories = {c["id"]: c["name"] for c in coco["categories"]}
         self.images = [im for im in coco["images"] if in_split(im["id"], split)]
+        if image_ids is not None:
+            wanted = set(image_ids)
+            missing = wanted - {im["id"] for im in self.images}
+            if missing:
+                raise ValueError(f"image ids {sorted(missing)[:10]} are not in {root} (split {split})")
+            self.images = [im for im in self.images if im["id"] in wanted]
         index_of = {im["id"]: i for i, im in enumerate(self.images)}
         self.annotations = [a for a in coco["annotations"] if a["image_id"] in index_of]
         usable = [
             a
             for a in self.annotations
-            if not a.get("iscrowd", 0) and a["area"] >= min_area and min(a["bbox"][2:]) >= 1
+            if not a.get("iscrowd", 0) and annotation_area(a) >= min_area and min(a["bbox"][2:]) >= 1
         ]
         self.instances = [
-            Instance(k, index_of[a["image_id"]], a["id"], a["category_id"], tuple(a["bbox"]), a["area"])
+            Instance(
+                k,
+                index_of[a["image_id"]],
+                a["id"],
+                a["category_id"],
+                tuple(a["bbox"]),
+                annotation_area(a),
+                has_segmentation(a.get("segmentation")),
+            )
             for k, a in enumerate(usable)
         ]
         self._annotation_by_id = {a["id"]: a for a in self.annotations}
@@ -211,10 +251,12 @@ class WindowSampler:
     """The papers' sampling over a :class:`CocoInstances` split.
 
     - mask samples: a uniformly drawn category, a random instance of it, scale jitter of +-1/4 octave around
-      the canonical size, shift of +-16 px, random flip; the target is the instance's mask in the window;
-    - score samples: 50% positives drawn as above; 50% negatives, half of them centred on an instance at a
-      scale 1-2 octaves off, half random windows (scales 2^-3..2^1) whose centre is >= 48 px from every
-      object centre or whose scale is off by an octave or more.
+      the canonical size, shift of +-16 px, random flip; the target is the instance's mask in the window.
+      Only instances with a mask count here (box-only annotations are no mask targets);
+    - score samples: 50% positives drawn as above (box-only instances included: a box is enough to centre
+      and scale an object); 50% negatives, half of them centred on an instance at a scale 1-2 octaves off,
+      half random windows (scales 2^-3..2^1) whose centre is >= 48 px from every object centre or whose
+      scale is off by an octave or more.
     """
 
     def __init__(self, dataset: CocoInstances, seed: int = 0, augment: bool = True) -> None:
@@ -224,10 +266,24 @@ class WindowSampler:
         self.rng = np.random.default_rng(seed)
         self.augment = augment
         self.categories = sorted(dataset.instances_by_category)
+        self.masked_by_category = {
+            cat: masked
+            for cat, members in dataset.instances_by_category.items()
+            if (masked := [inst for inst in members if inst.has_mask])
+        }
+        self.mask_categories = sorted(self.masked_by_category)
 
     def _random_instance(self) -> Instance:
         cat = self.categories[self.rng.integers(len(self.categories))]
         members = self.dataset.instances_by_category[cat]
+        return members[self.rng.integers(len(members))]
+
+    def _random_masked_instance(self) -> Instance:
+        """A uniformly drawn category among those with a mask, then one of its instances that has a mask."""
+        if not self.mask_categories:
+            raise ValueError(f"no instance of {self.dataset.root} has a mask (box-only annotations)")
+        cat = self.mask_categories[self.rng.integers(len(self.mask_categories))]
+        members = self.masked_by_category[cat]
         return members[self.rng.integers(len(members))]
 
     def _jittered(self, inst: Instance, octaves: float) -> tuple[tuple[float, float], float]:
@@ -245,7 +301,7 @@ class WindowSampler:
 
     def mask_sample(self) -> tuple[np.ndarray, np.ndarray]:
         """``(192, 192, 3) uint8`` input and ``(160, 160) float32`` target."""
-        inst = self._random_instance()
+        inst = self._random_masked_instance()
         centre, scale = self._jittered(inst, self.rng.uniform(-SCALE_JITTER, SCALE_JITTER))
         flip = bool(self.rng.integers(2)) if self.augment else False
         target = crop_mask(self.dataset.mask_u8(inst), centre, scale, flip)

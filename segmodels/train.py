@@ -267,6 +267,36 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def train_step(
+    model: SegmentationModel,
+    optimizer: torch.optim.Optimizer,
+    sampler: WindowSampler,
+    cfg: TrainConfig,
+    step: int,
+    device: torch.device,
+) -> tuple[str, float]:
+    """One optimiser step of the ``deepmask`` or ``sharpmask`` stage at ``step`` of ``cfg.total_steps``
+    (learning rate from :func:`lr_at`, scaled per parameter group); returns the loss's name and value.
+
+    The paper alternates mask batches (positives only) and objectness batches: in the ``deepmask`` stage odd
+    steps train the objectness head on ``(B, 3, 192, 192)`` crops, even steps the mask head.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg) * group["lr_scale"]
+    if cfg.stage == "deepmask" and step % 2 == 1:
+        x, y = sampler.score_batch(cfg.batch_size)
+        loss = score_loss(model.deepmask(model.trunk(to_device(x, device))["s16"])[1], y.to(device))
+        name = "train_score_loss"
+    else:
+        x, y = sampler.mask_batch(cfg.batch_size)
+        loss = mask_loss(mask_logits(model, cfg.stage, to_device(x, device)), y.to(device))
+        name = "train_mask_loss"
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return name, loss.item()
+
+
 def train(cfg: TrainConfig) -> Path | None:
     """Run (or resume) one training stage; returns the output checkpoint directory, or None when
     ``stop_after_steps`` ended this run early (the state is saved: run again to continue)."""
@@ -299,23 +329,11 @@ def train(cfg: TrainConfig) -> Path | None:
         cfg.total_steps if cfg.stop_after_steps is None else min(cfg.total_steps, step + cfg.stop_after_steps)
     )
     while step < stop_at:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg) * group["lr_scale"]
-        # The paper alternates mask batches (positives only) and objectness batches.
-        if cfg.stage == "deepmask" and step % 2 == 1:
-            x, y = sampler.score_batch(cfg.batch_size)
-            loss = score_loss(model.deepmask(model.trunk(to_device(x, device))["s16"])[1], y.to(device))
-            running["train_score_loss"].append(loss.item())
-        else:
-            x, y = sampler.mask_batch(cfg.batch_size)
-            loss = mask_loss(mask_logits(model, cfg.stage, to_device(x, device)), y.to(device))
-            running["train_mask_loss"].append(loss.item())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        name, loss = train_step(model, optimizer, sampler, cfg, step, device)
+        running[name].append(loss)
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss:.4f}")
         if step % cfg.steps_per_epoch == 0 or step == cfg.total_steps:
             seconds = prior_seconds + time.monotonic() - started
             running = record_epoch(

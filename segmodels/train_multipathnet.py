@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from segmodels.checkpoint import atomic_write_json, load_checkpoint
-from segmodels.data import CocoInstances, to_tensor
+from segmodels.data import CocoInstances, Instance, to_tensor
 from segmodels.geometry import mask_to_box, masks_iou_matrix
 from segmodels.model import SegmentationModel
 from segmodels.multipathnet import IOU_THRESHOLDS, assign_targets, encode_boxes, integral_loss
@@ -65,27 +66,62 @@ def class_list(dataset: CocoInstances) -> tuple[list[str], list[int]]:
     return [dataset.categories[i] for i in ids], ids
 
 
+def instance_box(dataset: CocoInstances, inst: Instance) -> np.ndarray:
+    """xyxy image-pixel box of an instance: its mask's tight box, or its COCO ``bbox`` when it has no mask."""
+    if inst.has_mask:
+        return mask_to_box(dataset.mask(inst))
+    x, y, w, h = inst.box
+    return np.array([x, y, x + w, y + h], np.float32)
+
+
+def roi_iou(
+    roi_masks: list[np.ndarray | None],
+    roi_boxes: np.ndarray,
+    gt_masks: list[np.ndarray | None],
+    gt_boxes: np.ndarray,
+) -> np.ndarray:
+    """``(R, G)`` overlap of RoIs with instances: mask IoU where both have a mask, box IoU otherwise (a
+    box-only instance, or a box-only instance's own box among the RoIs). Boxes xyxy pixels."""
+    iou = box_iou(*(torch.as_tensor(b, dtype=torch.float64) for b in (roi_boxes, gt_boxes))).numpy()
+    rows = [i for i, m in enumerate(roi_masks) if m is not None]
+    cols = [j for j, m in enumerate(gt_masks) if m is not None]
+    if rows and cols:
+        iou[np.ix_(rows, cols)] = masks_iou_matrix(
+            np.stack([roi_masks[i] for i in rows]), np.stack([gt_masks[j] for j in cols])
+        )
+    return iou
+
+
+def rois_of_image(
+    predictor: MaskPredictor, dataset: CocoInstances, index: int, labels: dict[int, int]
+) -> ImageRois | None:
+    """The image's top :data:`PROPOSALS` proposals and ground-truth boxes as RoIs, with their overlap with
+    the instances (:func:`roi_iou`); None when the image has no instance. ``labels``: category id -> 1..K."""
+    instances = dataset.instances_by_image[index]
+    if not instances:
+        return None
+    gt_masks = [dataset.mask(inst) if inst.has_mask else None for inst in instances]
+    gt_boxes = np.stack([instance_box(dataset, inst) for inst in instances])
+    predictor.set_image(dataset.image(index))
+    props = [m.mask for m in predictor.propose(PROPOSALS) if m.mask.any()]
+    prop_boxes = [mask_to_box(m) for m in props]
+    boxes = np.concatenate([np.stack(prop_boxes), gt_boxes]) if props else gt_boxes
+    return ImageRois(
+        index,
+        boxes,
+        roi_iou(props + gt_masks, boxes, gt_masks, gt_boxes),
+        gt_boxes,
+        np.array([labels[inst.category_id] for inst in instances]),
+    )
+
+
 def image_rois(predictor: MaskPredictor, dataset: CocoInstances, labels: dict[int, int]) -> list[ImageRois]:
-    """Proposals and their mask IoU with the instances of every image that has instances."""
+    """:func:`rois_of_image` of every image that has instances."""
     out = []
     for index in tqdm(range(len(dataset)), desc="proposals", unit="image"):
-        instances = dataset.instances_by_image[index]
-        if not instances:
-            continue
-        gt = np.stack([dataset.mask(inst) for inst in instances])
-        predictor.set_image(dataset.image(index))
-        props = [m.mask for m in predictor.propose(PROPOSALS) if m.mask.any()]
-        masks = np.concatenate([np.stack(props), gt]) if props else gt
-        gt_boxes = np.stack([mask_to_box(m) for m in gt])
-        out.append(
-            ImageRois(
-                index,
-                np.stack([mask_to_box(m) for m in masks]),
-                masks_iou_matrix(masks, gt),
-                gt_boxes,
-                np.array([labels[inst.category_id] for inst in instances]),
-            )
-        )
+        rois = rois_of_image(predictor, dataset, index, labels)
+        if rois is not None:
+            out.append(rois)
     return out
 
 
@@ -188,6 +224,54 @@ def top1_accuracy(model: SegmentationModel, taps_cache: TapCache, rois: list[Ima
     return hits / max(total, 1)
 
 
+def multipathnet_parameters(model: SegmentationModel) -> list[torch.nn.Parameter]:
+    """Freeze everything but MultiPathNet (the shared trunk stays as DeepMask and SharpMask need it); its
+    parameters, to optimise."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(model.multipathnet.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def usable_rois(rois: list[ImageRois]) -> list[ImageRois]:
+    """The images with at least one foreground RoI (the ground-truth boxes among the RoIs make that all
+    images with instances, unless an instance's mask covers no pixel)."""
+    return [r for r in rois if (r.iou.max(axis=1) >= FG_IOU).any()]
+
+
+def multipathnet_step(
+    model: SegmentationModel,
+    optimizer: torch.optim.Optimizer,
+    taps: TapCache,
+    usable: list[ImageRois],
+    rng: np.random.Generator,
+    cfg: TrainConfig,
+    step: int,
+) -> tuple[float, dict[str, list[float]]]:
+    """One optimiser step at ``step`` of ``cfg.total_steps``: the mean integral loss over ``batch_size // 16``
+    random images of ``usable`` (each with :data:`ROIS_PER_IMAGE` sampled RoIs, mirrored at random).
+
+    Returns the loss and the per-image parts ``{"train_cls_loss": [...], "train_box_loss": [...]}``.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    losses = []
+    parts: dict[str, list[float]] = {"train_cls_loss": [], "train_box_loss": []}
+    for _ in range(max(1, cfg.batch_size // 16)):
+        rois = usable[rng.integers(len(usable))]
+        loss, image_parts = roi_loss(model, taps, rois, sample_rois(rois, rng), bool(rng.integers(2)))
+        losses.append(loss)
+        parts["train_cls_loss"].append(image_parts["cls"].item())
+        parts["train_box_loss"].append(image_parts["box"].item())
+    loss = torch.stack(losses).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item(), parts
+
+
 def train_multipathnet(cfg: TrainConfig) -> Path | None:
     """Run (or resume) the MultiPathNet stage from the ``cfg.init`` DeepMask+SharpMask checkpoint."""
     if not cfg.init:
@@ -206,11 +290,7 @@ def train_multipathnet(cfg: TrainConfig) -> Path | None:
     val_rois = cached_rois(out / "proposals-val.json", lambda: image_rois(predictor, val_data, labels))
     model, init_meta = load_checkpoint(cfg.init, device)
     model.set_classes(names, ids)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = list(model.multipathnet.parameters())
-    for p in params:
-        p.requires_grad_(True)
+    params = multipathnet_parameters(model)
     model.train()
     optimizer = torch.optim.AdamW(
         [{"params": params, "lr_scale": 1.0}], lr=cfg.lr, weight_decay=cfg.weight_decay
@@ -220,7 +300,7 @@ def train_multipathnet(cfg: TrainConfig) -> Path | None:
         step, history = load_state(out, model, optimizer, rng)
         log.info("resuming %s from step %d", out, step)
     train_taps, val_taps = TapCache(model, train_data, device), TapCache(model, val_data, device)
-    usable = [r for r in train_rois if (r.iou.max(axis=1) >= FG_IOU).any()]
+    usable = usable_rois(train_rois)
     started, prior = time.monotonic(), history[-1]["seconds"] if history else 0.0
     running: dict[str, list[float]] = {"train_cls_loss": [], "train_box_loss": []}
     stop_at = (
@@ -230,22 +310,12 @@ def train_multipathnet(cfg: TrainConfig) -> Path | None:
         total=cfg.total_steps, initial=step, desc="train multipathnet", unit="step", dynamic_ncols=True
     )
     while step < stop_at:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        losses = []
-        for _ in range(max(1, cfg.batch_size // 16)):
-            rois = usable[rng.integers(len(usable))]
-            loss, parts = roi_loss(model, train_taps, rois, sample_rois(rois, rng), bool(rng.integers(2)))
-            losses.append(loss)
-            running["train_cls_loss"].append(parts["cls"].item())
-            running["train_box_loss"].append(parts["box"].item())
-        loss = torch.stack(losses).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, parts = multipathnet_step(model, optimizer, train_taps, usable, rng, cfg, step)
+        for name, values in parts.items():
+            running[name] += values
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}")
         if step % cfg.steps_per_epoch == 0 or step == cfg.total_steps:
             metrics = {
                 "val_top1": top1_accuracy(model, val_taps, val_rois),

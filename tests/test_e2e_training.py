@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,6 +159,16 @@ def test_after_publishing_unlabelled_tasks_get_ranked_predictions(label_studio, 
             break
         time.sleep(2)
     assert ranked and 0.0 <= ranked[0]["score"] <= 1.0
+    views = label_studio.request("GET", "/api/dm/views", params={"project": project["id"]}).json()
+    assert "segmask: most uncertain first" in {(v.get("data") or {}).get("title") for v in views}
+
+
+def test_a_version_keeps_its_data_snapshot_metrics_and_training_log(stack):
+    [v1] = [v for v in requests.get(f"{stack['url']}/versions").json()["versions"] if v["version"] == "v1"]
+    path = Path(v1["path"])
+    snapshot = json.loads((path / "data" / "instances.json").read_text())
+    assert {c["name"] for c in snapshot["categories"]} == {"person", "puppy"}
+    assert v1["metrics"]["better_or_equal"] and "fine-tuned" in (path / "train.log").read_text()
 
 
 def test_a_training_job_killed_mid_way_leaves_the_published_version_serving(label_studio, stack, project):

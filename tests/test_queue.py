@@ -150,3 +150,17 @@ def test_a_redis_outage_gives_503_and_service_resumes_when_redis_is_back(tmp_pat
     finally:
         stop(worker)
         server.kill()
+
+
+def test_setup_information_reaches_every_server_process(queued, ls_request, upload_server):
+    """Two app instances (two gunicorn processes) share what Label Studio sent to one of them."""
+    _, prefix = queued
+    settings = Settings.from_env({}, redis_url=REDIS_URL, queue_prefix=prefix)
+    first, second = create_app(settings).test_client(), create_app(settings).test_client()
+    first.post(
+        "/setup",
+        json=dict(ls_request("setup"), project="77.1", hostname=upload_server.url, access_token=UPLOAD_TOKEN),
+    )
+    body = keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(60, 30, True)])
+    body["project"] = "77.1"
+    assert second.post("/predict", json=body).status_code == 200
