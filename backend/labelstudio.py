@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend.errors import bad_request
+from backend.label_mapping import class_to_label
 
 OUTPUT_TYPES = ("PolygonLabels", "BrushLabels")
 SMART_TYPES = {"keypointlabels": "KeyPointLabels", "rectanglelabels": "RectangleLabels"}
@@ -92,15 +93,9 @@ def parse_config(xml: str) -> ProjectConfig:
 
 
 def _output_control(control, to_name: str) -> OutputControl:
-    mapping: dict[str, str] = {}
-    names: dict[str, str] = {}
-    for value, tag in control.labels_attrs.items():
-        for cls in (tag.attr or {}).get("predicted_values", "").split(","):
-            if cls.strip():
-                mapping.setdefault(cls.strip().lower(), value)
-        names.setdefault(value.lower(), value)
-    for lowered, value in names.items():
-        mapping.setdefault(lowered, value)
+    mapping = class_to_label(
+        (value, (tag.attr or {}).get("predicted_values")) for value, tag in control.labels_attrs.items()
+    )
     return OutputControl(control.name, to_name, control.tag, tuple(control.labels), mapping)
 
 
