@@ -384,26 +384,18 @@ def _decide(
     rescore: Callable[[TrainRequest], None] | None,
 ) -> dict:
     seconds = round(time.monotonic() - started, 1)
-    if metrics.get("better_or_equal", False):
+    published = bool(metrics.get("better_or_equal", False))
+    reason = None if published else metrics.get("reason", "the new version is worse on the held-out slice")
+    if published:
         store.publish(name, f"trained on project {req.project} ({req.trigger})")
-        record = board.write(
-            req.project,
-            state="published",
-            stage=None,
-            percent=100,
-            version=name,
-            finished_at=now(),
-            seconds=seconds,
-            metrics=metrics,
-        )
         log.info("project %s: published %s in %.0f s", req.project, name, seconds)
-        if rescore is not None:
-            rescore(req)
-        return record
-    reason = metrics.get("reason", "the new version is worse on the held-out slice")
+    else:
+        log.warning(
+            "project %s: kept %s; %s not published: %s", req.project, store.current_version(), name, reason
+        )
     record = board.write(
         req.project,
-        state="kept",
+        state="published" if published else "kept",
         stage=None,
         percent=100,
         version=name,
@@ -412,13 +404,8 @@ def _decide(
         metrics=metrics,
         reason=reason,
     )
-    log.warning(
-        "project %s: kept %s serving; %s not published: %s",
-        req.project,
-        store.current_version(),
-        name,
-        reason,
-    )
+    if published and rescore is not None:
+        rescore(req)
     return record
 
 

@@ -1,4 +1,4 @@
-"""Real Redis and real `segmask worker` processes for the queued-path tests."""
+"""Real Redis, `segmask worker` and `segmask serve` processes for the queued-path and end-to-end tests."""
 
 from __future__ import annotations
 
@@ -96,3 +96,28 @@ def start_redis_server(port: int) -> subprocess.Popen:
             time.sleep(0.05)
     proc.kill()
     raise RuntimeError(f"redis-server did not start on port {port}")
+
+
+def start_server(
+    env: dict[str, str], log_path: Path, auth: tuple[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """``segmask serve`` (gunicorn) on a free loopback port with ``env`` added; returns it and its URL once
+    ``/health`` answers."""
+    import requests
+
+    port = free_port()
+    environ = {**os.environ, **env, "SEGMASK_PORT": str(port), "SEGMASK_HOST": "127.0.0.1"}
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backend.cli", "serve"], env=environ, stdout=log, stderr=log
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/health", auth=auth, timeout=1).ok:
+                return proc, url
+        except requests.RequestException:
+            time.sleep(0.3)
+    stop(proc)
+    raise RuntimeError(f"segmask serve did not start:\n{log_path.read_text()[-3000:]}")

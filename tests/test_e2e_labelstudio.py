@@ -2,16 +2,12 @@
 connected as a project's ML backend; Label Studio retrieves predictions for imported COCO128 images and
 asks for a region interactively, exactly as its UI does."""
 
-import os
-import subprocess
-import sys
-import time
 import uuid
 
 import pytest
 import requests
 from ls_bodies import captured, interior_point
-from rq_worker import REDIS_URL, free_port, require_redis, start_worker, stop
+from rq_worker import REDIS_URL, require_redis, start_server, start_worker, stop
 
 pytestmark = pytest.mark.e2e
 
@@ -27,28 +23,16 @@ def backend(tmp_path_factory):
     logs = tmp_path_factory.mktemp("backend")
     prefix = f"segmask-e2e-{uuid.uuid4().hex[:6]}"
     worker = start_worker(REDIS_URL, prefix, logs / "worker.log")
-    port = free_port()
-    env = {
-        **os.environ,
-        "SEGMASK_REDIS_URL": REDIS_URL,
-        "SEGMASK_QUEUE_PREFIX": prefix,
-        "SEGMASK_PORT": str(port),
-        "SEGMASK_HOST": "127.0.0.1",
-        "SEGMASK_BASIC_AUTH_USER": AUTH[0],
-        "SEGMASK_BASIC_AUTH_PASS": AUTH[1],
-    }
-    log = (logs / "serve.log").open("wb")
-    server = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve"], env=env, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/health", auth=AUTH, timeout=1).ok:
-                break
-        except requests.RequestException:
-            time.sleep(0.3)
-    else:
-        raise RuntimeError(f"segmask serve did not start:\n{(logs / 'serve.log').read_text()[-3000:]}")
+    server, url = start_server(
+        {
+            "SEGMASK_REDIS_URL": REDIS_URL,
+            "SEGMASK_QUEUE_PREFIX": prefix,
+            "SEGMASK_BASIC_AUTH_USER": AUTH[0],
+            "SEGMASK_BASIC_AUTH_PASS": AUTH[1],
+        },
+        logs / "serve.log",
+        auth=AUTH,
+    )
     yield url
     stop(server)
     stop(worker)

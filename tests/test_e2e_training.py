@@ -6,8 +6,6 @@ training job killed mid-way leaves the published version serving."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -15,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from rq_worker import REDIS_URL, free_port, require_redis, start_worker, stop
+from rq_worker import REDIS_URL, require_redis, start_server, start_worker, stop
 
 from segmodels.geometry import coco_segmentation_to_mask, mask_to_polygon
 
@@ -68,27 +66,9 @@ def stack(tmp_path_factory):
     env = {"SEGMASK_MODEL_STORE": str(logs / "store"), "SEGMASK_RETRAIN_EVERY": "0"}
     inference = start_worker(REDIS_URL, prefix, logs / "worker.log", "interactive,batch", **env)
     training = start_worker(REDIS_URL, prefix, logs / "trainer.log", "training", **env)
-    port = free_port()
-    server_env = {
-        **os.environ,
-        **env,
-        "SEGMASK_REDIS_URL": REDIS_URL,
-        "SEGMASK_QUEUE_PREFIX": prefix,
-        "SEGMASK_PORT": str(port),
-        "SEGMASK_HOST": "127.0.0.1",
-    }
-    log = (logs / "serve.log").open("wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "backend.cli", "serve"], env=server_env, stdout=log, stderr=log
+    server, url = start_server(
+        {**env, "SEGMASK_REDIS_URL": REDIS_URL, "SEGMASK_QUEUE_PREFIX": prefix}, logs / "serve.log"
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/health", timeout=1).ok:
-                break
-        except requests.RequestException:
-            time.sleep(0.3)
     state = {"url": url, "trainer": training, "logs": logs, "prefix": prefix, "env": env}
     yield state
     for proc in (server, inference, state["trainer"]):
