@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from PIL import Image
 
 from backend.labelstudio import ProjectConfig
 from segmodels.checkpoint import atomic_write_json
-from segmodels.geometry import mask_to_box, mask_to_rle, polygon_to_mask
+from segmodels.geometry import mask_to_box, mask_to_rle, polygon_to_mask, rotated_rect_bounds
 
 MASK_TYPES = ("polygonlabels", "brushlabels")
 
@@ -78,14 +77,14 @@ def region_instance(region: dict, width: int, height: int) -> dict | None:
 
 def _rectangle_box(value: dict, width: int, height: int) -> list[float]:
     """``[x, y, w, h]`` pixels around a (possibly rotated, about its top-left corner) percent rectangle."""
-    x, y = value["x"] * width / 100, value["y"] * height / 100
-    w, h = value["width"] * width / 100, value["height"] * height / 100
-    angle = math.radians(float(value.get("rotation") or 0.0))
-    cos, sin = math.cos(angle), math.sin(angle)
-    xs = [x + dx * cos - dy * sin for dx, dy in ((0, 0), (w, 0), (0, h), (w, h))]
-    ys = [y + dx * sin + dy * cos for dx, dy in ((0, 0), (w, 0), (0, h), (w, h))]
-    x1, y1 = max(min(xs), 0.0), max(min(ys), 0.0)
-    x2, y2 = min(max(xs), float(width)), min(max(ys), float(height))
+    x1, y1, x2, y2 = rotated_rect_bounds(
+        value["x"] * width / 100,
+        value["y"] * height / 100,
+        value["width"] * width / 100,
+        value["height"] * height / 100,
+        float(value.get("rotation") or 0.0),
+    )
+    x1, y1, x2, y2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))
     return [x1, y1, max(x2 - x1, 0.0), max(y2 - y1, 0.0)]
 
 

@@ -16,6 +16,7 @@ from label_studio_sdk.label_interface import LabelInterface
 
 from backend.errors import bad_request
 from backend.label_mapping import class_to_label
+from segmodels.geometry import rotated_rect_bounds
 
 OUTPUT_TYPES = ("PolygonLabels", "BrushLabels")
 SMART_TYPES = {"keypointlabels": "KeyPointLabels", "rectanglelabels": "RectangleLabels"}
@@ -198,15 +199,10 @@ def _rectangle_box(value: dict, where: str) -> tuple[float, float, float, float]
     w, h = _percent(value, "width", where, 0.0), _percent(value, "height", where, 0.0)
     if w <= 0 or h <= 0:
         raise bad_request(f"{where}: the rectangle has no area", "bad_context")
-    angle = math.radians(float(value.get("rotation") or 0.0))
-    cos, sin = math.cos(angle), math.sin(angle)
-    # Rotation is about the top-left corner; percent units differ in x and y but rotating the corners and
-    # taking their bounds is what Label Studio draws for small angles, and exact for 0.
-    corners = [
-        (x + dx * cos - dy * sin, y + dx * sin + dy * cos) for dx, dy in ((0, 0), (w, 0), (0, h), (w, h))
-    ]
-    xs, ys = [c[0] for c in corners], [c[1] for c in corners]
-    return (max(min(xs), 0.0), max(min(ys), 0.0), min(max(xs), 100.0), min(max(ys), 100.0))
+    # Percent units differ in x and y, so rotating in percent is what Label Studio draws only for small
+    # angles; exact for 0, and the pixel size is not known here.
+    x1, y1, x2, y2 = rotated_rect_bounds(x, y, w, h, float(value.get("rotation") or 0.0))
+    return (max(x1, 0.0), max(y1, 0.0), min(x2, 100.0), min(y2, 100.0))
 
 
 def polygon_region(

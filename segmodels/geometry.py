@@ -16,6 +16,7 @@ Conventions used throughout:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import cv2
@@ -208,6 +209,20 @@ def points_to_percent(points_xy: np.ndarray, width: int, height: int) -> np.ndar
 def percent_to_points(points_percent: np.ndarray, width: int, height: int) -> np.ndarray:
     """Label Studio ``(N, 2)`` percentage points to pixels; the inverse of :func:`points_to_percent`."""
     return np.asarray(points_percent, dtype=np.float64) * np.array([width, height]) / 100.0
+
+
+def rotated_rect_bounds(
+    x: float, y: float, w: float, h: float, degrees: float
+) -> tuple[float, float, float, float]:
+    """``(x1, y1, x2, y2)`` around a ``w`` x ``h`` rectangle at top-left ``(x, y)`` rotated by ``degrees``
+    about that corner (Label Studio's rectangles), in the units of the arguments; not clipped."""
+    angle = math.radians(degrees)
+    cos, sin = math.cos(angle), math.sin(angle)
+    corners = [
+        (x + dx * cos - dy * sin, y + dx * sin + dy * cos) for dx, dy in ((0, 0), (w, 0), (0, h), (w, h))
+    ]
+    xs, ys = [c[0] for c in corners], [c[1] for c in corners]
+    return min(xs), min(ys), max(xs), max(ys)
 
 
 def box_xywh_percent_to_xyxy_pixels(
