@@ -322,7 +322,9 @@ def staged_detect(pred: MaskPredictor, k: int, threshold: float) -> tuple[list[D
     t: Stages = {}
     masks, t["proposals"] = timed(lambda: [m for m in pred.propose(k) if m.mask.any()])
     if masks:
-        (probs, boxes), t["classify"] = timed(lambda: pred.classify(np.stack([m.box for m in masks])))
+        (probs, boxes), t["classify"] = timed(
+            lambda: pred.classify(np.stack([m.box for m in masks]), [m.mask for m in masks])
+        )
         detections, t["scoring+NMS"] = timed(lambda: pred.label_masks(masks, probs, boxes, threshold))
     else:
         detections, t["classify"], t["scoring+NMS"] = [], 0.0, 0.0

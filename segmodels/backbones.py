@@ -104,6 +104,48 @@ def build_resnet50(weights_path: str | Path | None) -> Trunk:
     return Trunk(stages, {"s2": 64, "s4": 256, "s8": 512, "s16": 1024}, "resnet50")
 
 
+class ImageNetTail(nn.Module):
+    """The rest of an ImageNet network after the s8 tap, frozen: what its classifier was trained to read.
+
+    ``forward``: s8 tap ``(B, C8, H/8, W/8)`` -> ``(B, dim, H/32, W/32)`` features; ``classifier``: pooled
+    ``(R, dim)`` features -> ``(R, 1000)`` ImageNet logits. It starts at s8 because the shared trunk's
+    stages up to s8 are never trained (DeepMask and fine-tuning train from s16 up), so its input is the
+    ImageNet network's own. Always in eval mode, never trained.
+    """
+
+    def __init__(self, blocks: nn.Module, classifier: nn.Linear) -> None:
+        super().__init__()
+        self.blocks = blocks
+        self.classifier = classifier
+        self.dim = classifier.in_features
+        self.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> ImageNetTail:
+        return super().train(False)
+
+    def forward(self, s8: torch.Tensor) -> torch.Tensor:
+        return self.blocks(s8)
+
+
+def build_imagenet_tail(
+    name: str, pretrained: bool = True, weights_path: str | Path | None = None
+) -> ImageNetTail:
+    """The :class:`ImageNetTail` of trunk ``name``: MobileNetV2 ``features[7:]`` (1280 channels) and its
+    classifier, or ResNet-50 ``layer3``, ``layer4`` (2048) and ``fc``; weights as :func:`build_trunk`."""
+    if name == "mobilenet_v2":
+        net = mobilenet_v2(weights=None, norm_layer=FrozenBatchNorm2d)
+        if pretrained:
+            state = _load_verified_state_dict(mobilenet_v2_weights_path(), MOBILENET_V2_SHA256_PREFIX)
+            net.load_state_dict(state, strict=True)
+        return ImageNetTail(net.features[7:], net.classifier[1])
+    if name == "resnet50":
+        net = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+        if pretrained and weights_path is not None:
+            net.load_state_dict(_load_verified_state_dict(Path(weights_path), None), strict=True)
+        return ImageNetTail(nn.Sequential(net.layer3, net.layer4), net.fc)
+    raise ValueError(f"unknown backbone {name!r}; choose mobilenet_v2 or resnet50")
+
+
 def build_trunk(name: str, pretrained: bool = True, weights_path: str | Path | None = None) -> Trunk:
     """Build a trunk by name: ``mobilenet_v2`` (default) or ``resnet50`` (useful with ``weights_path``)."""
     if name == "mobilenet_v2":

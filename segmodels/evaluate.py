@@ -12,8 +12,8 @@ The protocol of docs/targets.md and docs/papers.md, measured on the split's imag
 - proposals: class-agnostic AR@10/100/1000 (pycocotools, ``segm`` and ``bbox``, ``useCats = 0``) of the
   top-k windows of ``MaskPredictor.propose``, against all of the images' annotations (crowd flags as COCO);
 - patches: the papers' evalPerPatch, mean mask IoU and success@.5/.7 on fixed-seed jittered windows;
-- labels (checkpoints with a MultiPathNet): top-1 accuracy of ``MaskPredictor.classify`` on the tight box of
-  every evaluated instance's GT mask (argmax over the foreground classes), per frequent class with its most
+- labels (checkpoints with a MultiPathNet): top-1 accuracy of ``MaskPredictor.classify`` on every evaluated
+  instance's GT mask and its tight box (argmax over the foreground classes), per frequent class with its most
   common confusion, and once more over all non-crowd instances whatever their size;
 - detection (same): COCO AP of ``MaskPredictor.detect`` (score threshold 0, at most 100 per image) with
   categories (``useCats = 1``, default maxDets), ``segm`` (RLE masks) and ``bbox`` (MultiPathNet's boxes).
@@ -47,9 +47,16 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from segmodels.data import CocoInstances, WindowSampler
+from segmodels.data import CocoInstances, Instance, WindowSampler
 from segmodels.export import detections_to_coco, draw_detections
-from segmodels.geometry import coco_segmentation_to_mask, mask_iou, mask_to_box, mask_to_rle, rle_to_mask
+from segmodels.geometry import (
+    coco_segmentation_to_mask,
+    mask_iou,
+    mask_to_box,
+    mask_to_rle,
+    masks_iou_matrix,
+    rle_to_mask,
+)
 from segmodels.predictor import (
     DEFAULT_CHECKPOINT,
     Detection,
@@ -455,11 +462,21 @@ def gt_box(annotation: dict, height: int, width: int) -> np.ndarray:
     return np.array([x, y, x + max(w, 1.0), y + max(h, 1.0)], np.float32)
 
 
+def gt_region(annotation: dict, box: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``bool (H, W)``: the annotation's mask, or its filled ``box`` (xyxy) when the mask covers no pixel."""
+    mask = coco_segmentation_to_mask(annotation["segmentation"], height, width)
+    if mask.any():
+        return mask
+    x1, y1, x2, y2 = np.round(box).astype(int)
+    mask[max(y1, 0) : max(y2, y1 + 1), max(x1, 0) : max(x2, x1 + 1)] = True
+    return mask
+
+
 def evaluate_labels(
     predictor: MaskPredictor, dataset: CocoInstances, image_indices: Sequence[int]
 ) -> list[LabelResult]:
-    """``classify`` the tight GT boxes of every non-crowd annotation of the images (one call per image,
-    after ``set_image``), in image order."""
+    """``classify`` the GT masks and tight boxes of every non-crowd annotation of the images (one call per
+    image, after ``set_image``), in image order."""
     cfg = predictor.model.config
     column_of = {cid: n + 1 for n, cid in enumerate(cfg.class_ids)}
     evaluated = {
@@ -477,7 +494,8 @@ def evaluate_labels(
             continue
         predictor.set_image(dataset.image(index))
         boxes = np.stack([gt_box(a, info["height"], info["width"]) for a in anns])
-        probs, _ = predictor.classify(boxes)
+        masks = [gt_region(a, box, info["height"], info["width"]) for a, box in zip(anns, boxes, strict=True)]
+        probs, _ = predictor.classify(boxes, masks)
         best = probs[:, 1:].argmax(axis=1)
         for ann, p, k in zip(anns, probs, best, strict=True):
             column = column_of.get(ann["category_id"])
@@ -563,13 +581,38 @@ def default_detect_threshold() -> float:
     return float(inspect.signature(MaskPredictor.detect).parameters["score_threshold"].default)
 
 
+def match_detections(
+    detections: Sequence[Detection], instances: Sequence[Instance], dataset: CocoInstances
+) -> tuple[int, int, int]:
+    """Greedy one-to-one matching, best detection first, of ``detections`` to the image's ``instances`` with a
+    mask at mask IoU >= 0.5: ``(right label, any label, matched instances area > 32^2)``. The first two count
+    detections, the last the larger instances found with the right label."""
+    masked = [inst for inst in instances if inst.has_mask]
+    if not detections or not masked:
+        return 0, 0, 0
+    gt = np.stack([dataset.mask(inst) for inst in masked])
+    iou = masks_iou_matrix(np.stack([d.mask for d in detections]), gt)
+    counts = []
+    for same_label in (True, False):
+        taken: set[int] = set()
+        for row, det in zip(iou, detections, strict=True):
+            order = [j for j in np.argsort(-row) if row[j] >= 0.5 and j not in taken]
+            order = [j for j in order if not same_label or masked[j].category_id == det.class_id]
+            if order:
+                taken.add(order[0])
+        counts.append(taken)
+    right, any_label = counts
+    return len(right), len(any_label), sum(masked[j].area > MIN_AREA for j in right)
+
+
 def evaluate_detection(
     predictor: MaskPredictor, dataset: CocoInstances, image_indices: Sequence[int], proposals: int = 100
 ) -> tuple[dict, dict[int, tuple[list[Detection], float | None]]]:
     """AP of ``detect(score_threshold=0, max_detections=100, proposals=proposals)`` on every image.
 
     Detections at ``detect``'s default threshold are those of the threshold-0 list scoring at least that
-    (the list is sorted and cut after the threshold): their count per image is reported, and they are
+    (the list is sorted and cut after the threshold): their count per image, precision and recall
+    (:func:`match_detections`; recall over instances with area > 32^2) are reported, and they are
     returned with the image's top score (None without detections) for the first :data:`DETECTION_IMAGES`
     images with instances, keyed by image index.
     """
@@ -578,6 +621,7 @@ def evaluate_detection(
     seconds: list[float] = []
     shown: list[int] = []
     examples: dict[int, tuple[list[Detection], float | None]] = {}
+    matched, evaluated = np.zeros(3, int), 0
     for index in tqdm(image_indices, desc="detection", unit="image", dynamic_ncols=True):
         start = time.perf_counter()
         predictor.set_image(dataset.image(index))
@@ -588,6 +632,9 @@ def evaluate_detection(
         results += detections_to_coco(detections, dataset.images[index]["id"])
         kept = [d for d in detections if d.score >= threshold]
         shown.append(len(kept))
+        instances = dataset.instances_by_image[index]
+        matched += np.array(match_detections(kept, instances, dataset))
+        evaluated += sum(inst.area > MIN_AREA and inst.has_mask for inst in instances)
         if len(examples) < DETECTION_IMAGES and dataset.instances_by_image[index]:
             examples[index] = (kept, detections[0].score if detections else None)
     metrics = {
@@ -598,6 +645,11 @@ def evaluate_detection(
         "detections": len(results),
         "default_threshold": threshold,
         "mean_detections_at_default": float(np.mean(shown)) if shown else 0.0,
+        # What an annotator sees with pre-annotation on: share of shown detections that are right (mask IoU
+        # >= 0.5 with an unmatched instance of their label), right up to the label, and share found.
+        "precision_at_default": float(matched[0] / sum(shown)) if sum(shown) else None,
+        "mask_precision_at_default": float(matched[1] / sum(shown)) if sum(shown) else None,
+        "recall_at_default": float(matched[2] / evaluated) if evaluated else None,
         "median_seconds_per_image": statistics.median(seconds) if seconds else None,
         **detection_ap(coco_ground_truth(dataset, image_indices), results),
     }
@@ -671,7 +723,9 @@ def tables(metrics: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             f"Detection: COCO AP with categories, {detection['images']} images, score >= "
             f"{detection['score_threshold']:g}, <= {detection['max_detections']} per image; "
             f"{detection['mean_detections_at_default']:.1f} per image at the default threshold "
-            f"{detection['default_threshold']:g}"
+            f"{detection['default_threshold']:g} (precision {_fmt(detection['precision_at_default'])}, "
+            f"{_fmt(detection['mask_precision_at_default'])} whatever the label; recall "
+            f"{_fmt(detection['recall_at_default'])})"
             + (f", median {seconds:.2f} s/image" if seconds is not None else "")
         )
         out.append((title, ["type", *names], rows))
@@ -691,7 +745,7 @@ def label_tables(labels: dict | None) -> list[tuple[str, list[str], list[list[st
         [f"area > {MIN_AREA} px", str(labels["n"]), _fmt(labels["top1"])],
         ["all sizes", str(labels["all_sizes"]["n"]), _fmt(labels["all_sizes"]["top1"])],
     ]
-    out = [("Labels: MultiPathNet top-1 on the tight boxes of GT masks", ["instances", "n", "top-1"], rows)]
+    out = [("Labels: MultiPathNet top-1 on GT masks", ["instances", "n", "top-1"], rows)]
     if labels["per_class"]:
         rows = [
             [

@@ -53,7 +53,9 @@ from segmodels.train import STAGES, TrainConfig, parameter_groups, resolve_devic
 from segmodels.train_multipathnet import (
     TapCache,
     class_list,
+    fit_labels,
     instance_box,
+    instance_region,
     multipathnet_parameters,
     multipathnet_step,
     rois_of_image,
@@ -188,8 +190,9 @@ def remap_classes(model: SegmentationModel, names: Sequence[str], ids: Sequence[
 
     A fresh MultiPathNet is built for ``names``; from the old one it takes every class-agnostic layer, the
     background rows, and the rows of each new class whose name matches an old class case-insensitively: the
-    ``(K+1, hidden)`` classifier rows (one classifier per IoU threshold) and the 4 box-regression rows per
-    class of the ``((K+1) * 4, tower)`` box head. Returns the names that kept their rows.
+    ``(K+1, hidden)`` classifier rows (one classifier per IoU threshold), the 4 box-regression rows per
+    class of the ``((K+1) * 4, tower)`` box head, and the label head's rows and prior weight (its frozen
+    ImageNet tail is shared). Returns the names that kept their rows.
     """
     old, old_names = model.multipathnet, list(model.config.classes)
     model.set_classes(list(names), list(ids))
@@ -212,6 +215,11 @@ def remap_classes(model: SegmentationModel, names: Sequence[str], ids: Sequence[
         box_b = new.box_head.bias.view(new.num_classes + 1, 4)
         box_w[dst] = old.box_head.weight.view(old.num_classes + 1, 4, -1)[src]
         box_b[dst] = old.box_head.bias.view(old.num_classes + 1, 4)[src]
+        if new.label_head is not None and old.label_head is not None:
+            # The label head has no background row: class i is row i - 1.
+            new.label_head.linear.weight[dst[1:] - 1] = old.label_head.linear.weight[src[1:] - 1]
+            new.label_head.linear.bias[dst[1:] - 1] = old.label_head.linear.bias[src[1:] - 1]
+            new.label_head.prior_weight.copy_(old.label_head.prior_weight)
     return [names[d - 1] for d, _ in kept]
 
 
@@ -247,8 +255,9 @@ def train_label_stage(
     job: JobProgress,
 ) -> dict[str, float]:
     """Proposals of every image from (a copy of) ``model``, then ``cfg.total_steps`` MultiPathNet steps
-    (``train_multipathnet.multipathnet_step``) for the label set ``model.config.classes``; returns the mean
-    losses over the last quarter of the steps (empty when no image has an instance)."""
+    (``train_multipathnet.multipathnet_step``) for the label set ``model.config.classes``, after fitting the
+    label head (``train_multipathnet.fit_labels``); returns the mean losses over the last quarter of the steps
+    and the label head's fit (empty when no image has an instance)."""
     device = resolve_device(cfg.device)
     labels = {cid: n + 1 for n, cid in enumerate(model.config.class_ids)}
     # The predictor folds the trunk's BatchNorm in place: it gets a copy.
@@ -274,12 +283,13 @@ def train_label_stage(
     rng = np.random.default_rng(cfg.seed)
     parts: dict[str, list[float]] = {"train_cls_loss": [], "train_box_loss": []}
     job.start("multipathnet")
+    label_fit = fit_labels(model, taps, labels)
     for step in range(cfg.total_steps):
         loss, step_parts = multipathnet_step(model, optimizer, taps, usable, rng, cfg, step)
         for name, values in step_parts.items():
             parts[name].append(float(np.mean(values)))
         job.advance(loss=loss)
-    return tail_means(parts)
+    return {**tail_means(parts), **label_fit}
 
 
 # ---- the job -------------------------------------------------------------------------------------------
@@ -440,8 +450,8 @@ def evaluate_checkpoint(path: Path, dataset: CocoInstances, device: str = "auto"
 
     - click mIoU: one positive click at the interior point farthest from the boundary of each instance with
       a mask (``evaluate.evaluate_clicks``), IoU of the returned mask with the ground truth;
-    - label top-1: MultiPathNet's argmax over its foreground classes on each instance's tight box (the
-      mask's, or the annotated box), right when its class NAME equals the instance's category name
+    - label top-1: MultiPathNet's argmax over its foreground classes on each instance's mask (or annotated
+      box) and its tight box, right when its class NAME equals the instance's category name
       case-insensitively (the two checkpoints' label sets differ). A checkpoint without MultiPathNet, or whose
       label set lacks the category, is wrong on it.
 
@@ -462,7 +472,8 @@ def evaluate_checkpoint(path: Path, dataset: CocoInstances, device: str = "auto"
         if predictor.model.multipathnet is None:
             hits += [False] * len(instances)
             continue
-        probs, _ = predictor.classify(np.stack([instance_box(dataset, inst) for inst in instances]))
+        boxes = np.stack([instance_box(dataset, inst) for inst in instances])
+        probs, _ = predictor.classify(boxes, [instance_region(dataset, inst) for inst in instances])
         predicted = probs[:, 1:].argmax(axis=1)
         hits += [
             classes[k] == category[inst.category_id] for k, inst in zip(predicted, instances, strict=True)

@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from segmodels.backbones import build_trunk
+from segmodels.backbones import ImageNetTail, build_imagenet_tail, build_trunk
 from segmodels.deepmask import DeepMask
-from segmodels.multipathnet import MultiPathNet
+from segmodels.multipathnet import LabelHead, MultiPathNet
 from segmodels.sharpmask import SharpMask
 
 
@@ -23,6 +23,8 @@ class ModelConfig:
     # MultiPathNet's label set: names, and the dataset's category ids they came from (same order).
     classes: list[str] = field(default_factory=list)
     class_ids: list[int] = field(default_factory=list)
+    # MultiPathNet's ImageNet label head (multipathnet.LabelHead); checkpoints from before it lack the key.
+    label_head: bool = True
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -31,6 +33,8 @@ class ModelConfig:
     def from_json(cls, data: dict) -> ModelConfig:
         data = dict(data)
         data["sharpmask_k"] = tuple(data.get("sharpmask_k", cls.sharpmask_k))
+        # Checkpoints from before the label head: their MultiPathNet has none; without one, one is added.
+        data.setdefault("label_head", not data.get("classes"))
         return cls(**data)
 
 
@@ -44,14 +48,30 @@ class SegmentationModel(nn.Module):
         self.trunk = build_trunk(config.backbone, pretrained=pretrained_trunk, weights_path=trunk_weights)
         self.deepmask = DeepMask(self.trunk.tap_channels["s16"], config.reduce_channels, config.embed_dim)
         self.sharpmask = SharpMask(self.trunk.tap_channels, config.embed_dim, config.sharpmask_k)
-        self.multipathnet = (
-            MultiPathNet(self.trunk.tap_channels, len(config.classes)) if config.classes else None
-        )
+        self.multipathnet = None
+        if config.classes:
+            tail = (
+                build_imagenet_tail(config.backbone, pretrained_trunk, trunk_weights)
+                if config.label_head
+                else None
+            )
+            self.multipathnet = self._new_multipathnet(tail)
+
+    def _new_multipathnet(self, tail: ImageNetTail | None) -> MultiPathNet:
+        names = self.config.classes
+        head = LabelHead(tail, names) if tail is not None else None
+        return MultiPathNet(self.trunk.tap_channels, len(names), label_head=head)
 
     def set_classes(self, names: list[str], ids: list[int]) -> None:
-        """Replace the label set with a new, untrained MultiPathNet for ``names`` (dataset ids ``ids``)."""
+        """Replace the label set with a new, untrained MultiPathNet for ``names`` (dataset ids ``ids``). Its
+        label head reuses the current one's frozen ImageNet tail, or loads the ImageNet weights."""
         if len(names) != len(ids):
             raise ValueError(f"{len(names)} class names but {len(ids)} ids")
+        old = self.multipathnet
         self.config.classes, self.config.class_ids = list(names), list(ids)
+        tail = None
+        if self.config.label_head:
+            has_tail = old is not None and old.label_head is not None
+            tail = old.label_head.tail if has_tail else build_imagenet_tail(self.config.backbone)
         device = next(self.trunk.parameters()).device
-        self.multipathnet = MultiPathNet(self.trunk.tap_channels, len(names)).to(device)
+        self.multipathnet = self._new_multipathnet(tail).to(device)

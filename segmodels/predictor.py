@@ -11,6 +11,7 @@ embedding. Each pyramid level is padded by ``PAD`` grey pixels so windows can be
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -25,7 +26,7 @@ from segmodels.data import PAD_VALUE, crop_window, image_pyramid, to_tensor
 from segmodels.deepmask import CELLS, INPUT, OBJECT, STRIDE, WINDOW
 from segmodels.geometry import mask_to_box, mask_to_polygon, masks_iou_matrix
 from segmodels.model import SegmentationModel
-from segmodels.multipathnet import decode_boxes
+from segmodels.multipathnet import decode_boxes, mask_coverage
 from segmodels.sharpmask import window_skips
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "default"
@@ -236,6 +237,9 @@ class MaskPredictor:
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
         fold_batchnorm(self.model.trunk)
+        mpn = self.model.multipathnet
+        if mpn is not None and mpn.label_head is not None:
+            fold_batchnorm(mpn.label_head.tail)
         self.model.to(memory_format=torch.channels_last)
         self.metadata = metadata or {}
         self.refine = "sharpmask" in self.metadata.get("stages", [])
@@ -384,13 +388,17 @@ class MaskPredictor:
         return min(self._require_features().levels, key=lambda lv: abs(math.log2(lv.scale)))
 
     @torch.no_grad()
-    def classify(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """MultiPathNet on ``boxes (R, 4)`` xyxy image pixels of the current image.
+    def classify(
+        self, boxes: np.ndarray, masks: Sequence[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """MultiPathNet on ``boxes (R, 4)`` xyxy image pixels of the current image, and their ``masks`` (R
+        bool ``(H, W)`` image-pixel masks, which the label head pools over; None pools over the boxes).
 
         Returns class probabilities ``(R, K+1)`` (column 0 = background, column i = ``classes[i-1]``) and the
         regressed boxes of every class ``(R, K+1, 4)`` xyxy image pixels.
         """
-        if self.model.multipathnet is None:
+        mpn = self.model.multipathnet
+        if mpn is None:
             raise RuntimeError(
                 "this checkpoint has no MultiPathNet stage (train one: segmask train multipathnet)"
             )
@@ -399,7 +407,14 @@ class MaskPredictor:
         rois = torch.as_tensor(
             np.asarray(boxes, np.float64).reshape(-1, 4) * scale + PAD, dtype=torch.float32
         )
-        out = self.model.multipathnet(level.taps, rois.to(self.device))
+        coverage = None
+        if mpn.label_head is not None:
+            if "imagenet" not in level.taps:
+                level.taps["imagenet"] = mpn.imagenet_features(level.taps)
+            if masks is not None:
+                grid = tuple(level.taps["imagenet"].shape[-2:])
+                coverage = mask_coverage(masks, (level.sx, level.sy), PAD, grid)
+        out = mpn(level.taps, rois.to(self.device), coverage)
         n, k = out["probs"].shape
         labels = torch.arange(k).repeat(n)
         decoded = decode_boxes(
@@ -424,7 +439,7 @@ class MaskPredictor:
         masks = [m for m in self.propose(proposals) if m.mask.any()]
         if not masks:
             return []
-        probs, boxes = self.classify(np.stack([m.box for m in masks]))
+        probs, boxes = self.classify(np.stack([m.box for m in masks]), [m.mask for m in masks])
         return self.label_masks(masks, probs, boxes, score_threshold, max_detections, nms_iou)
 
     def label_masks(

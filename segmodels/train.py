@@ -81,7 +81,9 @@ def build_model(cfg: TrainConfig) -> tuple[SegmentationModel, dict]:
         return model, meta
     if cfg.stage == "sharpmask":
         raise ValueError("sharpmask trains on a frozen DeepMask: pass --init DEEPMASK_CHECKPOINT_DIR")
-    return SegmentationModel(ModelConfig(backbone=cfg.backbone)), {}
+    # The ResNet-50 trunk starts from no shipped weights, so it has no ImageNet classifier for a label head.
+    config = ModelConfig(backbone=cfg.backbone, label_head=cfg.backbone == "mobilenet_v2")
+    return SegmentationModel(config), {}
 
 
 TRUNK_LR_SCALE = 0.1

@@ -8,6 +8,8 @@
   mirror image, are computed once and kept in memory; a step is RoIAlign and the MultiPathNet heads only.
 - RoIs per image as in Fast R-CNN / MultiPathNet: up to 25% foreground (mask IoU >= 0.5 with an instance;
   the ground-truth boxes join the proposals), the rest background (IoU in [0.1, 0.5)).
+- The label head (``multipathnet.LabelHead``) is fit first, by L-BFGS on every training instance's mask
+  (box-only instances: their box) at scale 1; the towers' steps leave it alone.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from segmodels.checkpoint import atomic_write_json, load_checkpoint
 from segmodels.data import CocoInstances, Instance, to_tensor
 from segmodels.geometry import mask_to_box, masks_iou_matrix
 from segmodels.model import SegmentationModel
-from segmodels.multipathnet import IOU_THRESHOLDS, assign_targets, encode_boxes, integral_loss
+from segmodels.multipathnet import (
+    IOU_THRESHOLDS,
+    assign_targets,
+    encode_boxes,
+    fit_label_head,
+    integral_loss,
+    mask_coverage,
+)
 from segmodels.predictor import PAD, MaskPredictor, level_input
 from segmodels.train import (
     STATE_JSON,
@@ -72,6 +81,17 @@ def instance_box(dataset: CocoInstances, inst: Instance) -> np.ndarray:
         return mask_to_box(dataset.mask(inst))
     x, y, w, h = inst.box
     return np.array([x, y, x + w, y + h], np.float32)
+
+
+def instance_region(dataset: CocoInstances, inst: Instance) -> np.ndarray:
+    """``bool (H, W)``: an instance's mask, or its filled COCO box when it has no mask."""
+    if inst.has_mask:
+        return dataset.mask(inst)
+    info = dataset.images[inst.image_index]
+    region = np.zeros((info["height"], info["width"]), bool)
+    x1, y1, x2, y2 = np.round(instance_box(dataset, inst)).astype(int)
+    region[max(y1, 0) : max(y2, y1 + 1), max(x1, 0) : max(x2, x1 + 1)] = True
+    return region
 
 
 def roi_iou(
@@ -156,10 +176,14 @@ def cached_rois(path: Path, compute) -> list[ImageRois]:
 def image_taps(
     model: SegmentationModel, image: np.ndarray, device
 ) -> tuple[dict[str, torch.Tensor], float, float]:
-    """Trunk taps s4/s8/s16 of ``image`` at scale 1 (the level MultiPathNet reads at inference)."""
+    """Trunk taps s4/s8/s16 of ``image`` at scale 1 (the level MultiPathNet reads at inference), and the
+    label head's ImageNet features as ``"imagenet"`` when the model has one."""
     padded, sx, sy = level_input(image, 1.0)
     taps = model.trunk(to_tensor([padded]).to(device))
-    return {t: taps[t] for t in ("s4", "s8", "s16")}, sx, sy
+    taps = {t: taps[t] for t in ("s4", "s8", "s16")}
+    if model.multipathnet is not None and model.multipathnet.label_head is not None:
+        taps["imagenet"] = model.multipathnet.imagenet_features(taps)
+    return taps, sx, sy
 
 
 def to_trunk(boxes: np.ndarray, sx: float, sy: float, width: int | None = None) -> torch.Tensor:
@@ -209,6 +233,53 @@ def roi_loss(model, taps_cache: TapCache, rois: ImageRois, idx: np.ndarray, flip
     return integral_loss(out["logits"], labels.to(device), out["deltas"], targets.to(device))
 
 
+def region_coverage(
+    taps_cache: TapCache, index: int, taps: dict[str, torch.Tensor], sx: float, sy: float
+) -> torch.Tensor | None:
+    """The label head's coverage (``multipathnet.mask_coverage``) of image ``index``'s instance regions, in
+    the order of its ground-truth boxes; None without a label head."""
+    if "imagenet" not in taps:
+        return None
+    dataset = taps_cache.dataset
+    regions = [instance_region(dataset, inst) for inst in dataset.instances_by_image[index]]
+    return mask_coverage(regions, (sx, sy), PAD, tuple(taps["imagenet"].shape[-2:]))
+
+
+@torch.no_grad()
+def label_examples(
+    model: SegmentationModel, taps_cache: TapCache, labels: dict[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every instance of the cache's dataset as a label-head example: pooled ImageNet features ``(N, D)`` over
+    its region at scale 1, and its label ``(N,)`` in 0..K-1 (``labels``: category id -> 1..K)."""
+    head = model.multipathnet.label_head
+    pooled, targets = [], []
+    for index, instances in enumerate(taps_cache.dataset.instances_by_image):
+        if not instances:
+            continue
+        taps, sx, sy = taps_cache(index, False)
+        coverage = region_coverage(taps_cache, index, taps, sx, sy)
+        batch = torch.zeros(len(instances), dtype=torch.long)
+        pooled.append(head.pool(taps["imagenet"], coverage.to(taps["imagenet"].device), batch))
+        targets += [labels[inst.category_id] - 1 for inst in instances]
+    return torch.cat(pooled), torch.tensor(targets, dtype=torch.long)
+
+
+def fit_labels(model: SegmentationModel, taps_cache: TapCache, labels: dict[int, int]) -> dict[str, float]:
+    """Fit the label head (``multipathnet.fit_label_head``) on every instance of the cache's dataset; returns
+    ``{"label_head_loss", "label_head_train_top1"}`` (empty without a label head or instances)."""
+    head = model.multipathnet.label_head
+    if head is None:
+        return {}
+    pooled, targets = label_examples(model, taps_cache, labels)
+    if not len(targets):
+        return {}
+    loss = fit_label_head(head, pooled, targets)
+    with torch.no_grad():
+        top1 = (head(pooled).argmax(dim=1).cpu() == targets).float().mean().item()
+    log.info("label head: %d examples, objective %.3f, training top-1 %.3f", len(targets), loss, top1)
+    return {"label_head_loss": loss, "label_head_train_top1": top1}
+
+
 @torch.no_grad()
 def top1_accuracy(model: SegmentationModel, taps_cache: TapCache, rois: list[ImageRois]) -> float:
     """Share of ground-truth instances whose box MultiPathNet labels correctly (top-1 over the classes)."""
@@ -216,7 +287,9 @@ def top1_accuracy(model: SegmentationModel, taps_cache: TapCache, rois: list[Ima
     hits, total = 0, 0
     for r in rois:
         taps, sx, sy = taps_cache(r.image_index, False)
-        probs = model.multipathnet(taps, to_trunk(r.gt_boxes, sx, sy).to(taps["s16"].device))["probs"]
+        coverage = region_coverage(taps_cache, r.image_index, taps, sx, sy)
+        boxes = to_trunk(r.gt_boxes, sx, sy).to(taps["s16"].device)
+        probs = model.multipathnet(taps, boxes, coverage)["probs"]
         pred = probs[:, 1:].argmax(dim=1).cpu().numpy() + 1
         hits += int((pred == r.gt_labels).sum())
         total += len(r.gt_labels)
@@ -225,11 +298,13 @@ def top1_accuracy(model: SegmentationModel, taps_cache: TapCache, rois: list[Ima
 
 
 def multipathnet_parameters(model: SegmentationModel) -> list[torch.nn.Parameter]:
-    """Freeze everything but MultiPathNet (the shared trunk stays as DeepMask and SharpMask need it); its
-    parameters, to optimise."""
+    """Freeze everything but MultiPathNet's towers and heads (the shared trunk stays as DeepMask and SharpMask
+    need it; the label head is fit apart, by :func:`fit_labels`); their parameters, to optimise."""
     for p in model.parameters():
         p.requires_grad_(False)
-    params = list(model.multipathnet.parameters())
+    mpn = model.multipathnet
+    label_params = set() if mpn.label_head is None else {id(p) for p in mpn.label_head.parameters()}
+    params = [p for p in mpn.parameters() if id(p) not in label_params]
     for p in params:
         p.requires_grad_(True)
     return params
@@ -289,6 +364,8 @@ def train_multipathnet(cfg: TrainConfig) -> Path | None:
     train_rois = cached_rois(out / "proposals-train.json", lambda: image_rois(predictor, train_data, labels))
     val_rois = cached_rois(out / "proposals-val.json", lambda: image_rois(predictor, val_data, labels))
     model, init_meta = load_checkpoint(cfg.init, device)
+    # The label head reads an ImageNet classifier: the weights package ships MobileNetV2's only.
+    model.config.label_head = model.config.backbone == "mobilenet_v2"
     model.set_classes(names, ids)
     params = multipathnet_parameters(model)
     model.train()
@@ -300,6 +377,8 @@ def train_multipathnet(cfg: TrainConfig) -> Path | None:
         step, history = load_state(out, model, optimizer, rng)
         log.info("resuming %s from step %d", out, step)
     train_taps, val_taps = TapCache(model, train_data, device), TapCache(model, val_data, device)
+    if step == 0:
+        fit_labels(model, train_taps, labels)
     usable = usable_rois(train_rois)
     started, prior = time.monotonic(), history[-1]["seconds"] if history else 0.0
     running: dict[str, list[float]] = {"train_cls_loss": [], "train_box_loss": []}

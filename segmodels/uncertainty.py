@@ -65,7 +65,7 @@ def detect_with_uncertainty(
     masks = [m for m in predictor.propose(proposals) if m.mask.any()]
     if not masks:
         return [], summarise([], np.zeros((0, 0)), np.zeros(0), [], 0, predictor.classes, top)
-    probs, boxes = predictor.classify(np.stack([m.box for m in masks]))
+    probs, boxes = predictor.classify(np.stack([m.box for m in masks]), [m.mask for m in masks])
     detections = predictor.label_masks(masks, probs, boxes, score_threshold, max_detections, nms_iou)
     objectness = np.array([m.score for m in masks])
     scores = np.sqrt(objectness * probs[:, 1:].max(axis=1))

@@ -14,6 +14,7 @@ from segmodels.evaluate import (
     grabcut_mask,
     label_summary,
     label_tables,
+    match_detections,
     next_correction,
     proposal_results,
     summarise,
@@ -236,3 +237,24 @@ def test_detection_ap_is_one_for_the_gt_and_zero_for_wrong_labels(few_images):
     wrong = ap(lambda c: others[(others.index(c) + 1) % len(others)])
     assert wrong["segm"]["AP"] == 0.0 and wrong["bbox"]["AP"] == 0.0
     assert detection_ap(gt, [])["segm"]["AP50"] == 0.0
+
+
+def test_matching_counts_right_labels_any_label_and_found_instances_once(coco128):
+    dataset = CocoInstances(coco128, "val")
+    index = next(i for i, insts in enumerate(dataset.instances_by_image) if len(insts) >= 2)
+    first, second = dataset.instances_by_image[index][:2]
+    mask = dataset.mask(first)
+    nothing = np.zeros_like(mask)
+
+    def det(inst_mask: np.ndarray, class_id: int) -> Detection:
+        return Detection("x", class_id, 0.9, inst_mask, np.zeros(4))
+
+    detections = [
+        det(mask, first.category_id),  # right
+        det(mask, first.category_id),  # a duplicate: the instance is taken
+        det(dataset.mask(second), second.category_id + 1000),  # right mask, wrong label
+        det(nothing, first.category_id),  # no object
+    ]
+    right, any_label, found = match_detections(detections, dataset.instances_by_image[index], dataset)
+    assert (right, any_label) == (1, 2)
+    assert found == int(first.area > 32**2)
