@@ -99,6 +99,9 @@ FREQUENT_CLASS = 3
 # Detection: AP over every detection (threshold 0), COCO's default maxDets (1, 10, 100).
 DETECTION_THRESHOLD = 0.0
 DETECTION_MAX = 100
+# Score thresholds at which detection precision and recall are reported (with detect()'s default), to choose
+# SEGMASK_SCORE_THRESHOLD from.
+PRECISION_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 DETECTION_STATS = (
     *AP_STATS,
     "AR@1",
@@ -605,6 +608,23 @@ def match_detections(
     return len(right), len(any_label), sum(masked[j].area > MIN_AREA for j in right)
 
 
+PR_COLUMNS = ("precision", "mask_precision", "recall")
+
+
+def precision_recall(counts: np.ndarray, images: int, instances: int) -> dict[str, float | None]:
+    """What an annotator sees with pre-annotation at one threshold, from ``counts`` (detections shown, right,
+    right whatever the label, instances found; :func:`match_detections`): detections per image, precision
+    (mask IoU >= 0.5 with an unmatched instance of their label), the same whatever the label, and recall
+    (over ``instances``, those with area > 32^2)."""
+    shown, right, any_label, found = (int(c) for c in counts)
+    return {
+        "per_image": shown / images if images else 0.0,
+        "precision": right / shown if shown else None,
+        "mask_precision": any_label / shown if shown else None,
+        "recall": found / instances if instances else None,
+    }
+
+
 def evaluate_detection(
     predictor: MaskPredictor, dataset: CocoInstances, image_indices: Sequence[int], proposals: int = 100
 ) -> tuple[dict, dict[int, tuple[list[Detection], float | None]]]:
@@ -617,11 +637,13 @@ def evaluate_detection(
     images with instances, keyed by image index.
     """
     threshold = default_detect_threshold()
+    thresholds = sorted({*PRECISION_THRESHOLDS, threshold})
     results: list[dict] = []
     seconds: list[float] = []
-    shown: list[int] = []
     examples: dict[int, tuple[list[Detection], float | None]] = {}
-    matched, evaluated = np.zeros(3, int), 0
+    # Per threshold: detections shown, right, right whatever the label, instances found.
+    counts = {t: np.zeros(4, int) for t in thresholds}
+    evaluated = 0
     for index in tqdm(image_indices, desc="detection", unit="image", dynamic_ncols=True):
         start = time.perf_counter()
         predictor.set_image(dataset.image(index))
@@ -630,13 +652,16 @@ def evaluate_detection(
         )
         seconds.append(time.perf_counter() - start)
         results += detections_to_coco(detections, dataset.images[index]["id"])
-        kept = [d for d in detections if d.score >= threshold]
-        shown.append(len(kept))
         instances = dataset.instances_by_image[index]
-        matched += np.array(match_detections(kept, instances, dataset))
+        for t in thresholds:
+            kept = [d for d in detections if d.score >= t]
+            counts[t] += [len(kept), *match_detections(kept, instances, dataset)]
         evaluated += sum(inst.area > MIN_AREA and inst.has_mask for inst in instances)
-        if len(examples) < DETECTION_IMAGES and dataset.instances_by_image[index]:
+        if len(examples) < DETECTION_IMAGES and instances:
+            kept = [d for d in detections if d.score >= threshold]
             examples[index] = (kept, detections[0].score if detections else None)
+    n = len(image_indices)
+    at = {t: {"threshold": t, **precision_recall(counts[t], n, evaluated)} for t in thresholds}
     metrics = {
         "images": len(image_indices),
         "proposals": proposals,
@@ -644,12 +669,11 @@ def evaluate_detection(
         "max_detections": DETECTION_MAX,
         "detections": len(results),
         "default_threshold": threshold,
-        "mean_detections_at_default": float(np.mean(shown)) if shown else 0.0,
-        # What an annotator sees with pre-annotation on: share of shown detections that are right (mask IoU
-        # >= 0.5 with an unmatched instance of their label), right up to the label, and share found.
-        "precision_at_default": float(matched[0] / sum(shown)) if sum(shown) else None,
-        "mask_precision_at_default": float(matched[1] / sum(shown)) if sum(shown) else None,
-        "recall_at_default": float(matched[2] / evaluated) if evaluated else None,
+        "mean_detections_at_default": at[threshold]["per_image"],
+        "precision_at_default": at[threshold]["precision"],
+        "mask_precision_at_default": at[threshold]["mask_precision"],
+        "recall_at_default": at[threshold]["recall"],
+        "at_thresholds": list(at.values()),
         "median_seconds_per_image": statistics.median(seconds) if seconds else None,
         **detection_ap(coco_ground_truth(dataset, image_indices), results),
     }
@@ -729,6 +753,12 @@ def tables(metrics: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             + (f", median {seconds:.2f} s/image" if seconds is not None else "")
         )
         out.append((title, ["type", *names], rows))
+        rows = [
+            [f"{r['threshold']:g}", f"{r['per_image']:.1f}", *(_fmt(r[k]) for k in PR_COLUMNS)]
+            for r in detection.get("at_thresholds", [])
+        ]
+        headers = ["score >=", "per image", "precision", "precision, any label", "recall (> 32^2)"]
+        out.append(("Pre-annotation by score threshold (SEGMASK_SCORE_THRESHOLD)", headers, rows))
     patches = metrics.get("patches")
     if patches:
         names = ["mean_iou", *(f"success@{t}" for t in PATCH_THRESHOLDS)]

@@ -16,6 +16,7 @@ from segmodels.evaluate import (
     label_tables,
     match_detections,
     next_correction,
+    precision_recall,
     proposal_results,
     summarise,
 )
@@ -258,3 +259,9 @@ def test_matching_counts_right_labels_any_label_and_found_instances_once(coco128
     right, any_label, found = match_detections(detections, dataset.instances_by_image[index], dataset)
     assert (right, any_label) == (1, 2)
     assert found == int(first.area > 32**2)
+
+
+def test_precision_recall_per_threshold_from_match_counts():
+    row = precision_recall(np.array([8, 2, 4, 3]), images=4, instances=12)
+    assert row == {"per_image": 2.0, "precision": 0.25, "mask_precision": 0.5, "recall": 0.25}
+    assert precision_recall(np.zeros(4), images=2, instances=0)["precision"] is None
