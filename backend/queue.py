@@ -92,6 +92,14 @@ class EmbeddedDispatcher:
         return {}
 
 
+def live_workers(connection: redis.Redis, queue: Queue) -> int:
+    """Workers registered on ``queue`` whose key still exists. RQ's registry set keeps a killed worker
+    until some worker's maintenance cleans it, but its key expires soon after its last heartbeat
+    (backend.worker)."""
+    keys = Worker.all_keys(connection=connection, queue=queue)
+    return int(connection.exists(*keys)) if keys else 0
+
+
 class RQDispatcher:
     """Enqueues on Redis for ``segmask worker`` processes and waits for their results."""
 
@@ -140,7 +148,7 @@ class RQDispatcher:
         # Checked at most every WORKER_CHECK_S per queue: a click should not pay for it every time.
         if time.monotonic() - self._worker_seen.get(queue.name, -1e9) < WORKER_CHECK_S:
             return
-        if Worker.count(connection=self.connection, queue=queue) > 0:
+        if live_workers(self.connection, queue) > 0:
             self._worker_seen[queue.name] = time.monotonic()
         else:
             raise ServiceError(

@@ -25,6 +25,8 @@ from backend.queue import PRIORITIES, queue_names
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
+# Seconds: an idle worker blocks on its queues for WORKER_TTL - 15 s between heartbeats.
+WORKER_TTL = 20
 
 
 class WarmWorker(SimpleWorker):
@@ -36,7 +38,11 @@ class WarmWorker(SimpleWorker):
     """
 
     def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
-        super().heartbeat(timeout, pipeline)
+        # An idle worker beats every dequeue_timeout (WORKER_TTL - 15 s); RQ keeps its key for
+        # WORKER_TTL + 60 s after a beat. One missed beat plus 10 s (connection_timeout) is enough: a killed
+        # worker then stops counting as a live one (backend.queue.live_workers) ~15 s after it died, not
+        # 80 s (480 s with RQ's default TTL). Beats during a job pass their own, job-length timeout.
+        super().heartbeat(timeout or self.connection_timeout, pipeline)
         if pipeline is None and not self.connection.sismember(self.redis_workers_keys, self.key):
             log.warning("worker %s was not registered in Redis (restarted?); registering again", self.name)
             self.connection.hset(self.key, mapping=self.serialize())
@@ -61,6 +67,7 @@ def build_worker(settings: Settings, queues: tuple[str, ...] = PRIORITIES) -> Wa
         connection=connection,
         serializer=JSONSerializer,
         name=f"segmask-{socket.gethostname()}-{uuid.uuid4().hex[:8]}",
+        worker_ttl=WORKER_TTL,
     )
 
 

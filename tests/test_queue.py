@@ -164,3 +164,29 @@ def test_setup_information_reaches_every_server_process(queued, ls_request, uplo
     body = keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(60, 30, True)])
     body["project"] = "77.1"
     assert second.post("/predict", json=body).status_code == 200
+
+
+@pytest.mark.slow
+def test_a_killed_worker_stops_counting_and_requests_get_no_worker(tmp_path, ls_request, upload_server):
+    require_redis()
+    prefix = f"segmask-killed-{uuid.uuid4().hex[:8]}"
+    worker = start_worker(REDIS_URL, prefix, tmp_path / "worker.log", queues="interactive")
+    connection = redis.Redis.from_url(REDIS_URL)
+    [key] = [k.decode() for k in connection.smembers(f"rq:workers:{prefix}:interactive")]
+    # After its first idle heartbeat the key lives only ~15 s past the last beat.
+    deadline = time.monotonic() + 30
+    while not 0 < connection.ttl(key) <= 15 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    worker.kill()
+    worker.wait()
+    settings = Settings.from_env({}, redis_url=REDIS_URL, queue_prefix=prefix, interactive_timeout=1)
+    client = create_app(settings).test_client()
+    setup = dict(ls_request("setup"), hostname=upload_server.url, access_token=UPLOAD_TOKEN)
+    client.post("/setup", json=setup)
+    body = keypoints(ls_request("predict-interactive-keypoint"), 9, [(5, 5, True)])
+    errors = []
+    deadline = time.monotonic() + 60  # RQ's own TTL would keep the dead worker counted for 480 s
+    while time.monotonic() < deadline and "no_worker" not in errors:
+        errors.append(client.post("/predict", json=body).get_json()["error"])
+    assert errors[-1] == "no_worker"
+    assert set(errors) <= {"worker_timeout", "no_worker"}
