@@ -14,9 +14,10 @@ Task data comes from whoever can create tasks, so fetching is defensive: only ht
 addresses (SSRF) other than Label Studio's host and ``SEGMASK_ALLOWED_HOSTS``, redirects followed by hand (at
 most ``MAX_REDIRECTS``, each target checked again), a byte limit enforced while streaming, a pixel limit
 checked before any pixel is decoded, and only the formats browsers show (plus TIFF) are decoded. Every refusal
-is a :class:`~backend.errors.ServiceError`. Known limits: the address check resolves the host itself and the
-HTTP client resolves it again, so a DNS server answering differently within milliseconds (rebinding) is not
-stopped; ``HTTP(S)_PROXY`` and ``~/.netrc`` are ignored (``trust_env=False``), so no proxy sees the requests
+is a :class:`~backend.errors.ServiceError`. The address check runs twice: on the resolved host before a
+request (a clear error, also for names that do not resolve), and on the address each connection actually
+reached (``backend.peer_check``), so a DNS server answering differently the second time (rebinding) gains
+nothing. ``HTTP(S)_PROXY`` and ``~/.netrc`` are ignored (``trust_env=False``), so no proxy sees the requests
 and no stored password is sent anywhere.
 
 Images come out as ``np.ndarray`` of shape ``(H, W, 3)``, ``uint8``, RGB, upright: EXIF orientation is
@@ -49,6 +50,7 @@ import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from backend.errors import ServiceError, bad_request
+from backend.peer_check import PeerCheckingAdapter, peer_check
 
 if TYPE_CHECKING:  # backend.settings imports torch (via segmodels); this module does not need it
     from backend.settings import Settings
@@ -109,6 +111,16 @@ def credential_kind(authorization: str | None) -> str:
     if not authorization:
         return "none"
     return authorization.split(" ", 1)[0].lower()
+
+
+def private_address(host: str, address: str, how: str) -> ServiceError:
+    """403 ``private_address``: ``host`` ``how`` (resolves to, connected to) the non-public ``address``."""
+    return ServiceError(
+        403,
+        "private_address",
+        f"image host {host!r} {how} the non-public address {address}; only Label Studio's own host and "
+        "SEGMASK_ALLOWED_HOSTS may be private",
+    )
 
 
 def is_public_address(address: str) -> bool:
@@ -379,12 +391,7 @@ class ImageFetcher:
         for info in infos:
             address = str(info[4][0])
             if not is_public_address(address):
-                raise ServiceError(
-                    403,
-                    "private_address",
-                    f"image host {host!r} resolves to the non-public address {address}; only Label Studio's "
-                    "own host and SEGMASK_ALLOWED_HOSTS may be private",
-                )
+                raise private_address(host, address, "resolves to")
 
     def _is_trusted_host(self, parts: SplitResult, target: _Target) -> bool:
         """Label Studio's host (this request's or the configured one) or an allowed ``host``/``host:port``."""
@@ -401,6 +408,9 @@ class ImageFetcher:
             session = requests.Session()
             session.trust_env = False  # no ~/.netrc credentials, no proxy that would bypass the address check
             session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))  # keep none
+            adapter = PeerCheckingAdapter()
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
             self._local.session = session
         return session
 
@@ -425,7 +435,7 @@ class ImageFetcher:
             authorization = self._authorization_for(current, target) if on_label_studio else None
             on_label_studio = on_label_studio and origin(current) == target.origin
             headers = {"Authorization": authorization} if authorization else {}
-            response = self._get(current, headers, deadline)
+            response = self._get(current, headers, deadline, target)
             with response:
                 if response.status_code in REDIRECT_STATUSES:
                     location = response.headers.get("Location")
@@ -454,14 +464,21 @@ class ImageFetcher:
             )
         self._check_host(url, target)
 
-    def _get(self, url: str, headers: dict[str, str], deadline: float) -> requests.Response:
+    def _get(self, url: str, headers: dict[str, str], deadline: float, target: _Target) -> requests.Response:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise self._timed_out(url)
+        trusted = self._is_trusted_host(split_url(url), target)
+
+        def check(host: str, address: str) -> None:
+            if not trusted and not is_public_address(address):
+                raise private_address(host, address, "connected to")
+
         try:
-            return self._session().get(
-                url, headers=headers, stream=True, allow_redirects=False, timeout=remaining
-            )
+            with peer_check(check):
+                return self._session().get(
+                    url, headers=headers, stream=True, allow_redirects=False, timeout=remaining
+                )
         except requests.Timeout:
             raise self._timed_out(url) from None
         except requests.RequestException as exc:

@@ -333,6 +333,39 @@ def test_host_resolving_to_any_private_address_is_403(monkeypatch) -> None:
     assert "192.168.1.20" in error.message
 
 
+def fake_dns(monkeypatch, *answers: str) -> list[str]:
+    """A DNS answering ``answers`` in turn (the last one from then on): a public address first and a private
+    one later is DNS rebinding, which no server here can do, so ``getaddrinfo`` stands in. Returns the hosts
+    looked up."""
+    real, looked_up = socket.getaddrinfo, []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        looked_up.append(host)
+        return real(answers[min(len(looked_up), len(answers)) - 1], port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return looked_up
+
+
+def test_a_host_rebinding_to_a_private_address_after_the_check_is_refused_unsent(
+    monkeypatch, server: ImageServer
+) -> None:
+    port = server.server_address[1]
+    looked_up = fake_dns(monkeypatch, "93.184.216.34", "127.0.0.1")
+    error = raises(403, "private_address", fetcher().fetch, f"http://rebind.example.com:{port}/coco/{JPEG}")
+    assert "connected to the non-public address 127.0.0.1" in error.message
+    assert len(looked_up) >= 2 and server.requests == []
+
+
+def test_an_allowed_host_may_connect_to_a_private_address(monkeypatch, server: ImageServer) -> None:
+    port = server.server_address[1]
+    fake_dns(monkeypatch, "127.0.0.1")
+    data = fetcher(allowed_hosts=("rebind.example.com",)).fetch(
+        f"http://rebind.example.com:{port}/coco/{JPEG}"
+    )
+    assert data[:2] == b"\xff\xd8"
+
+
 def test_unresolvable_host_is_422(monkeypatch) -> None:
     def getaddrinfo(*args, **kwargs):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
