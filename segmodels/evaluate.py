@@ -468,11 +468,7 @@ def gt_box(annotation: dict, height: int, width: int) -> np.ndarray:
 def gt_region(annotation: dict, box: np.ndarray, height: int, width: int) -> np.ndarray:
     """``bool (H, W)``: the annotation's mask, or its filled ``box`` (xyxy) when the mask covers no pixel."""
     mask = coco_segmentation_to_mask(annotation["segmentation"], height, width)
-    if mask.any():
-        return mask
-    x1, y1, x2, y2 = np.round(box).astype(int)
-    mask[max(y1, 0) : max(y2, y1 + 1), max(x1, 0) : max(x2, x1 + 1)] = True
-    return mask
+    return mask if mask.any() else box_mask(box, height, width, margin=0.0)
 
 
 def evaluate_labels(

@@ -37,7 +37,7 @@ from segmodels.multipathnet import (
     integral_loss,
     mask_coverage,
 )
-from segmodels.predictor import PAD, MaskPredictor, level_input
+from segmodels.predictor import PAD, MaskPredictor, box_mask, level_input
 from segmodels.train import (
     STATE_JSON,
     TrainConfig,
@@ -88,10 +88,7 @@ def instance_region(dataset: CocoInstances, inst: Instance) -> np.ndarray:
     if inst.has_mask:
         return dataset.mask(inst)
     info = dataset.images[inst.image_index]
-    region = np.zeros((info["height"], info["width"]), bool)
-    x1, y1, x2, y2 = np.round(instance_box(dataset, inst)).astype(int)
-    region[max(y1, 0) : max(y2, y1 + 1), max(x1, 0) : max(x2, x1 + 1)] = True
-    return region
+    return box_mask(instance_box(dataset, inst), info["height"], info["width"], margin=0.0)
 
 
 def roi_iou(
