@@ -159,7 +159,9 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
         "--checkpoint", type=Path, help="checkpoint directory with a MultiPathNet (default: shipped)"
     )
     p.add_argument("--score-threshold", type=float, default=0.5, help="minimum detection score (default 0.5)")
-    p.add_argument("--max-detections", type=int, default=100, help="detections kept per image (default 100)")
+    p.add_argument(
+        "--max-detections", type=int, default=1, help="detections kept per image, best first (default 1)"
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
 

@@ -6,8 +6,10 @@ Requests and results are plain JSON (RQ's JSON serializer; nothing is unpickled 
 - image: ``{"url", "label_studio_url", "authorization"}`` (see backend.images.ImageFetcher.fetch);
 - segment request: ``{"image", "prompt": {"points": [[x%, y%]], "positive": [bool], "box": [x1%, y1%, x2%,
   y2%] | null}, "output": "polygon" | "brush"}``;
-- detect request: ``{"image", "output", "score_threshold", "max_detections", "uncertainty"?: bool}``
-  (with ``uncertainty``, the result also has ``"uncertainty"`` and ``"confidence"`` in [0, 1]);
+- detect request: ``{"image", "output", "score_threshold", "max_detections", "classes"?: [str],
+  "uncertainty"?: bool}`` (``classes``: the model classes the project has a label for, so that the cap on
+  detections counts those alone; with ``uncertainty``, the result also has ``"uncertainty"`` and
+  ``"confidence"`` in [0, 1]);
 - result: ``{"model_version", "width", "height", "objects": [{"score", "label"?, "polygon": [[x%, y%]] |
   "rle": [int]}], "seconds": {"image", "features", "model", "encode"}}``, or ``{"error": {"status", "kind",
   "message"}}`` for a problem the client must see (a ServiceError raised while serving).
@@ -122,17 +124,18 @@ class Runtime:
         settings = self.settings
         threshold = float(request.get("score_threshold", settings.score_threshold))
         limit = int(request.get("max_detections", settings.max_detections))
+        classes = _classes(request.get("classes"))
         with self.lock:
             image, seconds = self._set_image(request)
             started = time.perf_counter()
             with torch.inference_mode():
                 if request.get("uncertainty"):
-                    detections, measure = detect_with_uncertainty(self.predictor, threshold, limit)
-                else:
-                    detections, measure = (
-                        self.predictor.detect(score_threshold=threshold, max_detections=limit),
-                        {},
+                    detections, measure = detect_with_uncertainty(
+                        self.predictor, threshold, limit, classes=classes
                     )
+                else:
+                    detections = self.predictor.detect(threshold, limit, classes=classes)
+                    measure = {}
             seconds["model"] = time.perf_counter() - started
         height, width = image.shape[:2]
         objects = []
@@ -166,6 +169,15 @@ class Runtime:
             "objects": objects,
             "seconds": {k: round(v, 4) for k, v in seconds.items()},
         }
+
+
+def _classes(value: object) -> list[str] | None:
+    """A detect request's ``classes``: None (every class) or a list of class names."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise bad_request(f"classes must be a list of class names, got {value!r:.80}")
+    return value
 
 
 def _prompt_pixels(prompt: dict, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

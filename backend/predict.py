@@ -147,6 +147,7 @@ class PredictService:
                 "output": "brush" if output.type == "BrushLabels" else "polygon",
                 "score_threshold": self.settings.score_threshold,
                 "max_detections": self.settings.max_detections,
+                "classes": sorted(output.class_to_label),
             }
             for task in tasks
         ]

@@ -51,6 +51,7 @@ def rescore(runtime: Runtime, req: TrainRequest) -> dict:
                     "authorization": auth,
                 },
                 "output": "brush" if output.type == "BrushLabels" else "polygon",
+                "classes": sorted(output.class_to_label),
                 "uncertainty": True,
             }
         )

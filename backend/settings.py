@@ -93,11 +93,14 @@ class Settings:
         85.0,
         "Seconds the server waits for a batch pre-annotation request (Label Studio gives up after 100 s).",
     )
+    # These two defaults are MaskPredictor.detect()'s (segmodels.predictor.PREANNOTATION_*).
     score_threshold: float = _setting(
-        "SEGMASK_SCORE_THRESHOLD", 0.5, "Pre-annotation keeps detections scoring at least this (0..1)."
+        "SEGMASK_SCORE_THRESHOLD",
+        0.5,
+        "Pre-annotation keeps detections scoring at least this (0..1; `predictor.detection_scores`).",
     )
     max_detections: int = _setting(
-        "SEGMASK_MAX_DETECTIONS", 20, "Pre-annotation keeps at most this many per image."
+        "SEGMASK_MAX_DETECTIONS", 1, "Pre-annotation keeps at most this many per image, best first."
     )
     max_body_bytes: int = _setting(
         "SEGMASK_MAX_BODY_BYTES", 16 * 1024 * 1024, "Largest request body accepted (413 above)."

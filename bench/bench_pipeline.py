@@ -45,7 +45,13 @@ import numpy as np
 import torch
 
 from segmodels.geometry import coco_segmentation_to_mask, mask_iou, mask_to_box
-from segmodels.predictor import DEFAULT_CHECKPOINT, Detection, MaskPredictor, load_predictor
+from segmodels.predictor import (
+    DEFAULT_CHECKPOINT,
+    Detection,
+    MaskPredictor,
+    detection_scores,
+    load_predictor,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
@@ -325,7 +331,9 @@ def staged_detect(pred: MaskPredictor, k: int, threshold: float) -> tuple[list[D
         (probs, boxes), t["classify"] = timed(
             lambda: pred.classify(np.stack([m.box for m in masks]), [m.mask for m in masks])
         )
-        detections, t["scoring+NMS"] = timed(lambda: pred.label_masks(masks, probs, boxes, threshold))
+        detections, t["scoring+NMS"] = timed(
+            lambda: pred.label_masks(masks, probs, boxes, detection_scores(masks), threshold)
+        )
     else:
         detections, t["classify"], t["scoring+NMS"] = [], 0.0, 0.0
     return detections, t

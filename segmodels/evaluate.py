@@ -16,7 +16,9 @@ The protocol of docs/targets.md and docs/papers.md, measured on the split's imag
   instance's GT mask and its tight box (argmax over the foreground classes), per frequent class with its most
   common confusion, and once more over all non-crowd instances whatever their size;
 - detection (same): COCO AP of ``MaskPredictor.detect`` (score threshold 0, at most 100 per image) with
-  categories (``useCats = 1``, default maxDets), ``segm`` (RLE masks) and ``bbox`` (MultiPathNet's boxes).
+  categories (``useCats = 1``, default maxDets), ``segm`` (RLE masks) and ``bbox`` (MultiPathNet's boxes);
+  and what pre-annotation shows at detect()'s default threshold per cap on detections per image: precision
+  and recall.
 
 Coordinates follow geometry.py: images ``(H, W, 3) uint8 RGB``, masks ``bool (H, W)``, points ``(x, y)`` in
 pixel edge coordinates (pixel (row r, column c) has its centre at ``(c + 0.5, r + 0.5)``), boxes float
@@ -99,9 +101,9 @@ FREQUENT_CLASS = 3
 # Detection: AP over every detection (threshold 0), COCO's default maxDets (1, 10, 100).
 DETECTION_THRESHOLD = 0.0
 DETECTION_MAX = 100
-# Score thresholds at which detection precision and recall are reported (with detect()'s default), to choose
-# SEGMASK_SCORE_THRESHOLD from.
-PRECISION_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+# Detections per image at which pre-annotation precision and recall are reported (with detect()'s default),
+# to choose SEGMASK_MAX_DETECTIONS from.
+PRECISION_CAPS = (1, 2, 3, 5, 10)
 DETECTION_STATS = (
     *AP_STATS,
     "AR@1",
@@ -575,9 +577,10 @@ def detection_ap(gt: COCO, results: list[dict]) -> dict[str, dict[str, float]]:
     }
 
 
-def default_detect_threshold() -> float:
-    """``MaskPredictor.detect``'s default ``score_threshold`` (what pre-annotation shows)."""
-    return float(inspect.signature(MaskPredictor.detect).parameters["score_threshold"].default)
+def default_detect_limits() -> tuple[float, int]:
+    """``MaskPredictor.detect``'s default ``(score_threshold, max_detections)``: what pre-annotation shows."""
+    params = inspect.signature(MaskPredictor.detect).parameters
+    return float(params["score_threshold"].default), int(params["max_detections"].default)
 
 
 def match_detections(
@@ -604,19 +607,25 @@ def match_detections(
     return len(right), len(any_label), sum(masked[j].area > MIN_AREA for j in right)
 
 
-PR_COLUMNS = ("precision", "mask_precision", "recall")
+PR_COLUMNS = ("precision", "mask_precision", "last_mask_precision", "recall")
 
 
-def precision_recall(counts: np.ndarray, images: int, instances: int) -> dict[str, float | None]:
-    """What an annotator sees with pre-annotation at one threshold, from ``counts`` (detections shown, right,
+def precision_recall(
+    counts: np.ndarray, images: int, instances: int, fewer: np.ndarray | None = None
+) -> dict[str, float | None]:
+    """What an annotator sees with pre-annotation at one setting, from ``counts`` (detections shown, right,
     right whatever the label, instances found; :func:`match_detections`): detections per image, precision
     (mask IoU >= 0.5 with an unmatched instance of their label), the same whatever the label, and recall
-    (over ``instances``, those with area > 32^2)."""
+    (over ``instances``, those with area > 32^2). ``fewer``: the counts of the next smaller setting, for the
+    precision whatever the label of the detections this one adds (``last_mask_precision``)."""
     shown, right, any_label, found = (int(c) for c in counts)
+    added = shown - int(fewer[0]) if fewer is not None else shown
+    gained = any_label - int(fewer[2]) if fewer is not None else any_label
     return {
         "per_image": shown / images if images else 0.0,
         "precision": right / shown if shown else None,
         "mask_precision": any_label / shown if shown else None,
+        "last_mask_precision": gained / added if added else None,
         "recall": found / instances if instances else None,
     }
 
@@ -626,19 +635,19 @@ def evaluate_detection(
 ) -> tuple[dict, dict[int, tuple[list[Detection], float | None]]]:
     """AP of ``detect(score_threshold=0, max_detections=100, proposals=proposals)`` on every image.
 
-    Detections at ``detect``'s default threshold are those of the threshold-0 list scoring at least that
-    (the list is sorted and cut after the threshold): their count per image, precision and recall
-    (:func:`match_detections`; recall over instances with area > 32^2) are reported, and they are
+    Pre-annotation at ``detect``'s default threshold and each cap of :data:`PRECISION_CAPS` (and the default
+    cap) is the threshold-0 list cut there (it is sorted): detections per image, precision and recall
+    (:func:`match_detections`; recall over instances with area > 32^2). The defaults' detections are
     returned with the image's top score (None without detections) for the first :data:`DETECTION_IMAGES`
     images with instances, keyed by image index.
     """
-    threshold = default_detect_threshold()
-    thresholds = sorted({*PRECISION_THRESHOLDS, threshold})
+    threshold, limit = default_detect_limits()
+    caps = sorted({*PRECISION_CAPS, limit})
     results: list[dict] = []
     seconds: list[float] = []
     examples: dict[int, tuple[list[Detection], float | None]] = {}
-    # Per threshold: detections shown, right, right whatever the label, instances found.
-    counts = {t: np.zeros(4, int) for t in thresholds}
+    # Per cap: detections shown, right, right whatever the label, instances found.
+    counts = {c: np.zeros(4, int) for c in caps}
     evaluated = 0
     for index in tqdm(image_indices, desc="detection", unit="image", dynamic_ncols=True):
         start = time.perf_counter()
@@ -649,15 +658,17 @@ def evaluate_detection(
         seconds.append(time.perf_counter() - start)
         results += detections_to_coco(detections, dataset.images[index]["id"])
         instances = dataset.instances_by_image[index]
-        for t in thresholds:
-            kept = [d for d in detections if d.score >= t]
-            counts[t] += [len(kept), *match_detections(kept, instances, dataset)]
+        shown = [d for d in detections if d.score >= threshold]
+        for c in caps:
+            counts[c] += [len(shown[:c]), *match_detections(shown[:c], instances, dataset)]
         evaluated += sum(inst.area > MIN_AREA and inst.has_mask for inst in instances)
         if len(examples) < DETECTION_IMAGES and instances:
-            kept = [d for d in detections if d.score >= threshold]
-            examples[index] = (kept, detections[0].score if detections else None)
+            examples[index] = (shown[:limit], detections[0].score if detections else None)
     n = len(image_indices)
-    at = {t: {"threshold": t, **precision_recall(counts[t], n, evaluated)} for t in thresholds}
+    at = {
+        c: {"max_detections": c, **precision_recall(counts[c], n, evaluated, counts[prev] if prev else None)}
+        for prev, c in zip([None, *caps[:-1]], caps, strict=True)
+    }
     metrics = {
         "images": len(image_indices),
         "proposals": proposals,
@@ -665,11 +676,12 @@ def evaluate_detection(
         "max_detections": DETECTION_MAX,
         "detections": len(results),
         "default_threshold": threshold,
-        "mean_detections_at_default": at[threshold]["per_image"],
-        "precision_at_default": at[threshold]["precision"],
-        "mask_precision_at_default": at[threshold]["mask_precision"],
-        "recall_at_default": at[threshold]["recall"],
-        "at_thresholds": list(at.values()),
+        "default_max_detections": limit,
+        "mean_detections_at_default": at[limit]["per_image"],
+        "precision_at_default": at[limit]["precision"],
+        "mask_precision_at_default": at[limit]["mask_precision"],
+        "recall_at_default": at[limit]["recall"],
+        "at_caps": list(at.values()),
         "median_seconds_per_image": statistics.median(seconds) if seconds else None,
         **detection_ap(coco_ground_truth(dataset, image_indices), results),
     }
@@ -742,19 +754,31 @@ def tables(metrics: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         title = (
             f"Detection: COCO AP with categories, {detection['images']} images, score >= "
             f"{detection['score_threshold']:g}, <= {detection['max_detections']} per image; "
-            f"{detection['mean_detections_at_default']:.1f} per image at the default threshold "
-            f"{detection['default_threshold']:g} (precision {_fmt(detection['precision_at_default'])}, "
+            f"{detection['mean_detections_at_default']:.1f} per image at the defaults (score >= "
+            f"{detection['default_threshold']:g}, <= {detection['default_max_detections']} per image; "
+            f"precision {_fmt(detection['precision_at_default'])}, "
             f"{_fmt(detection['mask_precision_at_default'])} whatever the label; recall "
             f"{_fmt(detection['recall_at_default'])})"
             + (f", median {seconds:.2f} s/image" if seconds is not None else "")
         )
         out.append((title, ["type", *names], rows))
         rows = [
-            [f"{r['threshold']:g}", f"{r['per_image']:.1f}", *(_fmt(r[k]) for k in PR_COLUMNS)]
-            for r in detection.get("at_thresholds", [])
+            [str(r["max_detections"]), f"{r['per_image']:.2f}", *(_fmt(r[k]) for k in PR_COLUMNS)]
+            for r in detection.get("at_caps", [])
         ]
-        headers = ["score >=", "per image", "precision", "precision, any label", "recall (> 32^2)"]
-        out.append(("Pre-annotation by score threshold (SEGMASK_SCORE_THRESHOLD)", headers, rows))
+        headers = [
+            "at most",
+            "per image",
+            "precision",
+            "precision, any label",
+            "added ones, any label",
+            "recall (> 32^2)",
+        ]
+        title = (
+            f"Pre-annotation by detections per image (SEGMASK_MAX_DETECTIONS), score >= "
+            f"{detection['default_threshold']:g}"
+        )
+        out.append((title, headers, rows))
     patches = metrics.get("patches")
     if patches:
         names = ["mean_iou", *(f"success@{t}" for t in PATCH_THRESHOLDS)]
@@ -980,9 +1004,11 @@ def plot_detections(
     dataset: CocoInstances,
     examples: dict[int, tuple[list[Detection], float | None]],
     threshold: float,
+    limit: int,
 ) -> None:
-    """A row per image: its GT instances and the detections at ``threshold`` (``export.draw_detections``),
-    captioned with the image's top detection score (:func:`evaluate_detection`'s examples)."""
+    """A row per image: its GT instances and the detections at ``threshold`` and at most ``limit``
+    (``export.draw_detections``), captioned with the image's top detection score (:func:`evaluate_detection`'s
+    examples)."""
     plt = _pyplot()
     fig, axes = plt.subplots(
         len(examples), 2, figsize=(10, 3.9 * len(examples)), squeeze=False, layout="constrained"
@@ -996,11 +1022,12 @@ def plot_detections(
         right.imshow(draw_detections(image, detections))
         best = "no detection" if top is None else f"top score {top:.2f}"
         right.set_title(
-            f"image {image_id}: {len(detections)} detections (score >= {threshold:g}; {best})", fontsize=9
+            f"image {image_id}: {len(detections)} shown (score >= {threshold:g}, at most {limit}; {best})",
+            fontsize=9,
         )
         for ax in (left, right):
             ax.axis("off")
-    fig.suptitle("Detections at detect()'s default threshold (right) and the GT (left)")
+    fig.suptitle("Detections at detect()'s defaults (right) and the GT (left)")
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
@@ -1040,9 +1067,9 @@ def write_report(
         plot_proposals(out / "proposals.png", dataset, examples)
         figures.append((f"Top-{TOP_PROPOSALS} proposals", "proposals.png"))
     if detection_examples:
-        threshold = metrics["detection"]["default_threshold"]
-        plot_detections(out / "detections.png", dataset, detection_examples, threshold)
-        figures.append((f"Detections (score >= {threshold:g}) and GT", "detections.png"))
+        threshold, limit = (metrics["detection"][k] for k in ("default_threshold", "default_max_detections"))
+        plot_detections(out / "detections.png", dataset, detection_examples, threshold, limit)
+        figures.append((f"Detections (score >= {threshold:g}, at most {limit}) and GT", "detections.png"))
     instances = metrics.get("instances", {})
     lines = [
         f"# Evaluation: {metrics['split']} split",

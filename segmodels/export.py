@@ -28,7 +28,7 @@ from pycocotools import mask as mask_utils
 
 from segmodels.checkpoint import atomic_write_json
 from segmodels.geometry import mask_to_rle
-from segmodels.predictor import Detection
+from segmodels.predictor import PREANNOTATION_MAX, PREANNOTATION_THRESHOLD, Detection
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +220,8 @@ def predict_files(
     predictor,
     paths: Sequence[str | Path],
     out: str | Path,
-    score_threshold: float = 0.5,
-    max_detections: int = 100,
+    score_threshold: float = PREANNOTATION_THRESHOLD,
+    max_detections: int = PREANNOTATION_MAX,
     progress: bool = True,
 ) -> PredictSummary:
     """``predictor.detect`` on each image file; writes ``out/predictions.json`` (:func:`write_coco`: images

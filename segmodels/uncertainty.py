@@ -4,8 +4,8 @@ The measure, on the predictor's current image, from one ``detect()``-like pass (
 mask NMS):
 
 1. candidates: the top ``proposals`` refined DeepMask windows with a non-empty mask, de-duplicated by greedy
-   mask NMS (IoU > ``nms_iou``) on the detection score ``sqrt(objectness * top class probability)``, exactly
-   the objects ``detect()`` would consider;
+   mask NMS (IoU > ``nms_iou``) on the detection score (``predictor.detection_scores``), exactly the
+   objects ``detect()`` would consider;
 2. per candidate, ``u = objectness * (1 - margin)``: ``objectness`` is DeepMask's probability that the window
    holds an object, ``margin`` the gap between the two most probable of MultiPathNet's K+1 outcomes
    (background included). ``u`` is high when the window probably holds an object and the classifier is torn
@@ -26,9 +26,19 @@ rank high although labelling them adds no instance to learn from.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 
-from segmodels.predictor import Detection, Mask, MaskPredictor, mask_nms
+from segmodels.predictor import (
+    PREANNOTATION_MAX,
+    PREANNOTATION_THRESHOLD,
+    Detection,
+    Mask,
+    MaskPredictor,
+    detection_scores,
+    mask_nms,
+)
 
 TOP_OBJECTS = 3
 # What rescoring reports per image: the candidates behind the score.
@@ -54,21 +64,24 @@ def image_score(uncertainties: np.ndarray, top: int = TOP_OBJECTS) -> float:
 
 def detect_with_uncertainty(
     predictor: MaskPredictor,
-    score_threshold: float = 0.5,
-    max_detections: int = 100,
+    score_threshold: float = PREANNOTATION_THRESHOLD,
+    max_detections: int = PREANNOTATION_MAX,
     proposals: int = 100,
     nms_iou: float = 0.5,
     top: int = TOP_OBJECTS,
+    classes: Collection[str] | None = None,
 ) -> tuple[list[Detection], dict]:
-    """``predictor.detect(...)`` and :func:`image_uncertainty` of the current image from one shared pass
-    (proposals and MultiPathNet run once): the detections, and the uncertainty dict."""
+    """``predictor.detect(...)`` (``classes`` as there) and :func:`image_uncertainty` of the current image
+    from one shared pass (proposals and MultiPathNet run once): the detections, and the uncertainty dict."""
     masks = [m for m in predictor.propose(proposals) if m.mask.any()]
     if not masks:
         return [], summarise([], np.zeros((0, 0)), np.zeros(0), [], 0, predictor.classes, top)
     probs, boxes = predictor.classify(np.stack([m.box for m in masks]), [m.mask for m in masks])
-    detections = predictor.label_masks(masks, probs, boxes, score_threshold, max_detections, nms_iou)
+    scores = detection_scores(masks)
+    detections = predictor.label_masks(
+        masks, probs, boxes, scores, score_threshold, max_detections, nms_iou, classes
+    )
     objectness = np.array([m.score for m in masks])
-    scores = np.sqrt(objectness * probs[:, 1:].max(axis=1))
     kept = mask_nms(np.stack([m.mask for m in masks]), scores, nms_iou)
     measure = summarise(masks, probs, objectness, kept, len(detections), predictor.classes, top)
     return detections, measure
@@ -113,7 +126,7 @@ def summarise(
 def image_uncertainty(
     predictor: MaskPredictor,
     proposals: int = 100,
-    score_threshold: float = 0.5,
+    score_threshold: float = PREANNOTATION_THRESHOLD,
     nms_iou: float = 0.5,
     top: int = TOP_OBJECTS,
 ) -> dict:

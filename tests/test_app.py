@@ -159,6 +159,15 @@ def test_batch_drops_classes_the_project_has_no_label_for(client, ls_request):
     assert all(r["value"]["polygonlabels"][0] != "hotdog" for p in results for r in p["result"])
 
 
+def test_batch_shows_the_best_object_the_project_has_a_label_for(client, ls_request):
+    """The image's best detection is the dog; without a dog label the one region shown is the best of
+    the project's classes, not nothing."""
+    body = with_image(ls_request("predict-batch"), DOG_IMAGE)
+    body["label_config"] = body["label_config"].replace('value="dog"', 'value="hotdog"')
+    for prediction in client.post("/predict", json=body).get_json()["results"]:
+        assert [r["value"]["polygonlabels"][0] for r in prediction["result"]] in (["person"], ["car"])
+
+
 def test_predicted_values_route_model_classes_to_a_project_label(client, ls_request):
     body = with_image(ls_request("predict-batch"), DOG_IMAGE)
     body["tasks"] = body["tasks"][:1]

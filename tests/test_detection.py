@@ -5,7 +5,15 @@ import pytest
 
 from segmodels.data import CocoInstances
 from segmodels.geometry import mask_iou
-from segmodels.predictor import DEFAULT_CHECKPOINT, PAD, load_predictor, mask_nms
+from segmodels.predictor import (
+    DEFAULT_CHECKPOINT,
+    PAD,
+    PREANNOTATION_MAX,
+    Mask,
+    detection_scores,
+    load_predictor,
+    mask_nms,
+)
 from segmodels.train_multipathnet import FG_FRACTION, ImageRois, sample_rois, to_trunk
 
 
@@ -48,18 +56,75 @@ def test_mask_nms_keeps_overlapping_masks_below_the_threshold():
     assert sorted(mask_nms(masks, np.array([0.5, 0.6]), iou=0.5)) == [0, 1]
 
 
+def _label_masks(
+    scores: list[float], fg_probs: list[float], class_index: list[int] | None = None, **options
+) -> list:
+    """``label_masks`` of the shipped predictor on distinct discs with these scores, each with ``fg_probs``
+    on its class (``class_index``: indices into the model's classes, default the first) and the rest on
+    background; ``options`` go to ``label_masks``."""
+    predictor = load_predictor()
+    k = len(predictor.classes)
+    masks = [Mask(_disc(14 + 24 * i, 30, 10), 0.9) for i in range(len(scores))]
+    probs = np.zeros((len(masks), k + 1))
+    columns = np.array(class_index or [0] * len(masks)) + 1
+    probs[np.arange(len(masks)), columns] = fg_probs
+    probs[:, 0] = 1 - np.array(fg_probs)
+    boxes = np.zeros((len(masks), k + 1, 4))
+    return predictor.label_masks(masks, probs, boxes, np.array(scores), **options)
+
+
+def test_detections_are_ranked_by_their_score_whatever_the_class_probability():
+    detections = _label_masks([0.6, 0.9, 0.7], [0.99, 0.05, 0.5], score_threshold=0.5, max_detections=3)
+    assert [d.score for d in detections] == pytest.approx([0.9, 0.7, 0.6])
+
+
+def test_label_masks_keep_at_most_the_cap_of_those_above_the_threshold():
+    scores, fg = [0.95, 0.9, 0.4, 0.8], [0.9] * 4
+    assert len(_label_masks(scores, fg, score_threshold=0.5, max_detections=10)) == 3
+    kept = _label_masks(scores, fg, score_threshold=0.5, max_detections=2)
+    assert [d.score for d in kept] == pytest.approx([0.95, 0.9])
+
+
+def test_a_class_filter_shows_the_best_object_of_those_classes():
+    names = load_predictor().classes
+    scores, fg, class_index = [0.95, 0.9, 0.8], [0.9] * 3, [0, 1, 1]
+    assert [d.label for d in _label_masks(scores, fg, class_index, max_detections=1)] == [names[0]]
+    only = _label_masks(scores, fg, class_index, max_detections=1, classes=[names[1].upper()])
+    assert [(d.label, d.score) for d in only] == [(names[1], pytest.approx(0.9))]
+    assert _label_masks([0.95], [0.9], [0], classes=["no such class"]) == []
+
+
+def test_pre_annotation_shows_one_object_per_image_by_default():
+    assert len(_label_masks([0.95, 0.9, 0.8], [0.9] * 3)) == PREANNOTATION_MAX == 1
+
+
+def test_a_whole_object_outscores_its_fragment_of_slightly_higher_objectness():
+    whole, fragment = _disc(50, 50, 30), _disc(50, 50, 8)
+    scores = detection_scores([Mask(whole, 0.99), Mask(fragment, 0.999)])
+    assert scores[0] > scores[1]
+
+
+def test_detection_scores_are_probabilities_that_grow_with_objectness_and_area():
+    masks = [Mask(_disc(50, 50, r), o) for r, o in ((10, 0.5), (10, 0.9), (20, 0.9), (20, 1.0), (0, 0.9))]
+    scores = detection_scores(masks)
+    assert np.all((scores >= 0) & (scores <= 1))
+    assert scores[0] < scores[1] < scores[2] < scores[3]
+    assert scores[4] < scores[0]
+
+
 @pytest.mark.slow
 def test_detect_with_the_shipped_weights_labels_an_object_it_was_trained_on(coco128):
     """The whole chain (proposals, refinement, MultiPathNet, scoring, NMS) wired to the shipped weights, on a
-    training image: its dog must come back as a dog. Held-out label quality is what ``segmask evaluate``
-    measures (README); it is far lower."""
+    training image: the one detection shown by default is a dog, and the three best hold the dog's mask (the
+    best one here spills over twice the dog's area). Held-out quality is what ``segmask evaluate`` measures
+    (README); it is far lower."""
     predictor = load_predictor()
     if predictor.model.multipathnet is None:
         pytest.fail(f"the shipped checkpoint {DEFAULT_CHECKPOINT} has no MultiPathNet stage")
     train = CocoInstances(coco128, "train")
     index = next(i for i, im in enumerate(train.images) if im["id"] == 42)
     predictor.set_image(train.image(index))
-    detections = predictor.detect()
+    shown = predictor.detect()
+    assert [d.label for d in shown] == ["dog"] and shown[0].score >= 0.5
     dog = train.mask(train.instances_by_image[index][0])
-    assert any(d.label == "dog" and mask_iou(d.mask, dog) >= 0.5 for d in detections)
-    assert all(d.score >= 0.5 for d in detections) and len(detections) <= 100
+    assert any(d.label == "dog" and mask_iou(d.mask, dog) >= 0.5 for d in predictor.detect(max_detections=3))

@@ -261,7 +261,22 @@ def test_matching_counts_right_labels_any_label_and_found_instances_once(coco128
     assert found == int(first.area > 32**2)
 
 
-def test_precision_recall_per_threshold_from_match_counts():
+def test_precision_recall_from_match_counts():
     row = precision_recall(np.array([8, 2, 4, 3]), images=4, instances=12)
-    assert row == {"per_image": 2.0, "precision": 0.25, "mask_precision": 0.5, "recall": 0.25}
+    assert row == {
+        "per_image": 2.0,
+        "precision": 0.25,
+        "mask_precision": 0.5,
+        "last_mask_precision": 0.5,
+        "recall": 0.25,
+    }
     assert precision_recall(np.zeros(4), images=2, instances=0)["precision"] is None
+
+
+def test_the_precision_of_added_detections_comes_from_the_next_smaller_cap():
+    row = precision_recall(np.array([8, 2, 4, 3]), images=4, instances=12, fewer=np.array([4, 2, 3, 2]))
+    assert row["last_mask_precision"] == 0.25
+    assert (
+        precision_recall(np.array([4, 2, 3, 2]), 4, 12, fewer=np.array([4, 2, 3, 2]))["last_mask_precision"]
+        is None
+    )

@@ -21,7 +21,7 @@ from segmodels.export import (
     write_coco,
 )
 from segmodels.geometry import mask_to_box, rle_to_mask
-from segmodels.predictor import Detection, load_predictor
+from segmodels.predictor import PREANNOTATION_MAX, PREANNOTATION_THRESHOLD, Detection, load_predictor
 
 
 def quiet_coco(path: Path | None = None) -> COCO:
@@ -166,8 +166,8 @@ def test_predict_files_writes_coco_files_and_overlays_and_skips_unreadable_files
         assert overlay is not None and overlay.shape == dataset.image(index).shape
 
 
-def test_predict_command_line_defaults():
+def test_predict_command_line_defaults_are_pre_annotations():
     args = build_parser().parse_args(["predict", "a.jpg", "b.png"])
     assert args.images == [Path("a.jpg"), Path("b.png")]
     assert args.out == Path("predictions") and args.checkpoint is None
-    assert args.score_threshold == 0.5 and args.max_detections == 100
+    assert (args.score_threshold, args.max_detections) == (PREANNOTATION_THRESHOLD, PREANNOTATION_MAX)

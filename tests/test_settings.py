@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from backend.settings import Settings
+from segmodels.predictor import PREANNOTATION_MAX, PREANNOTATION_THRESHOLD
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -29,6 +30,11 @@ def test_environment_values_are_parsed_to_the_field_types():
     assert settings.interactive_timeout == 7.5 and settings.max_detections == 3
     assert settings.allowed_hosts == ("images.internal", "10.0.0.5")
     assert settings.model_dir == Path("/models/v3")
+
+
+def test_pre_annotation_defaults_are_detects():
+    settings = Settings.from_env({})
+    assert (settings.score_threshold, settings.max_detections) == (PREANNOTATION_THRESHOLD, PREANNOTATION_MAX)
 
 
 def test_an_unparseable_value_names_the_setting():
