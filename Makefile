@@ -28,8 +28,11 @@ worker: setup
 test: setup
 	$(VENV)/bin/pytest
 
+# The docs' Python blocks too (ruff formats Markdown in preview mode only).
 lint: setup
 	$(VENV)/bin/ruff check segmodels backend tests bench
+	$(VENV)/bin/ruff format --check segmodels backend tests bench
+	$(VENV)/bin/ruff format --check --preview README.md bench/README.md backend/cvat/README.md
 
 bench: setup
 	$(PY) bench/bench_pipeline.py
