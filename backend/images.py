@@ -139,6 +139,12 @@ def is_public_address(address: str) -> bool:
     )
 
 
+def content_key(data: bytes) -> str:
+    """The cache key of an image file: the sha1 hex digest of its bytes, so the same picture under two URLs
+    shares one key and per-image features can be cached by it."""
+    return hashlib.sha1(data).hexdigest()
+
+
 @dataclass(frozen=True)
 class _Target:
     """One fetch's Label Studio: its base URL (``""`` if unknown) and the Authorization value for it."""
@@ -244,17 +250,6 @@ class ImageFetcher:
         return self.cache.misses
 
     # ------------------------------------------------------------------ public API
-
-    def load(
-        self, url: str, label_studio_url: str | None = None, authorization: str | None = None
-    ) -> tuple[np.ndarray, str]:
-        """Fetch and decode ``url``: ``(image (H, W, 3) uint8 RGB, content key)``.
-
-        The content key is the sha1 hex digest of the file's bytes: the same picture under two URLs shares
-        one key, so callers can cache per-image features by it.
-        """
-        data = self.fetch(url, label_studio_url, authorization)
-        return self.decode(data), hashlib.sha1(data).hexdigest()
 
     def fetch(self, url: str, label_studio_url: str | None = None, authorization: str | None = None) -> bytes:
         """The bytes of the image a task's ``url`` refers to (see the module docstring for what is accepted).

@@ -11,8 +11,9 @@ Requests and results are plain JSON (RQ's JSON serializer; nothing is unpickled 
   detections counts those alone; with ``uncertainty``, the result also has ``"uncertainty"`` and
   ``"confidence"`` in [0, 1]);
 - result: ``{"model_version", "width", "height", "objects": [{"score", "label"?, "polygon": [[x%, y%]] |
-  "rle": [int]}], "seconds": {"image", "features", "model", "encode"}}``, or ``{"error": {"status", "kind",
-  "message"}}`` for a problem the client must see (a ServiceError raised while serving).
+  "rle": [int]}], "seconds": {"image" (fetch), "features" (decode and trunk, when not cached), "model",
+  "encode"}}``, or ``{"error": {"status", "kind", "message"}}`` for a problem the client must see (a
+  ServiceError raised while serving).
 
 Percent coordinates are converted to pixels here, with the decoded image's own size.
 """
@@ -32,7 +33,7 @@ from rq import get_current_job
 from rq.utils import now as utcnow
 
 from backend.errors import ServiceError, bad_request
-from backend.images import ImageFetcher
+from backend.images import ImageFetcher, content_key
 from backend.settings import Settings
 from backend.versions import open_store
 from segmodels.geometry import mask_to_polygon, points_to_percent
@@ -107,8 +108,7 @@ class Runtime:
         """One object for a click/box prompt (see the module docstring for shapes)."""
         prompt = request.get("prompt") or {}
         with self.lock:
-            image, seconds = self._set_image(request)
-            height, width = image.shape[:2]
+            (height, width), seconds = self._set_image(request)
             points, positive, box = _prompt_pixels(prompt, width, height)
             started = time.perf_counter()
             with torch.inference_mode():
@@ -126,7 +126,7 @@ class Runtime:
         limit = int(request.get("max_detections", settings.max_detections))
         classes = _classes(request.get("classes"))
         with self.lock:
-            image, seconds = self._set_image(request)
+            (height, width), seconds = self._set_image(request)
             started = time.perf_counter()
             with torch.inference_mode():
                 if request.get("uncertainty"):
@@ -137,7 +137,6 @@ class Runtime:
                     detections = self.predictor.detect(threshold, limit, classes=classes)
                     measure = {}
             seconds["model"] = time.perf_counter() - started
-        height, width = image.shape[:2]
         objects = []
         for det in detections:
             obj = _encode(det.mask, det.score, request.get("output"), width, height, seconds)
@@ -148,18 +147,23 @@ class Runtime:
             result.update(uncertainty=float(measure["uncertainty"]), confidence=float(measure["confidence"]))
         return result
 
-    def _set_image(self, request: dict) -> tuple[np.ndarray, dict]:
+    def _set_image(self, request: dict) -> tuple[tuple[int, int], dict]:
+        """Fetch the request's image and set its features on the predictor (decoded and computed only when
+        not cached); its ``(height, width)`` and the seconds spent fetching and on features."""
         self._load_current()
         ref = request.get("image") or {}
         if not isinstance(ref.get("url"), str):
             raise bad_request("the job names no image URL", "missing_image")
         started = time.perf_counter()
-        image, key = self.fetcher.load(ref["url"], ref.get("label_studio_url"), ref.get("authorization"))
-        loaded = time.perf_counter()
+        data = self.fetcher.fetch(ref["url"], ref.get("label_studio_url"), ref.get("authorization"))
+        fetched = time.perf_counter()
         with torch.inference_mode():
-            features, _ = self.features.get(key, lambda: self.predictor.compute_features(image))
+            features, _ = self.features.get(
+                content_key(data), lambda: self.predictor.compute_features(self.fetcher.decode(data))
+            )
         self.predictor.set_features(features)
-        return image, {"image": loaded - started, "features": time.perf_counter() - loaded}
+        seconds = {"image": fetched - started, "features": time.perf_counter() - fetched}
+        return (features.height, features.width), seconds
 
     def _result(self, width: int, height: int, objects: list[dict], seconds: dict) -> dict:
         return {

@@ -85,6 +85,21 @@ def test_repeated_clicks_on_an_image_reuse_its_features(app, client, ls_request,
     assert runtime.features.hits == hits + 1
 
 
+def test_a_click_on_an_image_with_cached_features_does_not_decode_it_again(
+    app, client, ls_request, dog, monkeypatch
+):
+    x, y, _ = dog
+    body = keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(x, y, True)])
+    assert client.post("/predict", json=body).status_code == 200
+    runtime = app.extensions["segmask"]["service"].dispatcher.runtime
+
+    def no_decode(data: bytes) -> np.ndarray:
+        raise AssertionError("a cached image was decoded again")
+
+    monkeypatch.setattr(runtime.fetcher, "decode", no_decode)
+    assert client.post("/predict", json=body).status_code == 200
+
+
 def test_a_negative_click_removes_the_area_around_it(client, ls_request, dog):
     x, y, gt = dog
     base = keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(x, y, True)])

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from backend.errors import ServiceError
-from backend.images import ByteCache, ImageFetcher, is_public_address
+from backend.images import ByteCache, ImageFetcher, content_key, is_public_address
 from backend.settings import Settings
 
 UPLOAD_TOKEN = "Token 0123456789abcdef0123456789abcdef01234567"
@@ -162,10 +162,12 @@ def test_fetch_url_on_allowed_host_returns_the_file(server: ImageServer, coco_im
     assert data == (coco_images / JPEG).read_bytes()
 
 
-def test_load_returns_rgb_image_and_sha1_content_key(server: ImageServer, coco_images: Path) -> None:
-    image, key = trusting().load(f"{server.url}/coco/{JPEG}")
+def test_fetched_bytes_decode_to_rgb_and_key_by_their_sha1(server: ImageServer, coco_images: Path) -> None:
+    images = trusting()
+    data = images.fetch(f"{server.url}/coco/{JPEG}")
+    image = images.decode(data)
     assert image.shape == (480, 640, 3) and image.dtype == np.uint8
-    assert key == hashlib.sha1((coco_images / JPEG).read_bytes()).hexdigest()
+    assert content_key(data) == hashlib.sha1((coco_images / JPEG).read_bytes()).hexdigest()
 
 
 def test_loopback_url_is_refused_when_not_label_studio_nor_allowed(server: ImageServer) -> None:
@@ -484,8 +486,8 @@ def local_root(tmp_path: Path, coco_images: Path) -> Path:
 
 
 def test_local_file_inside_the_root_loads(local_root: Path) -> None:
-    image, _ = fetcher(local_files_root=str(local_root)).load("/data/local-files/?d=dir/good.jpg")
-    assert image.shape == (480, 640, 3)
+    local = fetcher(local_files_root=str(local_root))
+    assert local.decode(local.fetch("/data/local-files/?d=dir/good.jpg")).shape == (480, 640, 3)
 
 
 @pytest.mark.parametrize("d", ["../secret.jpg", "dir/../../secret.jpg", "%2e%2e/secret.jpg"])
@@ -580,7 +582,8 @@ def test_non_image_bytes_are_415(data: bytes) -> None:
 
 
 def test_text_served_as_an_image_is_415(server: ImageServer) -> None:
-    raises(415, "not_an_image", trusting().load, f"{server.url}/text")
+    images = trusting()
+    raises(415, "not_an_image", images.decode, images.fetch(f"{server.url}/text"))
 
 
 def test_exif_orientation_is_applied() -> None:
