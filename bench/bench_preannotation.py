@@ -45,16 +45,22 @@ from segmodels.data import CocoInstances
 from segmodels.evaluate import (
     MIN_AREA,
     PRECISION_CAPS,
+    cap_rows,
     coco_ground_truth,
-    default_detect_limits,
+    count_caps,
     detection_ap,
     format_table,
-    match_detections,
-    precision_recall,
 )
 from segmodels.export import detections_to_coco
 from segmodels.model import SegmentationModel
-from segmodels.predictor import DEFAULT_CHECKPOINT, Detection, Mask, MaskPredictor, detection_scores
+from segmodels.predictor import (
+    DEFAULT_CHECKPOINT,
+    PREANNOTATION_THRESHOLD,
+    Detection,
+    Mask,
+    MaskPredictor,
+    detection_scores,
+)
 from segmodels.train import TrainConfig
 from segmodels.train_multipathnet import (
     TapCache,
@@ -117,11 +123,8 @@ def ranked(
     p_class = probs[:, 1:].max(axis=1)
     out = {}
     for name, rank in RANKINGS.items():
-        scores = rank(masks, objectness, p_class)
-        out[name] = (
-            predictor.label_masks(masks, probs, boxes, scores, 0.0, len(masks)),
-            predictor.label_masks(masks, probs, boxes, scores, threshold, len(masks)),
-        )
+        every = predictor.label_masks(masks, probs, boxes, rank(masks, objectness, p_class), 0.0, len(masks))
+        out[name] = (every, [d for d in every if d.score >= threshold])
     return out
 
 
@@ -151,16 +154,9 @@ def summarise(dataset: CocoInstances, detections: dict[int, dict]) -> dict:
         for i in indices:
             every, shown = detections[i][name]
             results += detections_to_coco(every, dataset.images[i]["id"])
-            for c in PRECISION_CAPS:
-                counts[c] += [
-                    len(shown[:c]),
-                    *match_detections(shown[:c], dataset.instances_by_image[i], dataset),
-                ]
+            count_caps(counts, shown, dataset.instances_by_image[i], dataset)
         ap = detection_ap(gt, results)
-        caps = [
-            {"max_detections": c, **precision_recall(counts[c], len(indices), instances, counts.get(p))}
-            for p, c in zip([None, *PRECISION_CAPS[:-1]], PRECISION_CAPS, strict=True)
-        ]
+        caps = cap_rows(counts, len(indices), instances)
         out[name] = {"segm": ap["segm"], "bbox": ap["bbox"], "caps": caps}
     return {"images": len(indices), "instances_over_32": instances, "rankings": out}
 
@@ -196,7 +192,7 @@ def main() -> None:
     device = torch.device("cpu")
     started = time.monotonic()
     train, val = CocoInstances(DATA, "train"), CocoInstances(DATA, "val")
-    threshold, _ = default_detect_limits()
+    threshold = PREANNOTATION_THRESHOLD
     shipped = MaskPredictor(*load_checkpoint(DEFAULT_CHECKPOINT, device), device)
     _, ids = class_list(train)
     rois = image_rois(shipped, train, {cid: i + 1 for i, cid in enumerate(ids)})

@@ -28,7 +28,6 @@ pixel edge coordinates (pixel (row r, column c) has its centre at ``(c + 0.5, r 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import json
 import logging
@@ -61,6 +60,8 @@ from segmodels.geometry import (
 )
 from segmodels.predictor import (
     DEFAULT_CHECKPOINT,
+    PREANNOTATION_MAX,
+    PREANNOTATION_THRESHOLD,
     Detection,
     Mask,
     MaskPredictor,
@@ -577,12 +578,6 @@ def detection_ap(gt: COCO, results: list[dict]) -> dict[str, dict[str, float]]:
     }
 
 
-def default_detect_limits() -> tuple[float, int]:
-    """``MaskPredictor.detect``'s default ``(score_threshold, max_detections)``: what pre-annotation shows."""
-    params = inspect.signature(MaskPredictor.detect).parameters
-    return float(params["score_threshold"].default), int(params["max_detections"].default)
-
-
 def match_detections(
     detections: Sequence[Detection], instances: Sequence[Instance], dataset: CocoInstances
 ) -> tuple[int, int, int]:
@@ -630,6 +625,25 @@ def precision_recall(
     }
 
 
+def count_caps(
+    counts: dict[int, np.ndarray], shown: Sequence[Detection], instances: Sequence[Instance], dataset
+) -> None:
+    """Add one image to ``counts`` (per cap: detections shown, right, right whatever the label, instances
+    found; :func:`match_detections`) for its detections ``shown``, best first, cut at each cap."""
+    for cap, total in counts.items():
+        total += [len(shown[:cap]), *match_detections(shown[:cap], instances, dataset)]
+
+
+def cap_rows(counts: dict[int, np.ndarray], images: int, instances: int) -> list[dict]:
+    """:func:`precision_recall` per cap of ``counts`` (:func:`count_caps`), smallest first, each with the
+    precision of what it adds over the previous cap."""
+    caps = sorted(counts)
+    return [
+        {"max_detections": c, **precision_recall(counts[c], images, instances, counts[p] if p else None)}
+        for p, c in zip([None, *caps[:-1]], caps, strict=True)
+    ]
+
+
 def evaluate_detection(
     predictor: MaskPredictor, dataset: CocoInstances, image_indices: Sequence[int], proposals: int = 100
 ) -> tuple[dict, dict[int, tuple[list[Detection], float | None]]]:
@@ -641,13 +655,11 @@ def evaluate_detection(
     returned with the image's top score (None without detections) for the first :data:`DETECTION_IMAGES`
     images with instances, keyed by image index.
     """
-    threshold, limit = default_detect_limits()
-    caps = sorted({*PRECISION_CAPS, limit})
+    threshold, limit = PREANNOTATION_THRESHOLD, PREANNOTATION_MAX
     results: list[dict] = []
     seconds: list[float] = []
     examples: dict[int, tuple[list[Detection], float | None]] = {}
-    # Per cap: detections shown, right, right whatever the label, instances found.
-    counts = {c: np.zeros(4, int) for c in caps}
+    counts = {c: np.zeros(4, int) for c in {*PRECISION_CAPS, limit}}
     evaluated = 0
     for index in tqdm(image_indices, desc="detection", unit="image", dynamic_ncols=True):
         start = time.perf_counter()
@@ -659,16 +671,11 @@ def evaluate_detection(
         results += detections_to_coco(detections, dataset.images[index]["id"])
         instances = dataset.instances_by_image[index]
         shown = [d for d in detections if d.score >= threshold]
-        for c in caps:
-            counts[c] += [len(shown[:c]), *match_detections(shown[:c], instances, dataset)]
+        count_caps(counts, shown, instances, dataset)
         evaluated += sum(inst.area > MIN_AREA and inst.has_mask for inst in instances)
         if len(examples) < DETECTION_IMAGES and instances:
             examples[index] = (shown[:limit], detections[0].score if detections else None)
-    n = len(image_indices)
-    at = {
-        c: {"max_detections": c, **precision_recall(counts[c], n, evaluated, counts[prev] if prev else None)}
-        for prev, c in zip([None, *caps[:-1]], caps, strict=True)
-    }
+    at = {row["max_detections"]: row for row in cap_rows(counts, len(image_indices), evaluated)}
     metrics = {
         "images": len(image_indices),
         "proposals": proposals,
