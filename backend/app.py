@@ -12,9 +12,9 @@ Every error is JSON ``{"error": kind, "message": ...}`` with a 4xx/5xx status, l
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import hmac
+import json
 import logging
 import time
 from collections import deque
@@ -23,20 +23,23 @@ import redis
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from backend.credentials import LabelStudioCredentials
+from backend.access import LabelStudioAccess, SetupRegistry
 from backend.errors import ServiceError, bad_request
 from backend.metrics import Metrics
-from backend.predict import PredictService, SetupRegistry
+from backend.predict import PredictService
 from backend.queue import Dispatcher, EmbeddedDispatcher, RQDispatcher
 from backend.rescore import rescore
 from backend.settings import Settings
 from backend.training import JobBoard, TrainingScheduler
 from backend.versions import open_store, versions_json
-from backend.webhooks import WebhookHandler, project_id
+from backend.webhooks import KnownProjects, WebhookHandler, action_label, project_id, setup_project_id
 
 log = logging.getLogger(__name__)
-# Routes Label Studio calls without credentials even when Basic auth is configured.
+# Routes Label Studio calls without Basic auth even when it is configured (/webhook has its own secret).
 UNAUTHENTICATED = {"/webhook"}
+WEBHOOK_TOKEN_HEADER = "X-Segmask-Webhook-Token"
+# Label Studio's bodies nest about 8 levels deep; deeper ones are refused before anything walks them.
+MAX_JSON_DEPTH = 100
 
 
 def build_dispatcher(settings: Settings) -> Dispatcher:
@@ -55,7 +58,16 @@ def build_scheduler(settings: Settings, dispatcher: Dispatcher) -> TrainingSched
     if isinstance(dispatcher, RQDispatcher):
         return TrainingScheduler(settings, dispatcher.connection)
     runtime = dispatcher.runtime
-    return TrainingScheduler(settings, None, rescore_inline=lambda req: rescore(runtime, req))
+    return TrainingScheduler(
+        settings, None, rescore_inline=lambda req: rescore(runtime, req), access=runtime.access
+    )
+
+
+def build_access(settings: Settings, dispatcher: Dispatcher) -> LabelStudioAccess:
+    """With RQ, /setup information goes to Redis, where workers read it; embedded, to the runtime's own."""
+    if isinstance(dispatcher, RQDispatcher):
+        return LabelStudioAccess(settings, SetupRegistry(dispatcher.connection, settings.queue_prefix))
+    return dispatcher.runtime.access
 
 
 def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None = None) -> Flask:
@@ -65,16 +77,12 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     app = Flask("segmask")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     connection = dispatcher.connection if isinstance(dispatcher, RQDispatcher) else None
-    service = PredictService(
-        settings,
-        dispatcher,
-        LabelStudioCredentials(settings.label_studio_url, settings.label_studio_api_key),
-        SetupRegistry(connection, settings.queue_prefix),
-    )
+    service = PredictService(settings, dispatcher, build_access(settings, dispatcher))
     store = open_store(settings)
     metrics = Metrics(dispatcher.queue_depths, store.current_version)
     scheduler = build_scheduler(settings, dispatcher)
-    webhooks = WebhookHandler(scheduler, service)
+    known = KnownProjects(connection, settings.queue_prefix)
+    webhooks = WebhookHandler(scheduler, service, known)
     events: deque[dict] = deque(maxlen=200)
     app.extensions["segmask"] = {
         "settings": settings,
@@ -95,6 +103,8 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
         body = _json_body(required=False) or {}
         if isinstance(body, dict):
             service.remember_setup(body)
+            if (project := setup_project_id(body)) is not None:
+                known.add(project)
         return jsonify(model_version=store.current_version())
 
     @app.post("/predict")
@@ -110,17 +120,16 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
 
     @app.post("/webhook")
     def webhook():
+        _check_webhook_token(settings)
         body = _json_body()
         if not isinstance(body, dict) or not isinstance(body.get("action"), str):
             raise bad_request("a webhook body is a JSON object with an 'action' string", "bad_webhook")
-        events.append({"action": body["action"], "project": project_id(body), "received": time.time()})
-        metrics.webhooks.labels(body["action"]).inc()
+        action = action_label(body["action"])
+        events.append({"action": action, "project": project_id(body), "received": time.time()})
+        metrics.webhooks.labels(action).inc()
         answer = webhooks.handle(body)
         log.info(
-            "webhook %s for project %s: %s",
-            body["action"],
-            answer["project"],
-            answer.get("training", "recorded"),
+            "webhook %s for project %s: %s", action, answer["project"], answer.get("training", "recorded")
         )
         return jsonify(answer), 200
 
@@ -150,15 +159,50 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
 
 
 def _json_body(required: bool = True) -> object:
-    """The request's JSON (any content type, as Label Studio's clients vary); a 400 if it is not JSON."""
-    if not request.get_data(cache=True):
+    """The request's JSON (any content type, as Label Studio's clients vary); a 400 if it is not JSON or
+    nests deeper than ``MAX_JSON_DEPTH``."""
+    data = _body_bytes()
+    if not data:
         if required:
             raise bad_request("the request body is empty; expected JSON", "malformed_json")
         return None
-    body = request.get_json(force=True, silent=True)
+    try:
+        body = json.loads(data)
+        too_deep = _nested_deeper_than(body, MAX_JSON_DEPTH)
+    except RecursionError:
+        body, too_deep = None, True
+    except ValueError:  # not JSON, not UTF-8, or an integer of thousands of digits
+        body, too_deep = None, False
+    if too_deep:
+        raise bad_request(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep", "json_too_deep")
     if body is None:
         raise bad_request("the request body is not valid JSON", "malformed_json")
     return body
+
+
+def _body_bytes() -> bytes:
+    """The request body; a 413 when it is over the limit, also for a chunked body (no Content-Length),
+    which werkzeug would otherwise cut at the limit without a word."""
+    data = request.get_data(cache=True)
+    limit = request.max_content_length
+    chunked_at_limit = limit is not None and len(data) >= limit and request.content_length is None
+    if chunked_at_limit and request.input_stream.read(1):
+        raise ServiceError(
+            413, "body_too_large", f"the request body is over SEGMASK_MAX_BODY_BYTES ({limit} bytes)"
+        )
+    return data
+
+
+def _nested_deeper_than(value: object, limit: int) -> bool:
+    """Whether ``value`` (parsed JSON) has containers more than ``limit`` levels deep; no recursion."""
+    level, containers = 0, [value] if isinstance(value, dict | list) else []
+    while containers:
+        level += 1
+        if level > limit:
+            return True
+        children = [c for v in containers for c in (v.values() if isinstance(v, dict) else v)]
+        containers = [c for c in children if isinstance(c, dict | list)]
+    return False
 
 
 def _install_hooks(app: Flask, settings: Settings, metrics: Metrics) -> None:
@@ -166,8 +210,8 @@ def _install_hooks(app: Flask, settings: Settings, metrics: Metrics) -> None:
     def start():
         g.started = time.perf_counter()
         g.mode = "-"
-        if settings.basic_auth_user and request.path not in UNAUTHENTICATED:
-            _check_basic_auth(settings)
+        if settings.basic_auth_user and request.path not in UNAUTHENTICATED and not _basic_auth_ok(settings):
+            raise ServiceError(401, "unauthorized", "HTTP Basic credentials are missing or wrong")
 
     @app.after_request
     def record(response: Response) -> Response:
@@ -191,17 +235,32 @@ def _check_admin(settings: Settings) -> None:
         raise ServiceError(401, "unauthorized", "X-Segmask-Admin-Token is missing or wrong")
 
 
-def _check_basic_auth(settings: Settings) -> None:
+def _check_webhook_token(settings: Settings) -> None:
+    """With ``SEGMASK_WEBHOOK_SECRET`` set, /webhook needs it as ``?token=`` or ``X-Segmask-Webhook-Token``,
+    or the Basic auth pair (the Train button's call carries the model's Basic auth, not the webhook's)."""
+    if not settings.webhook_secret:
+        return
+    given = request.args.get("token") or request.headers.get(WEBHOOK_TOKEN_HEADER, "")
+    if hmac.compare_digest(given.encode(), settings.webhook_secret.encode()):
+        return
+    if settings.basic_auth_user and _basic_auth_ok(settings):
+        return
+    raise ServiceError(
+        401, "unauthorized", f"the webhook token (?token= or {WEBHOOK_TOKEN_HEADER}) is missing or wrong"
+    )
+
+
+def _basic_auth_ok(settings: Settings) -> bool:
+    """Whether the request carries the configured HTTP Basic pair (compared in constant time)."""
     header = request.headers.get("Authorization", "")
     user = password = ""
     if header.startswith("Basic "):
-        with contextlib.suppress(binascii.Error, UnicodeDecodeError):
+        # binascii.Error and UnicodeDecodeError are ValueErrors, and so is a header that is not ASCII.
+        with contextlib.suppress(ValueError):
             user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
-    ok = hmac.compare_digest(user.encode(), settings.basic_auth_user.encode()) & hmac.compare_digest(
+    return hmac.compare_digest(user.encode(), settings.basic_auth_user.encode()) & hmac.compare_digest(
         password.encode(), settings.basic_auth_pass.encode()
     )
-    if not ok:
-        raise ServiceError(401, "unauthorized", "HTTP Basic credentials are missing or wrong")
 
 
 def _install_error_handlers(app: Flask, metrics: Metrics) -> None:

@@ -27,7 +27,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a model stage on COCO-format data, or (--project) fine-tune on a Label Studio project",
     )
-    p.add_argument("stage", nargs="?", choices=["deepmask", "sharpmask", "multipathnet"])
+    p.add_argument("stage", nargs="?", choices=["deepmask", "sharpmask", "multipathnet", "clicks"])
     p.add_argument(
         "--project",
         type=int,
@@ -55,6 +55,15 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-augment", action="store_true", help="disable flips and photometric jitter")
     p.add_argument("--compact", action="store_true", help="store large weights as float16 (shipped models)")
     p.add_argument("--stop-after-steps", type=int, help="end this run after N steps (resume later)")
+    p.add_argument(
+        "--steps", type=int, default=1500, help="clicks: training steps of the click head (batches of 16)"
+    )
+    p.add_argument(
+        "--split",
+        default="train",
+        choices=["train", "fit", "all"],
+        help="clicks: the images trained on (fit leaves out the tune split, to choose settings on it)",
+    )
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -63,6 +72,9 @@ def run_train(args: argparse.Namespace) -> None:
         return
     if args.stage is None or args.out is None:
         raise SystemExit("segmask train: give a STAGE and --out, or --project ID")
+    if args.stage == "clicks":
+        run_click_training(args)
+        return
     from segmodels.train import TrainConfig, train
 
     cfg = TrainConfig(
@@ -86,6 +98,24 @@ def run_train(args: argparse.Namespace) -> None:
     print(train(cfg))
 
 
+def run_click_training(args: argparse.Namespace) -> None:
+    from segmodels.train_clicks import ClickTrainConfig, train_click_head
+
+    if args.init is None:
+        raise SystemExit("segmask train clicks: give --init, the checkpoint whose trunk the click head reads")
+    cfg = ClickTrainConfig(
+        data=str(args.data),
+        init=str(args.init),
+        out=str(args.out),
+        split=args.split,
+        steps=args.steps,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+    )
+    print(train_click_head(cfg))
+
+
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
@@ -95,8 +125,9 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--images-from",
         default="val",
-        choices=["val", "train", "all"],
-        help="the fixed split by image id (val: id %% 5 == 0)",
+        choices=["val", "train", "all", "tune", "fit"],
+        help="the fixed split by image id (val, the test split: id %% 5 == 0; tune: id %% 5 == 1; fit: the "
+        "other train images)",
     )
     p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the shipped model)")
     p.add_argument("--out", type=Path, help="report directory (default: reports/eval-SPLIT)")
@@ -199,20 +230,20 @@ def run_project_training(project: int) -> None:
 
     import redis
 
+    from backend.access import LabelStudioAccess, SetupRegistry
     from backend.settings import Settings
     from backend.training import TrainingScheduler, TrainRequest, run_training
 
     settings = Settings.from_env()
     if not settings.label_studio_url or not settings.label_studio_api_key:
         raise SystemExit("segmask train --project needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-    req = TrainRequest(
-        project, settings.label_studio_url, settings.label_studio_api_key, "segmask train --project"
-    )
+    req = TrainRequest(project, "segmask train --project")  # with Redis, the worker uses its own settings
     if settings.redis_url:
         state = TrainingScheduler(settings, redis.Redis.from_url(settings.redis_url)).request(req)
         print(f"project {project}: training {state} (progress: GET /jobs, or <store>/jobs/{project}.json)")
         return
-    print(json.dumps(run_training(settings, req, rescore=None), indent=2))
+    access = LabelStudioAccess(settings, SetupRegistry())
+    print(json.dumps(run_training(settings, req, access, rescore=None), indent=2))
 
 
 def add_versions(sub: argparse._SubParsersAction) -> None:
@@ -269,9 +300,7 @@ def run_rescore(args: argparse.Namespace) -> None:
     settings = Settings.from_env()
     if not settings.label_studio_url or not settings.label_studio_api_key:
         raise SystemExit("segmask rescore needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-    req = TrainRequest(
-        args.project, settings.label_studio_url, settings.label_studio_api_key, "segmask rescore"
-    )
+    req = TrainRequest(args.project, "segmask rescore")
     print(rescore(Runtime(settings), req)["rescored"], "tasks rescored")
 
 

@@ -89,21 +89,26 @@ class LabelStudioCredentials:
             return "none"
         return "pat" if is_personal_access_token(self._api_key) else "token"
 
-    def authorization(self, fallback_token: str | None = None) -> str | None:
-        """The ``Authorization`` header value for a request to Label Studio; None when we have no credential.
+    def authorization(self) -> str | None:
+        """The ``Authorization`` header value for a request to ``base_url``; None when there is no key.
 
-        The configured key wins; ``fallback_token`` (the ``access_token`` from ``/setup``, a legacy token) is
-        used only when no key is configured. A personal access token costs a round trip to Label Studio when
-        the cached access token is missing or has fewer than ``REFRESH_MARGIN_S`` seconds left; that exchange
-        failing raises ``ServiceError(502, "label_studio_auth")``.
+        Which key may go to which Label Studio is decided by ``backend.access``, not here. A personal access
+        token costs a round trip to Label Studio when the cached access token is missing or has fewer than
+        ``REFRESH_MARGIN_S`` seconds left; that exchange failing raises ``ServiceError(502,
+        "label_studio_auth")``.
         """
         if self.kind == "pat":
             return f"Bearer {self._access_token()}"
         if self.kind == "token":
             return f"Token {self._api_key}"
-        if fallback_token:
-            return f"Token {fallback_token}"
         return None
+
+    def client(self) -> Any:
+        """A label-studio-sdk client of ``base_url`` with this key, for reading the API (training,
+        rescoring); the SDK exchanges a personal access token itself."""
+        from label_studio_sdk.client import LabelStudio
+
+        return LabelStudio(base_url=self.base_url, api_key=self._api_key)
 
     def _access_token(self) -> str:
         with self._lock:

@@ -11,7 +11,8 @@ A task's ``data.image`` is one of (see ``shared/docs/label-studio-protocol.md``,
   origin (scheme, host and port), never to a third party.
 
 Task data comes from whoever can create tasks, so fetching is defensive: only http and https, no private
-addresses (SSRF) other than Label Studio's host and ``SEGMASK_ALLOWED_HOSTS``, redirects followed by hand (at
+addresses (SSRF) other than Label Studio's origin (scheme, host and port: not the other ports of its host) and
+``SEGMASK_ALLOWED_HOSTS``, redirects followed by hand (at
 most ``MAX_REDIRECTS``, each target checked again), a byte limit enforced while streaming, a pixel limit
 checked before any pixel is decoded, and only the formats browsers show (plus TIFF) are decoded. Every refusal
 is a :class:`~backend.errors.ServiceError`. The address check runs twice: on the resolved host before a
@@ -118,7 +119,7 @@ def private_address(host: str, address: str, how: str) -> ServiceError:
     return ServiceError(
         403,
         "private_address",
-        f"image host {host!r} {how} the non-public address {address}; only Label Studio's own host and "
+        f"image host {host!r} {how} the non-public address {address}; only Label Studio's own origin and "
         "SEGMASK_ALLOWED_HOSTS may be private",
     )
 
@@ -369,13 +370,13 @@ class ImageFetcher:
     # ------------------------------------------------------------------ http
 
     def _check_host(self, url: str, target: _Target) -> None:
-        """Refuse (403 ``private_address``) a host resolving to any non-public address, unless it is Label
-        Studio's host or an allowed host; 422 ``image_unreachable`` when the name does not resolve."""
+        """Refuse (403 ``private_address``) a host resolving to any non-public address, unless the URL is on
+        Label Studio's origin or an allowed host; 422 ``image_unreachable`` when the name does not resolve."""
         parts = split_url(url)
         host = (parts.hostname or "").lower()
         if not host:
             raise bad_request(f"image URL {describe_url(url)} has no host", kind="unsupported_url")
-        if self._is_trusted_host(parts, target):
+        if self._is_trusted_host(url, target):
             return
         try:
             infos = socket.getaddrinfo(host, parts.port or 0, type=socket.SOCK_STREAM)
@@ -388,11 +389,13 @@ class ImageFetcher:
             if not is_public_address(address):
                 raise private_address(host, address, "resolves to")
 
-    def _is_trusted_host(self, parts: SplitResult, target: _Target) -> bool:
-        """Label Studio's host (this request's or the configured one) or an allowed ``host``/``host:port``."""
+    def _is_trusted_host(self, url: str, target: _Target) -> bool:
+        """Label Studio's exact origin (this request's or the configured one; a /setup may name any host, so
+        trust does not extend to its other ports) or an allowed ``host``/``host:port``."""
+        parts = split_url(url)
         host = (parts.hostname or "").lower()
-        ls_origins = (target.origin, origin(self.settings.label_studio_url))
-        if any(o is not None and o[1] == host for o in ls_origins) or host in self._allowed_hosts:
+        ls_origins = {target.origin, origin(self.settings.label_studio_url)} - {None}
+        if origin(url) in ls_origins or host in self._allowed_hosts:
             return True
         netloc = parts.netloc.rsplit("@", 1)[-1].lower()
         return netloc in self._allowed_hosts
@@ -463,7 +466,7 @@ class ImageFetcher:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise self._timed_out(url)
-        trusted = self._is_trusted_host(split_url(url), target)
+        trusted = self._is_trusted_host(url, target)
 
         def check(host: str, address: str) -> None:
             if not trusted and not is_public_address(address):

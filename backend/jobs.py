@@ -3,7 +3,9 @@ process and, in embedded mode, inside the server.
 
 Requests and results are plain JSON (RQ's JSON serializer; nothing is unpickled from Redis):
 
-- image: ``{"url", "label_studio_url", "authorization"}`` (see backend.images.ImageFetcher.fetch);
+- image: ``{"url", "project"}``: the task's image URL and the Label Studio project id. No credential travels
+  in a job: the worker finds Label Studio and the credential for it with ``backend.access`` (its own
+  settings, and the project's /setup information in Redis);
 - segment request: ``{"image", "prompt": {"points": [[x%, y%]], "positive": [bool], "box": [x1%, y1%, x2%,
   y2%] | null}, "output": "polygon" | "brush"}``;
 - detect request: ``{"image", "output", "score_threshold", "max_detections", "classes"?: [str],
@@ -32,6 +34,7 @@ from label_studio_sdk.converter.brush import mask2rle
 from rq import get_current_job
 from rq.utils import now as utcnow
 
+from backend.access import LabelStudioAccess
 from backend.errors import ServiceError, bad_request
 from backend.images import ImageFetcher, content_key
 from backend.settings import Settings
@@ -71,16 +74,20 @@ class FeatureCache:
 
 
 class Runtime:
-    """What a worker process keeps warm: the predictor, the image fetcher and the feature cache.
+    """What a worker process keeps warm: the predictor, the image fetcher and the feature cache, and how to
+    reach Label Studio (``access``; by default from the settings and Redis's /setup registry).
 
     One predictor serves one request at a time (it holds the current image's features); ``lock``
     serialises requests when several threads share a runtime (embedded mode).
     """
 
-    def __init__(self, settings: Settings, fetcher: ImageFetcher | None = None) -> None:
+    def __init__(
+        self, settings: Settings, fetcher: ImageFetcher | None = None, access: LabelStudioAccess | None = None
+    ) -> None:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.fetcher = fetcher or ImageFetcher(settings)
+        self.access = access or LabelStudioAccess.from_settings(settings)
         self.lock = threading.Lock()
         self.store = open_store(settings)
         self.model_version = ""
@@ -155,7 +162,9 @@ class Runtime:
         if not isinstance(ref.get("url"), str):
             raise bad_request("the job names no image URL", "missing_image")
         started = time.perf_counter()
-        data = self.fetcher.fetch(ref["url"], ref.get("label_studio_url"), ref.get("authorization"))
+        project = ref.get("project")
+        access = self.access.for_project(project if isinstance(project, str) else "")
+        data = self.fetcher.fetch(ref["url"], access.url, access.authorization())
         fetched = time.perf_counter()
         with torch.inference_mode():
             features, _ = self.features.get(

@@ -184,13 +184,25 @@ def _smart_item(item: object, n: int) -> dict | None:
     return out
 
 
+def _finite(v: object) -> float | None:
+    """``v`` as a float if it is a finite JSON number (not a bool, NaN, Infinity or too large), else None."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    try:
+        number = float(v)
+    except OverflowError:  # an integer beyond float's range
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _percent(value: dict, key: str, where: str, low: float = -1.0, high: float = 101.0) -> float:
     v = value.get(key)
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not low <= v <= high:
+    number = _finite(v)
+    if number is None or not low <= number <= high:
         raise bad_request(
-            f"{where}.value.{key} must be a number of percent in [0, 100], got {v!r}", "bad_context"
+            f"{where}.value.{key} must be a number of percent in [0, 100], got {v!r:.40}", "bad_context"
         )
-    return float(v)
+    return number
 
 
 def _rectangle_box(value: dict, where: str) -> tuple[float, float, float, float]:
@@ -201,8 +213,19 @@ def _rectangle_box(value: dict, where: str) -> tuple[float, float, float, float]
         raise bad_request(f"{where}: the rectangle has no area", "bad_context")
     # Percent units differ in x and y, so rotating in percent is what Label Studio draws only for small
     # angles; exact for 0, and the pixel size is not known here.
-    x1, y1, x2, y2 = rotated_rect_bounds(x, y, w, h, float(value.get("rotation") or 0.0))
+    x1, y1, x2, y2 = rotated_rect_bounds(x, y, w, h, _rotation(value, where))
     return (max(x1, 0.0), max(y1, 0.0), min(x2, 100.0), min(y2, 100.0))
+
+
+def _rotation(value: dict, where: str) -> float:
+    """A rectangle's ``rotation`` in degrees (absent or null: 0); a 400 unless it is a finite number."""
+    v = value.get("rotation")
+    number = 0.0 if v is None else _finite(v)
+    if number is None:
+        raise bad_request(
+            f"{where}.value.rotation must be a finite number of degrees, got {v!r:.40}", "bad_context"
+        )
+    return number
 
 
 def polygon_region(

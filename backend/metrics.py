@@ -56,7 +56,10 @@ class Metrics:
             "segmask_predicted_regions", "Regions returned to Label Studio", ["mode"], registry=self.registry
         )
         self.webhooks = Counter(
-            "segmask_webhook_events", "Webhook events received by action", ["action"], registry=self.registry
+            "segmask_webhook_events",
+            "Webhook events received by action (Label Studio's actions; any other string is 'other')",
+            ["action"],
+            registry=self.registry,
         )
         self.registry.register(_LiveGauges(queue_depths, model_version))
 

@@ -9,11 +9,9 @@ made it, which is the version ``/setup`` reports.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import redis
-
-from backend.credentials import LabelStudioCredentials
+from backend.access import LabelStudioAccess
 from backend.errors import ServiceError, bad_request
 from backend.labelstudio import (
     ProjectConfig,
@@ -27,72 +25,23 @@ from backend.queue import Dispatcher, JobOutcome, unwrap
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
-SETUP_TTL_S = 7 * 24 * 3600
-
-
-@dataclass
-class SetupInfo:
-    """What Label Studio told us in ``/setup`` for one project: its URL and (legacy) access token."""
-
-    hostname: str | None = None
-    access_token: str | None = None
-
-
-class SetupRegistry:
-    """``/setup`` information by project id. With Redis it is kept there (for a week), so every server
-    process, and every server machine, knows what Label Studio told any one of them."""
-
-    def __init__(self, connection: redis.Redis | None = None, prefix: str = "segmask") -> None:
-        self.connection = connection
-        self.prefix = f"{prefix}:setup"
-        self._local: dict[str, SetupInfo] = {}
-
-    def remember(self, project: str, info: SetupInfo) -> None:
-        self._local[project] = info
-        if self.connection is None:
-            return
-        fields = {k: v for k, v in (("hostname", info.hostname), ("access_token", info.access_token)) if v}
-        key = f"{self.prefix}:{project}"
-        with self.connection.pipeline() as pipe:
-            pipe.delete(key)
-            if fields:
-                pipe.hset(key, mapping=fields)
-                pipe.expire(key, SETUP_TTL_S)
-            pipe.execute()
-
-    def get(self, project: str) -> SetupInfo | None:
-        if self.connection is None:
-            return self._local.get(project)
-        fields = {
-            k.decode(): v.decode() for k, v in self.connection.hgetall(f"{self.prefix}:{project}").items()
-        }
-        # This process's own copy covers a Redis that restarted empty, until Label Studio sends /setup again.
-        return (
-            SetupInfo(fields.get("hostname"), fields.get("access_token"))
-            if fields
-            else self._local.get(project)
-        )
 
 
 @dataclass
 class PredictService:
-    """Answers ``/predict`` bodies; remembers each project's ``/setup`` information for image access."""
+    """Answers ``/predict`` bodies; ``access`` keeps each project's ``/setup`` information for the jobs."""
 
     settings: Settings
     dispatcher: Dispatcher
-    credentials: LabelStudioCredentials
-    setups: SetupRegistry = field(default_factory=SetupRegistry)
+    access: LabelStudioAccess
 
     def remember_setup(self, body: dict) -> None:
-        """Keep ``hostname`` and ``access_token`` of a ``/setup`` body, keyed by project id."""
-        project = _project_id(body.get("project"))
+        """Keep what ``backend.access`` may use of a ``/setup`` body's ``hostname`` and ``access_token``."""
         hostname, token = body.get("hostname"), body.get("access_token")
-        self.setups.remember(
-            project,
-            SetupInfo(
-                hostname if isinstance(hostname, str) and hostname else None,
-                token if isinstance(token, str) and token else None,
-            ),
+        self.access.remember_setup(
+            _project_id(body.get("project")),
+            hostname if isinstance(hostname, str) and hostname else None,
+            token if isinstance(token, str) and token else None,
         )
 
     def predict(self, body: object) -> tuple[str, dict, list[JobOutcome]]:
@@ -106,7 +55,7 @@ class PredictService:
         params = body.get("params") or {}
         if not isinstance(params, dict):
             raise bad_request("'params' must be an object", "bad_params")
-        image = self._image_access(body)
+        image = self._image_ref(body)
         context = params.get("context")
         if context is None:
             return "batch", *self._batch(tasks, config, image)
@@ -172,14 +121,12 @@ class PredictService:
         return {"results": [r or prediction([], version) for r in results]}, done
 
     # ---- image access ------------------------------------------------------------------------------------
-    def _image_access(self, body: dict) -> dict:
-        """Where uploads live and how to authenticate: settings first, then the project's /setup values."""
-        setup = self.setups.get(_project_id(body.get("project"))) or SetupInfo()
-        base = self.settings.label_studio_url or setup.hostname
-        return {
-            "label_studio_url": base,
-            "authorization": self.credentials.authorization(setup.access_token) if base else None,
-        }
+    def _image_ref(self, body: dict) -> dict:
+        """The image part of a job: the project only, never a credential. The job applies
+        ``backend.access``'s rule itself; this makes sure it finds the project's /setup information."""
+        project = _project_id(body.get("project"))
+        self.access.keep_alive(project)
+        return {"project": project}
 
 
 def _project_id(project: object) -> str:

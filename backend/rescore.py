@@ -27,16 +27,12 @@ def rescore_job(request: dict) -> dict:
 
 
 def rescore(runtime: Runtime, req: TrainRequest) -> dict:
-    """Write a ranked prediction for every task of ``req.project`` that has no annotation yet."""
-    from label_studio_sdk.client import LabelStudio
-
-    from backend.credentials import LabelStudioCredentials
-
-    client = LabelStudio(base_url=req.label_studio_url, api_key=req.api_key)
+    """Write a ranked prediction for every task of ``req.project`` that has no annotation yet (Label Studio
+    reached through ``runtime.access``)."""
+    client = runtime.access.for_project(str(req.project)).client()
     project = client.projects.get(id=req.project)
     config = parse_config(project.label_config)
     to_name, output = next(iter(config.outputs.items()))
-    auth = LabelStudioCredentials(req.label_studio_url, req.api_key).authorization()
     board = JobBoard(open_store(runtime.settings))
     started, done = time.monotonic(), 0
     for task in client.tasks.list(project=req.project, fields="all", page_size=100):
@@ -45,11 +41,7 @@ def rescore(runtime: Runtime, req: TrainRequest) -> dict:
             continue
         result = runtime.detect(
             {
-                "image": {
-                    "url": config.image_url(task, to_name),
-                    "label_studio_url": req.label_studio_url,
-                    "authorization": auth,
-                },
+                "image": {"url": config.image_url(task, to_name), "project": str(req.project)},
                 "output": "brush" if output.type == "BrushLabels" else "polygon",
                 "classes": sorted(output.class_to_label),
                 "uncertainty": True,

@@ -42,14 +42,16 @@ class Settings:
     label_studio_url: str = _setting(
         "LABEL_STUDIO_URL",
         "",
-        "Base URL of Label Studio, for /data/upload images and the API. Empty: the "
-        "hostname Label Studio sends in /setup.",
+        "Base URL of Label Studio, for /data/upload images and the API; read by the server and every worker. "
+        "Credentials go to this origin only. Empty: each project's /setup hostname, with that /setup's "
+        "access_token only.",
     )
     label_studio_api_key: str = _setting(
         "LABEL_STUDIO_API_KEY",
         "",
-        "A personal access token (exchanged for short-lived Bearer tokens) or a "
-        "legacy token. Empty: the access_token Label Studio sends in /setup (legacy tokens only).",
+        "A personal access token (exchanged for short-lived Bearer tokens) or a legacy token; read by the "
+        "server and every worker, sent only to LABEL_STUDIO_URL (never without it). Empty: the access_token "
+        "Label Studio sends in /setup (legacy tokens only).",
     )
     basic_auth_user: str = _setting(
         "SEGMASK_BASIC_AUTH_USER",
@@ -63,6 +65,14 @@ class Settings:
         "SEGMASK_ADMIN_TOKEN",
         "",
         "Token admins send as X-Segmask-Admin-Token to POST /train. Empty: admin routes are off.",
+    )
+    webhook_secret: str = _setting(
+        "SEGMASK_WEBHOOK_SECRET",
+        "",
+        "Shared secret /webhook requires, as ?token=<secret> in the webhook URL or the header "
+        "X-Segmask-Webhook-Token (compared in constant time; 401 otherwise). The Train button's call passes "
+        "with the model's Basic auth instead. Empty: /webhook is open, and acts only for projects that sent "
+        "/setup.",
     )
     model_dir: Path = _setting(
         "SEGMASK_MODEL_DIR",
@@ -81,6 +91,18 @@ class Settings:
         "SEGMASK_RETRAIN_EVERY",
         20,
         "Start a training job after this many new or updated annotations in a project (0: only on request).",
+    )
+    retrain_count_ttl: int = _setting(
+        "SEGMASK_RETRAIN_COUNT_TTL",
+        3 * 24 * 3600,
+        "Seconds a project's count of annotation changes towards SEGMASK_RETRAIN_EVERY is kept in Redis "
+        "after its last change (then it starts again from 0).",
+    )
+    max_training_jobs: int = _setting(
+        "SEGMASK_MAX_TRAINING_JOBS",
+        2,
+        "Training jobs queued or running at once, all projects together (in embedded mode: training "
+        "threads). A request over it gets a 429; an automatic trigger is skipped and logged.",
     )
     device: str = _setting("SEGMASK_DEVICE", "auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
     interactive_timeout: float = _setting(

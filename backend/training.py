@@ -1,7 +1,9 @@
 """Retraining: annotations -> dataset snapshot -> fine-tune -> old vs new -> publish (or keep) -> rescore.
 
-One training job per project at a time. A trigger while one is queued or running schedules exactly one
-follow-up, which starts when the running job ends (so annotations made meanwhile are trained on too).
+One training job per project at a time, and at most ``SEGMASK_MAX_TRAINING_JOBS`` queued or running in all
+(a request over it is refused with a 429). A trigger while one is queued or running schedules exactly one
+follow-up, which starts when the running job ends (so annotations made meanwhile are trained on too) and
+takes over its slot.
 With Redis the bookkeeping lives in Redis (several servers may receive webhooks) and the job runs on a
 worker's ``training`` queue; in embedded mode it lives in this process and the job runs in a thread.
 
@@ -33,8 +35,8 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from backend.access import LabelStudioAccess, ProjectAccess, SetupRegistry
 from backend.annotations import write_dataset
-from backend.credentials import LabelStudioCredentials
 from backend.errors import ServiceError
 from backend.images import ImageFetcher
 from backend.labelstudio import parse_config
@@ -49,6 +51,22 @@ LOCK_SECONDS = 6 * 3600
 # A lock whose job is not in RQ yet is being enqueued for at most this long.
 ENQUEUE_GRACE_S = 30
 ACTIVE_STATES = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
+# The sorted set <prefix>:train:slots holds the projects with a job queued or running, scored by when their
+# slot expires. TAKE_SLOT: KEYS slots; ARGV now, expiry, cap, project -> 1 if the project holds a slot now.
+TAKE_SLOT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZSCORE', KEYS[1], ARGV[4]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
+  return 1
+end
+return 0
+"""
+# FREE_SLOT: KEYS slots, the project's lock; ARGV project. A lock taken again meanwhile keeps the slot.
+FREE_SLOT = """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+"""
 
 
 def now() -> str:
@@ -101,11 +119,10 @@ def _process_alive(record: dict) -> bool:
 # ---- scheduling ------------------------------------------------------------------------------------------
 @dataclass
 class TrainRequest:
-    """What a training job needs: the project and how to reach Label Studio's API."""
+    """What a training job needs: the project and what asked for it. No credential: the job reaches Label
+    Studio by ``backend.access``'s rule (the worker's settings, the project's /setup in Redis)."""
 
     project: int
-    label_studio_url: str
-    api_key: str
     trigger: str
 
     def to_json(self) -> dict:
@@ -113,17 +130,21 @@ class TrainRequest:
 
 
 class TrainingScheduler:
-    """Starts at most one training job per project; a trigger during a run schedules one follow-up."""
+    """Starts at most one training job per project and ``max_training_jobs`` in all; a trigger during a
+    run schedules one follow-up."""
 
     def __init__(
         self,
         settings: Settings,
         connection: redis.Redis | None,
         rescore_inline: Callable[[TrainRequest], None] | None = None,
+        access: LabelStudioAccess | None = None,
     ) -> None:
-        """``connection`` None: embedded mode, jobs run in threads and ``rescore_inline`` rescores."""
+        """``connection`` None: embedded mode, jobs run in threads, reach Label Studio through ``access``
+        (default: the settings alone) and ``rescore_inline`` rescores."""
         self.settings = settings
         self.connection = connection
+        self.access = access
         self.prefix = f"{settings.queue_prefix}:train"
         self.rescore_inline = rescore_inline
         self._lock = threading.Lock()
@@ -155,7 +176,10 @@ class TrainingScheduler:
                     self._counts[project] = 0
         else:
             key = f"{self.prefix}:{project}:changes"
-            total = int(self.connection.incrby(key, count))
+            with self.connection.pipeline() as pipe:
+                pipe.incrby(key, count)
+                pipe.expire(key, self.settings.retrain_count_ttl)
+                total = int(pipe.execute()[0])
             if total >= every:
                 self.connection.delete(key)
         if total >= every:
@@ -169,6 +193,9 @@ class TrainingScheduler:
         lock = json.dumps({"job": job_id, "at": time.time()})
         for _ in range(3):
             if self.connection.set(active_key, lock, nx=True, ex=LOCK_SECONDS):
+                if not self._take_slot(req.project):
+                    self._release_if(active_key, lock.encode())
+                    raise self._busy(req.project)
                 self._enqueue(req, job_id)
                 return "queued"
             held = self.connection.get(active_key)
@@ -179,6 +206,33 @@ class TrainingScheduler:
             log.info("training of project %s already queued or running; one follow-up scheduled", req.project)
             return "follow-up scheduled"
         raise ServiceError(409, "training_conflict", f"could not schedule training of project {req.project}")
+
+    def _busy(self, project: int) -> ServiceError:
+        cap = self.settings.max_training_jobs
+        return ServiceError(
+            429,
+            "training_busy",
+            f"training of project {project} not started: {cap} training jobs are already queued or running "
+            "(SEGMASK_MAX_TRAINING_JOBS); try again when one has ended",
+        )
+
+    def _take_slot(self, project: int) -> bool:
+        """Count ``project`` among the jobs queued or running, if a slot is free (or it holds one already);
+        slots of jobs that died are freed first when none is."""
+        take = self.connection.register_script(TAKE_SLOT)
+        args = [time.time(), time.time() + LOCK_SECONDS, self.settings.max_training_jobs, project]
+        if take(keys=[f"{self.prefix}:slots"], args=args):
+            return True
+        self._free_dead_slots()
+        return bool(take(keys=[f"{self.prefix}:slots"], args=args))
+
+    def _free_dead_slots(self) -> None:
+        """Free the slots of projects whose job has ended without saying so (a killed worker)."""
+        for member in self.connection.zrange(f"{self.prefix}:slots", 0, -1):
+            project = int(member)
+            held = self.connection.get(f"{self.prefix}:{project}:active")
+            if held is None or self._stale(json.loads(held), project):
+                self.connection.zrem(f"{self.prefix}:slots", member)
 
     def _enqueue(self, req: TrainRequest, job_id: str) -> None:
         queue = Queue(
@@ -222,38 +276,51 @@ class TrainingScheduler:
         return JobBoard(open_store(self.settings)).read(project).get("state") == "interrupted"
 
     def finished_rq(self, project: int) -> None:
-        """Called by the job at its end: release the lock, start the follow-up if one was asked for."""
-        self.connection.delete(f"{self.prefix}:{project}:active")
+        """Called by the job at its end: release the lock, start the follow-up if one was asked for (it
+        keeps the project's slot), else free the slot."""
+        active_key = f"{self.prefix}:{project}:active"
+        self.connection.delete(active_key)
         again = self.connection.getdel(f"{self.prefix}:{project}:again")
         if again:
             self.request(TrainRequest(**{**json.loads(again), "trigger": "follow-up"}))
+        else:
+            self.connection.register_script(FREE_SLOT)(
+                keys=[f"{self.prefix}:slots", active_key], args=[project]
+            )
 
-    # Embedded: a thread per job, the same rules in memory.
+    # Embedded: a thread per job, at most max_training_jobs of them; the same rules in memory.
     def _request_inline(self, req: TrainRequest) -> str:
         with self._lock:
-            running = self._active.get(req.project)
-            if running is not None and running.is_alive():
+            if req.project in self._active:
                 self._again[req.project] = req
                 return "follow-up scheduled"
-            thread = threading.Thread(
-                target=self._run_inline, args=(req,), name=f"train-{req.project}", daemon=True
-            )
-            self._active[req.project] = thread
-            JobBoard(open_store(self.settings)).write(
-                req.project, state="queued", trigger=req.trigger, queued_at=now()
-            )
-            thread.start()
+            if len(self._active) >= self.settings.max_training_jobs:
+                raise self._busy(req.project)
+            self._start_inline(req)
             return "queued"
+
+    def _start_inline(self, req: TrainRequest) -> None:
+        """Start ``req``'s thread (with ``self._lock`` held); it stays in ``_active`` until it ends."""
+        thread = threading.Thread(
+            target=self._run_inline, args=(req,), name=f"train-{req.project}", daemon=True
+        )
+        self._active[req.project] = thread
+        JobBoard(open_store(self.settings)).write(
+            req.project, state="queued", trigger=req.trigger, queued_at=now()
+        )
+        thread.start()
 
     def _run_inline(self, req: TrainRequest) -> None:
         try:
-            run_training(self.settings, req, self.rescore_inline)
+            access = self.access or LabelStudioAccess(self.settings, SetupRegistry())
+            run_training(self.settings, req, access, self.rescore_inline)
         finally:
             with self._lock:
-                self._active.pop(req.project, None)
                 again = self._again.pop(req.project, None)
-            if again is not None:
-                self.request(TrainRequest(**{**again.to_json(), "trigger": "follow-up"}))
+                if again is None:
+                    self._active.pop(req.project, None)
+                else:  # the follow-up takes over this job's slot
+                    self._start_inline(TrainRequest(**{**again.to_json(), "trigger": "follow-up"}))
 
 
 # ---- the job ---------------------------------------------------------------------------------------------
@@ -262,8 +329,9 @@ def train_job(request: dict) -> dict:
     settings = Settings.from_env()
     req = TrainRequest(**request)
     connection = get_current_job().connection
+    access = LabelStudioAccess(settings, SetupRegistry(connection, settings.queue_prefix))
     try:
-        return run_training(settings, req, rescore=_enqueue_rescore(settings, connection))
+        return run_training(settings, req, access, rescore=_enqueue_rescore(settings, connection))
     finally:
         TrainingScheduler(settings, connection).finished_rq(req.project)
 
@@ -277,9 +345,13 @@ def _enqueue_rescore(settings: Settings, connection: redis.Redis) -> Callable[[T
 
 
 def run_training(
-    settings: Settings, req: TrainRequest, rescore: Callable[[TrainRequest], None] | None
+    settings: Settings,
+    req: TrainRequest,
+    access: LabelStudioAccess,
+    rescore: Callable[[TrainRequest], None] | None,
 ) -> dict:
-    """The whole job; returns (and records) its outcome. Any failure leaves the current version serving."""
+    """The whole job, reaching Label Studio through ``access``; returns (and records) its outcome. Any
+    failure leaves the current version serving."""
     from segmodels.finetune import FinetuneConfig, compare, finetune
 
     store = open_store(settings)
@@ -309,14 +381,14 @@ def run_training(
             job.save_meta()
 
     try:
-        tasks, config = fetch_project(req)
+        label_studio = access.for_project(str(req.project))
+        tasks, config = fetch_project(req.project, label_studio)
         with store.new_version() as staged, _job_log(staged.path / "train.log"):
             fetcher = ImageFetcher(settings)
-            auth = LabelStudioCredentials(req.label_studio_url, req.api_key).authorization()
             summary = write_dataset(
                 tasks,
                 config,
-                lambda url: fetcher.fetch(url, req.label_studio_url, auth),
+                lambda url: fetcher.fetch(url, label_studio.url, label_studio.authorization()),
                 staged.path / "data",
             )
             if not summary.train_image_ids:
@@ -409,21 +481,13 @@ def _decide(
     return record
 
 
-def fetch_project(req: TrainRequest) -> tuple[list[dict], object]:
-    """The project's label config and every task with its annotations, through label-studio-sdk."""
-    from label_studio_sdk.client import LabelStudio
-
-    if not req.label_studio_url or not req.api_key:
-        raise ServiceError(
-            409,
-            "no_label_studio_access",
-            "training needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY "
-            "(or a /setup from Label Studio with a legacy token)",
-        )
-    client = LabelStudio(base_url=req.label_studio_url, api_key=req.api_key)
-    project = client.projects.get(id=req.project)
+def fetch_project(project_id: int, access: ProjectAccess) -> tuple[list[dict], object]:
+    """The project's label config and every task with its annotations, through label-studio-sdk (409
+    ``no_label_studio_access`` when ``access`` knows no URL or credential)."""
+    client = access.client()
+    project = client.projects.get(id=project_id)
     tasks = [
         task.model_dump() if hasattr(task, "model_dump") else dict(task)
-        for task in client.tasks.list(project=req.project, fields="all", page_size=100)
+        for task in client.tasks.list(project=project_id, fields="all", page_size=100)
     ]
     return tasks, parse_config(project.label_config)

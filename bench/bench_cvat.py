@@ -36,7 +36,7 @@ from nuclio_sdk.test import Platform
 
 from backend.jobs import Runtime
 from backend.settings import Settings
-from segmodels.evaluate import click_point
+from segmodels.annotator import click_point
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "cvat.json"
@@ -56,11 +56,7 @@ def load_interactor():
 def ls_request(image: dict, x: float, y: float) -> dict:
     """The job the Label Studio backend runs for a keypoint click at pixel (x, y) (cf. bench_http)."""
     return {
-        "image": {
-            "url": f"/data/local-files/?d={image['file_name']}",
-            "label_studio_url": None,
-            "authorization": None,
-        },
+        "image": {"url": f"/data/local-files/?d={image['file_name']}", "project": ""},
         "prompt": {
             "points": [[x / image["width"] * 100, y / image["height"] * 100]],
             "positive": [True],

@@ -40,7 +40,8 @@ from rq import Queue, Worker
 
 from backend.jobs import Runtime
 from backend.settings import Settings
-from segmodels.evaluate import click_point, grabcut_mask
+from segmodels.annotator import click_point
+from segmodels.evaluate import grabcut_mask
 from segmodels.geometry import coco_segmentation_to_mask, mask_to_box
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,9 +71,16 @@ def objects_of(image: dict, coco: dict) -> list[np.ndarray]:
     return [coco_segmentation_to_mask(a["segmentation"], image["height"], image["width"]) for a in anns]
 
 
-def click_body(template: dict, image: dict, mask: np.ndarray) -> dict:
-    """The captured Label Studio keypoint request, clicking ``mask``'s interior point on ``image``."""
+# Each click of an image moves this much further right: no two prompts are the same (the predictor memoises
+# an image's last prompts; an annotator never sends the same one twice).
+NUDGE_PX = 0.01
+
+
+def click_body(template: dict, image: dict, mask: np.ndarray, nudge: float = 0.0) -> dict:
+    """The captured Label Studio keypoint request, clicking ``mask``'s interior point on ``image``, moved
+    right by ``nudge`` px (so that a repeated click is a new prompt, never a memoised one)."""
     x, y = click_point(mask)
+    x += nudge
     body = json.loads(json.dumps(template))
     body["tasks"][0]["data"]["image"] = f"/data/local-files/?d={image['file_name']}"
     item = body["params"]["context"]["result"][0]
@@ -143,7 +151,7 @@ def job_request(body: dict) -> dict:
     """What the server would enqueue for ``body`` (a keypoint click), for the in-process path."""
     item = body["params"]["context"]["result"][0]
     return {
-        "image": {"url": body["tasks"][0]["data"]["image"], "label_studio_url": None, "authorization": None},
+        "image": {"url": body["tasks"][0]["data"]["image"], "project": ""},
         "prompt": {"points": [[item["value"]["x"], item["value"]["y"]]], "positive": [True], "box": None},
         "output": "polygon",
     }
@@ -228,7 +236,10 @@ def main() -> None:
     try:
         for n, image in enumerate(images):
             masks = objects_of(image, coco)
-            bodies = [click_body(template, image, masks[k % len(masks)]) for k in range(args.repeats + 1)]
+            bodies = [
+                click_body(template, image, masks[k % len(masks)], k * NUDGE_PX)
+                for k in range(args.repeats + 1)
+            ]
             for path in PATHS:
                 for k, body in enumerate(bodies):
                     kind = "first" if k == 0 else "repeated"

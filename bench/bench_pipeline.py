@@ -7,7 +7,8 @@ Cases, run interleaved (one run of every case per repeat, so background load hit
   ``paste`` (window logits to image masks) and ``polygons``; totals without and with polygons.
 - ``A proposals DeepMask``: the same with the 56x56 DeepMask masks (``refine=False``).
 - ``B first click``: features of a new image + ``segment`` of one positive click + polygon.
-- ``B repeated click``: the same click on the cached features (``segment`` + polygon).
+- ``B repeated click``: the same click on the cached features (``segment`` + polygon), its memoised result
+  forgotten first (a new prompt costs that much).
 - ``C box``: ``segment`` of the tight box of the same object on the cached features + polygon.
 - ``D pre-annotation``: ``detect()`` on a new image (checkpoints with a MultiPathNet; skipped with a note
   otherwise), stage by stage: ``features``, ``proposals`` (``propose``: top_windows + refinement + paste),
@@ -316,6 +317,8 @@ def run_prompt(pred: MaskPredictor, scene: Scene, click: bool, image: np.ndarray
     if image is not None:
         feats, t["features"] = timed(lambda: pred.compute_features(image))
         pred.set_features(feats)
+    # A new prompt each time, as an annotator's next click is: nothing from the memo of the last prompts.
+    pred.features.prompt_masks.clear()
     prompt = {"points": [scene.click], "labels": [1]} if click else {"box": scene.box}
     mask, t["segment"] = timed(lambda: pred.segment(**prompt))
     _, t["polygon"] = timed(lambda: mask.polygon)

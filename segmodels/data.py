@@ -24,7 +24,7 @@ import torch
 from segmodels.deepmask import INPUT, OBJECT, WINDOW
 from segmodels.geometry import coco_segmentation_to_mask
 
-SPLITS = ("train", "val", "all")
+SPLITS = ("train", "val", "all", "tune", "fit")
 # Grey used outside the image: the ImageNet mean, so padding normalises to ~0.
 PAD_VALUE = (124, 116, 104)
 MIN_AREA = 100
@@ -36,10 +36,13 @@ RANDOM_NEG_SCALES = (-3.0, 1.0)
 
 
 def in_split(image_id: int, split: str) -> bool:
-    """The documented split by image id: ``val`` holds ``image_id % 5 == 0``."""
+    """The documented split by image id: ``val`` (the test split) holds ``image_id % 5 == 0`` and ``train``
+    the rest; ``train`` divides into ``tune`` (``image_id % 5 == 1``, where settings and models are chosen)
+    and ``fit`` (what a model is trained on while they are being chosen)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    return split == "all" or (image_id % 5 == 0) == (split == "val")
+    fold = image_id % 5
+    return {"all": True, "val": fold == 0, "train": fold != 0, "tune": fold == 1, "fit": fold > 1}[split]
 
 
 def has_segmentation(segmentation: list | dict | None) -> bool:

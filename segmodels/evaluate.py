@@ -4,10 +4,14 @@ The protocol of docs/targets.md and docs/papers.md, measured on the split's imag
 
 - instances: non-crowd annotations with COCO ``area`` > 32^2 px, masks rasterised as COCO does
   (``geometry.coco_segmentation_to_mask``); sizes as COCO: medium 32^2..96^2, large > 96^2;
-- click-to-mask: one positive click at the interior point farthest from the GT boundary, then up to 3
-  corrective clicks, each at the interior point of the largest connected error region (a missed part gets a
-  positive click, a spurious part a negative one); every call passes all the clicks so far;
-- box-to-mask: the tight GT box as the prompt;
+- click-to-mask: the simulated annotator of interactive segmentation (annotator.py, the RITM protocol): one
+  positive click at the interior point farthest from the GT boundary, then up to 19 corrective clicks, each
+  at the point farthest from the boundary of the larger error region (a missed part gets a positive click, a
+  spurious part a negative one); every call passes all the clicks so far. Reported: mIoU after 1, 2, 3, 5
+  and 10 clicks with standard errors, NoC@85 and NoC@90 (clicks to reach the IoU, 20 when never reached),
+  and the share of objects that never reach 0.85 in 20 clicks;
+- box-to-mask: the tight GT box as the prompt, then the same corrective clicks (the box counts as the first
+  interaction);
 - baselines on the same instances: the filled GT box, and OpenCV GrabCut (5 iterations from the tight box);
 - proposals: class-agnostic AR@10/100/1000 (pycocotools, ``segm`` and ``bbox``, ``useCats = 0``) of the
   top-k windows of ``MaskPredictor.propose``, against all of the images' annotations (crowd flags as COCO);
@@ -48,6 +52,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
+from segmodels.annotator import click_point, next_click
 from segmodels.data import CocoInstances, Instance, WindowSampler
 from segmodels.export import detections_to_coco, draw_detections
 from segmodels.geometry import (
@@ -79,7 +84,11 @@ MIN_AREA = 32**2
 LARGE_AREA = 96**2
 SIZES = ("all", "medium", "large")
 THRESHOLDS = (0.5, 0.75, 0.85)
-CORRECTIONS = 3
+# Interactions per object (a box or the first click, then corrections), and those reported.
+MAX_CLICKS = 20
+REPORTED_CLICKS = (1, 2, 3, 5, 10)
+NOC_THRESHOLDS = (0.85, 0.9)
+SEQUENCES = ("clicks", "box + clicks")
 GRABCUT_ITERATIONS = 5
 MAX_DETS = (10, 100, 1000)
 AP_STATS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
@@ -95,6 +104,9 @@ PATCH_BATCH = 32
 # pycocotools trips this numpy 2 DeprecationWarning on every decode.
 NUMPY2_WARNING = "__array__ implementation doesn't accept a copy keyword"
 EXAMPLES_PER_GROUP = 4
+# The click-sequence figure: objects shown, and after how many clicks.
+SEQUENCE_EXAMPLES = 4
+SEQUENCE_STEPS = (1, 2, 3, 5, 10)
 PROPOSAL_IMAGES = 3
 TOP_PROPOSALS = 10
 # Labels: classes with at least this many evaluated instances get a row of their own.
@@ -124,6 +136,8 @@ class InstanceResult:
     ``box``: the tight GT box ``[x1, y1, x2, y2]``. ``clicks``: ``[x, y, label]`` in order (label 1 positive,
     0 negative). ``click_ious[k]``: IoU after ``k + 1`` clicks; when a mask is already perfect no further
     click is made and its IoU is carried on, so ``click_seconds`` (one per predictor call) can be shorter.
+    ``box_clicks``, ``box_ious``: the same after the box prompt (``box_ious[0]`` = ``box_iou``: the box
+    alone).
     ``grabcut_fallback``: GrabCut had no background to model (the box is the whole image) and the filled box
     stands in. ``masks``: RLE of the one-click and box predictions, for the figures (not saved).
     """
@@ -139,6 +153,8 @@ class InstanceResult:
     click_seconds: list[float] = field(default_factory=list)
     box_iou: float | None = None
     box_seconds: float | None = None
+    box_clicks: list[list[float]] = field(default_factory=list)
+    box_ious: list[float] = field(default_factory=list)
     filled_box_iou: float | None = None
     grabcut_iou: float | None = None
     grabcut_seconds: float | None = None
@@ -149,39 +165,7 @@ class InstanceResult:
         return {k: v for k, v in asdict(self).items() if k != "masks"}
 
 
-# ---- simulated user and baselines ----------------------------------------------------------------------
-def click_point(mask: np.ndarray) -> tuple[float, float]:
-    """The interior point of a non-empty ``(H, W)`` bool mask farthest from its boundary, as ``(x, y)``.
-
-    The mask is padded by one background pixel, so the image border counts as boundary; the point is the
-    centre of the pixel where the (exact Euclidean) distance transform peaks.
-    """
-    padded = np.pad(mask.astype(np.uint8), 1)
-    dist = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    row, col = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return float(col - 1) + 0.5, float(row - 1) + 0.5
-
-
-def next_correction(pred: np.ndarray, gt: np.ndarray) -> tuple[tuple[float, float], int] | None:
-    """The next corrective click for ``pred`` vs ``gt`` (both ``(H, W)`` bool), or None when they agree.
-
-    Error regions are the 8-connected parts of the false negatives (``gt & ~pred``, label 1) and of the false
-    positives (``pred & ~gt``, label 0); the click goes at :func:`click_point` of the largest one (a false
-    negative wins a tie). Returns ``((x, y), label)``.
-    """
-    best: tuple[int, np.ndarray, int] | None = None
-    for region, label in ((gt & ~pred, 1), (pred & ~gt, 0)):
-        count, parts, stats, _ = cv2.connectedComponentsWithStats(region.astype(np.uint8), connectivity=8)
-        if count > 1:
-            largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-            area = int(stats[largest, cv2.CC_STAT_AREA])
-            if best is None or area > best[0]:
-                best = (area, parts == largest, label)
-    if best is None:
-        return None
-    return click_point(best[1]), best[2]
-
-
+# ---- baselines ----------------------------------------------------------------------------------------
 def filled_box_mask(gt: np.ndarray) -> np.ndarray:
     """The baseline "filled GT box": every pixel of the tight box of ``gt`` (``(H, W)`` bool)."""
     return box_mask(mask_to_box(gt), *gt.shape, margin=0.0)
@@ -220,26 +204,29 @@ def size_of(area: float) -> str:
 
 # ---- interactive evaluation -----------------------------------------------------------------------------
 def evaluate_clicks(
-    predictor: MaskPredictor, gt: np.ndarray, max_clicks: int = 1 + CORRECTIONS
+    predictor: MaskPredictor, gt: np.ndarray, box: np.ndarray | None = None, max_clicks: int = MAX_CLICKS
 ) -> tuple[list[list[float]], list[float], list[float], np.ndarray]:
-    """Simulated clicking on the predictor's current image until ``max_clicks`` or a perfect mask.
+    """The simulated annotator on the predictor's current image, for ``max_clicks`` interactions or until
+    the mask is perfect. ``gt``: ``(H, W)`` bool. Without ``box`` the first interaction is a click at the
+    GT's deepest point; with one (xyxy pixels) it is the box, and every later call passes it too.
 
-    ``gt``: ``(H, W)`` bool. Returns the clicks ``[x, y, label]``, the IoU after each of the ``max_clicks``
-    clicks (a perfect mask's IoU carried on), the seconds of each ``segment`` call and the one-click mask.
+    Returns the clicks ``[x, y, label]``, the IoU after each interaction (a perfect mask's carried on), the
+    seconds of each ``segment`` call and the first interaction's mask.
     """
-    points, labels = [click_point(gt)], [1]
+    points: list[tuple[float, float]] = [] if box is not None else [click_point(gt)]
+    labels: list[int] = [] if box is not None else [1]
     ious: list[float] = []
     seconds: list[float] = []
     first: np.ndarray | None = None
     while True:
         start = time.perf_counter()
-        pred = predictor.segment(points=points, labels=labels).mask
+        pred = predictor.segment(points=points or None, labels=labels or None, box=box).mask
         seconds.append(time.perf_counter() - start)
         ious.append(mask_iou(pred, gt))
         first = pred if first is None else first
         if len(ious) == max_clicks:
             break
-        correction = next_correction(pred, gt)
+        correction = next_click(pred, gt)
         if correction is None:
             ious += [ious[-1]] * (max_clicks - len(ious))
             break
@@ -283,11 +270,9 @@ def evaluate_instances(
                 result.clicks, result.click_ious, result.click_seconds, first = evaluate_clicks(predictor, gt)
                 result.masks["click"] = mask_to_rle(first)
             if "box" in parts:
-                start = time.perf_counter()
-                pred = predictor.segment(box=box).mask
-                result.box_seconds = time.perf_counter() - start
-                result.box_iou = mask_iou(pred, gt)
-                result.masks["box"] = mask_to_rle(pred)
+                result.box_clicks, result.box_ious, seconds, first = evaluate_clicks(predictor, gt, box)
+                result.box_iou, result.box_seconds = result.box_ious[0], seconds[0]
+                result.masks["box"] = mask_to_rle(first)
             if "baselines" in parts:
                 filled = filled_box_mask(gt)
                 result.filled_box_iou = mask_iou(filled, gt)
@@ -303,8 +288,9 @@ def evaluate_instances(
 def method_scores(result: InstanceResult) -> dict[str, tuple[float, float | None]]:
     """``{method: (IoU, seconds or None)}`` of the methods evaluated on one instance."""
     out: dict[str, tuple[float, float | None]] = {}
-    for k, iou in enumerate(result.click_ious):
-        out[f"click@{k + 1}"] = (iou, result.click_seconds[k] if k < len(result.click_seconds) else None)
+    for k in REPORTED_CLICKS[: len(result.click_ious)]:
+        seconds = result.click_seconds[k - 1] if k <= len(result.click_seconds) else None
+        out[f"click@{k}"] = (result.click_ious[k - 1], seconds)
     if result.box_iou is not None:
         out["box"] = (result.box_iou, result.box_seconds)
     if result.filled_box_iou is not None:
@@ -331,7 +317,11 @@ def summarise(results: Iterable[InstanceResult]) -> dict[str, dict]:
         entry: dict = {"median_seconds": statistics.median(times) if times else None}
         for size in SIZES:
             ious = np.array([iou for sz, iou, _ in rows if size in ("all", sz)])
-            entry[size] = {"n": len(ious), "miou": float(ious.mean()) if len(ious) else None}
+            entry[size] = {
+                "n": len(ious),
+                "miou": float(ious.mean()) if len(ious) else None,
+                "se": standard_error(ious),
+            }
             for t in THRESHOLDS:
                 entry[size][f"success@{t}"] = float((ious >= t).mean()) if len(ious) else None
         summary[method] = entry
@@ -339,6 +329,45 @@ def summarise(results: Iterable[InstanceResult]) -> dict[str, dict]:
 
 
 # ---- proposals ------------------------------------------------------------------------------------------
+def standard_error(values: np.ndarray) -> float | None:
+    """Standard error of the mean of ``values`` (None for fewer than two)."""
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+
+
+def clicks_to_reach(ious: Sequence[float], threshold: float) -> int:
+    """NoC: interactions until the IoU first reaches ``threshold``; ``len(ious)`` when it never does."""
+    return next((k + 1 for k, iou in enumerate(ious) if iou >= threshold), len(ious))
+
+
+def convergence(results: Iterable[InstanceResult]) -> dict[str, dict]:
+    """Per sequence (:data:`SEQUENCES`: clicks alone, the box then clicks) and size: ``n``, mIoU and its
+    standard error after each of :data:`REPORTED_CLICKS` interactions, mean NoC@85/@90 and the share of
+    objects that never reach each threshold in :data:`MAX_CLICKS` interactions."""
+    rows: dict[str, list[tuple[str, list[float]]]] = {name: [] for name in SEQUENCES}
+    for r in results:
+        rows["clicks"] += [(r.size, r.click_ious)] if r.click_ious else []
+        rows["box + clicks"] += [(r.size, r.box_ious)] if r.box_ious else []
+    out: dict[str, dict] = {}
+    for name, entries in rows.items():
+        if not entries:
+            continue
+        out[name] = {}
+        for size in SIZES:
+            curves = np.array([ious for sz, ious in entries if size in ("all", sz)])
+            stats: dict = {"n": len(curves)}
+            for k in REPORTED_CLICKS:
+                column = curves[:, k - 1] if len(curves) else np.zeros(0)
+                stats[f"miou@{k}"] = float(column.mean()) if len(column) else None
+                stats[f"se@{k}"] = standard_error(column)
+            for t in NOC_THRESHOLDS:
+                noc = np.array([clicks_to_reach(c, t) for c in curves])
+                never = np.array([max(c) < t for c in curves])
+                stats[f"noc@{t}"] = float(noc.mean()) if len(noc) else None
+                stats[f"never@{t}"] = float(never.mean()) if len(never) else None
+            out[name][size] = stats
+    return out
+
+
 def coco_ground_truth(dataset: CocoInstances, image_indices: Sequence[int]) -> COCO:
     """A pycocotools COCO object of the images' annotations: all categories, crowd flags as they are."""
     ids = {dataset.images[i]["id"] for i in image_indices}
@@ -737,12 +766,16 @@ def tables(metrics: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                         size,
                         str(stats["n"]),
                         _fmt(stats["miou"]),
+                        _fmt(stats.get("se")),
                         *(_fmt(stats[f"success@{t}"]) for t in THRESHOLDS),
                         _fmt(entry["median_seconds"]) if size == "all" else "",
                     ]
                 )
-        headers = ["method", "size", "n", "mIoU", *(f"IoU>={t}" for t in THRESHOLDS), "median s/object"]
+        headers = ["method", "size", "n", "mIoU", "SE", *(f"IoU>={t}" for t in THRESHOLDS), "median s/object"]
         out.append(("Instances (clicks, box prompt, baselines)", headers, rows))
+    converged = metrics.get("instances", {}).get("convergence")
+    if converged:
+        out.append(convergence_table(converged))
     proposals = metrics.get("proposals")
     if proposals:
         names = [s for s in COCO_STATS if s.startswith("AR")]
@@ -792,6 +825,33 @@ def tables(metrics: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         rows = [[stage, str(v["n"]), *(_fmt(v[s]) for s in names)] for stage, v in patches.items()]
         out.append(("Patches (evalPerPatch)", ["stage", "n", *names], rows))
     return out
+
+
+def convergence_table(converged: dict) -> tuple[str, list[str], list[list[str]]]:
+    """The table of :func:`convergence`: mIoU (standard error) after k interactions, NoC, never reached."""
+    rows = []
+    for name, by_size in converged.items():
+        for size in SIZES:
+            st = by_size[size]
+            rows.append(
+                [
+                    name if size == "all" else "",
+                    size,
+                    str(st["n"]),
+                    *(f"{_fmt(st[f'miou@{k}'])} ({_fmt(st[f'se@{k}'])})" for k in REPORTED_CLICKS),
+                    *(_fmt(st[f"noc@{t}"], 2) for t in NOC_THRESHOLDS),
+                    _fmt(st[f"never@{NOC_THRESHOLDS[0]}"]),
+                ]
+            )
+    headers = [
+        "sequence",
+        "size",
+        "n",
+        *(f"mIoU@{k} (SE)" for k in REPORTED_CLICKS),
+        *(f"NoC@{round(t * 100)}" for t in NOC_THRESHOLDS),
+        f"never {NOC_THRESHOLDS[0]} in {MAX_CLICKS}",
+    ]
+    return f"Corrective clicks (simulated annotator, at most {MAX_CLICKS} interactions)", headers, rows
 
 
 def label_tables(labels: dict | None) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -970,6 +1030,43 @@ def plot_instances(
     plt.close(fig)
 
 
+def plot_click_sequences(
+    path: Path, predictor: MaskPredictor, dataset: CocoInstances, picks: list[InstanceResult]
+) -> None:
+    """One row per result: its simulated clicks replayed on ``predictor``, the mask after each of
+    :data:`SEQUENCE_STEPS` clicks (red) against the GT (green), with the clicks so far."""
+    plt = _pyplot()
+    index_of = {im["id"]: i for i, im in enumerate(dataset.images)}
+    inst_of = {inst.annotation_id: inst for inst in dataset.instances}
+    cols = len(SEQUENCE_STEPS)
+    fig, axes = plt.subplots(
+        len(picks), cols, figsize=(3.4 * cols, 3.0 * len(picks)), squeeze=False, layout="constrained"
+    )
+    for row, r in zip(axes, picks, strict=True):
+        image = dataset.image(index_of[r.image_id])
+        gt = dataset.mask(inst_of[r.annotation_id])
+        predictor.set_image(image)
+        crop = context_crop(np.array(r.box), *image.shape[:2])
+        for ax, k in zip(row, SEQUENCE_STEPS, strict=True):
+            clicks = r.clicks[:k]
+            points = [c[:2] for c in clicks]
+            pred = predictor.segment(points, [int(c[2]) for c in clicks]).mask
+            caption = (
+                f"{dataset.categories[r.category_id]}: {len(clicks)} clicks, IoU {mask_iou(pred, gt):.2f}"
+            )
+            overlay(ax, image, [gt], pred, caption, crop=crop, clicks=clicks)
+    fig.suptitle("Corrective clicks on held-out objects (+ positive, x negative): prediction red, GT green")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def sequence_examples(results: list[InstanceResult], n: int = SEQUENCE_EXAMPLES) -> list[InstanceResult]:
+    """Up to ``n`` results whose first click was not yet good enough, the largest objects first: the ones
+    where corrective clicks matter."""
+    weak = [r for r in results if r.click_ious and r.click_ious[0] < NOC_THRESHOLDS[0]]
+    return sorted(weak, key=lambda r: -r.area)[:n]
+
+
 def plot_proposals(path: Path, dataset: CocoInstances, examples: dict[int, list[tuple[dict, float]]]) -> None:
     """Rows of 5 per image: its top proposals (red) with objectness and best IoU against the GT (green)."""
     plt = _pyplot()
@@ -1060,6 +1157,7 @@ def write_report(
             "One click (+) at the GT's deepest point: prediction red, GT green",
         )
         figures.append(("One-click results (best, median, worst)", "clicks.png"))
+        figures.append(("Corrective clicks converging", "click-sequences.png"))
     if results and results[0].box_iou is not None:
         picks = pick_examples(results, lambda r: r.box_iou)
         plot_instances(
@@ -1189,7 +1287,8 @@ def evaluate(
         "protocol": {
             "min_area": MIN_AREA,
             "large_area": LARGE_AREA,
-            "corrections": CORRECTIONS,
+            "max_clicks": MAX_CLICKS,
+            "box_threshold_logit": predictor.box_threshold_logit,
             "grabcut_iterations": GRABCUT_ITERATIONS,
             "mask_threshold_logit": predictor.threshold_logit,
             "scales": list(predictor.scales),
@@ -1215,6 +1314,7 @@ def evaluate(
             "median_feature_seconds": statistics.median(feature_seconds) if feature_seconds else None,
             "grabcut_fallbacks": sum(r.grabcut_fallback for r in results),
             "summary": summarise(results),
+            "convergence": convergence(results),
             "results": [r.to_json() for r in results],
         }
         metrics["seconds"]["instances"] = time.perf_counter() - start
@@ -1242,6 +1342,8 @@ def evaluate(
         )
         metrics["seconds"]["detection"] = time.perf_counter() - start
     metrics["seconds"]["total"] = time.perf_counter() - started
+    if results and results[0].click_ious:
+        plot_click_sequences(out / "click-sequences.png", predictor, dataset, sequence_examples(results))
     write_report(out, metrics, dataset, results, examples, detection_examples)
     (out / "table.txt").write_text(format_tables(metrics) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

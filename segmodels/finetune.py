@@ -10,6 +10,8 @@ model, with their own step functions (``train.train_step``, ``train_multipathnet
 1. ``deepmask``: DeepMask heads and the trunk's top (stride-16 stage, 10x smaller learning rate), on crops
    from the data's instances that have a mask (box-only annotations are objectness positives only);
 2. ``sharpmask``: the refinement modules, the rest frozen (only when the checkpoint has that stage);
+   then ``clicks``: the click head with iterative click simulation on the trunk as steps 1-2 left it
+   (``train_clicks.fit_click_head``; only when the checkpoint has a click head);
 3. ``proposals``: top-100 refined proposals of every training image from the model of steps 1-2;
 4. ``multipathnet``: the label heads on the frozen trunk, for the data's label set (below).
 
@@ -50,6 +52,7 @@ from segmodels.evaluate import MIN_AREA, evaluate_clicks
 from segmodels.model import SegmentationModel
 from segmodels.predictor import MaskPredictor, load_predictor
 from segmodels.train import STAGES, TrainConfig, parameter_groups, resolve_device, train_step
+from segmodels.train_clicks import ClickTrainConfig, fit_click_head
 from segmodels.train_multipathnet import (
     TapCache,
     class_list,
@@ -63,6 +66,8 @@ from segmodels.train_multipathnet import (
 )
 
 log = logging.getLogger(__name__)
+# The stages a fine-tuning job trains, in order (the click head is trained on the trunk the mask stages left).
+FINETUNE_STAGES = (*STAGES[:2], "clicks", *STAGES[2:])
 
 Progress = Callable[[str, float], None]
 # Expected seconds per unit of work (a step, or an image's proposals) for the job's progress fraction and
@@ -71,6 +76,7 @@ UNIT_SECONDS = {
     "loading": 1.5,
     "deepmask": 0.28,
     "sharpmask": 0.3,
+    "clicks": 0.7,
     "proposals": 0.93,
     "multipathnet": 0.19,
     "saving": 0.5,
@@ -96,6 +102,8 @@ class FinetuneConfig:
 
     deepmask_steps: int = 40
     sharpmask_steps: int = 40
+    click_steps: int = 30
+    click_lr: float = 3e-4
     multipathnet_steps: int = 250
     batch_size: int = 16
     multipathnet_batch_size: int = 64
@@ -106,6 +114,7 @@ class FinetuneConfig:
     trunk_trainable_from: str | None = "s16"
     train_deepmask: bool = True
     train_sharpmask: bool = True
+    train_clicks: bool = True
     train_multipathnet: bool = True
     seed: int = 0
     device: str = "auto"
@@ -304,6 +313,8 @@ def plan_stages(cfg: FinetuneConfig, init_stages: Sequence[str], dataset: CocoIn
         plan["deepmask"] = cfg.deepmask_steps
     if cfg.train_sharpmask and masked and "sharpmask" in init_stages and cfg.sharpmask_steps > 0:
         plan["sharpmask"] = cfg.sharpmask_steps
+    if cfg.train_clicks and masked and "clicks" in init_stages and cfg.click_steps > 0:
+        plan["clicks"] = cfg.click_steps
     if cfg.train_multipathnet and dataset.instances and cfg.multipathnet_steps > 0:
         plan["proposals"] = len(dataset)
         plan["multipathnet"] = cfg.multipathnet_steps
@@ -376,7 +387,7 @@ def finetune(
         )
         record["seconds"]["total"] = time.monotonic() - started
         meta = {
-            "stages": [s for s in STAGES if s in init_stages or s in record["stages"]],
+            "stages": [s for s in FINETUNE_STAGES if s in init_stages or s in record["stages"]],
             "training": {**init_meta.get("training", {}), "finetune": record},
             "metrics": {},
         }
@@ -414,6 +425,25 @@ def run_stages(
             t0 = time.monotonic()
             losses[stage] = train_mask_stage(model, dataset, cfg.stage_config(stage, data), job)
             seconds[stage] = time.monotonic() - t0
+    if "clicks" in plan:
+        t0 = time.monotonic()
+        click_cfg = ClickTrainConfig(
+            str(data),
+            "",
+            "",
+            steps=cfg.click_steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.click_lr,
+            seed=cfg.seed,
+            device=cfg.device,
+        )
+        model.click_head.to(resolve_device(cfg.device)).train()
+        job.start("clicks")
+        curve = fit_click_head(
+            model.click_head, model.trunk, dataset, click_cfg, lambda loss: job.advance(loss)
+        )
+        losses["clicks"] = tail_means({"click_loss": curve})
+        seconds["clicks"] = time.monotonic() - t0
     kept: list[str] = []
     if model.multipathnet is not None or "multipathnet" in plan:
         names, ids = class_list(dataset)
@@ -424,7 +454,7 @@ def run_stages(
         stage_cfg = cfg.stage_config("multipathnet", data)
         losses["multipathnet"] = train_label_stage(model, "sharpmask" in init_stages, dataset, stage_cfg, job)
         seconds["multipathnet"] = time.monotonic() - t0
-    trained = [s for s in STAGES if s in plan]
+    trained = [s for s in FINETUNE_STAGES if s in plan]
     return {
         "image_ids": [im["id"] for im in dataset.images],
         "instances": len(dataset.instances),

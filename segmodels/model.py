@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from segmodels.backbones import ImageNetTail, build_imagenet_tail, build_trunk
+from segmodels.click_head import ClickHead
 from segmodels.deepmask import DeepMask
 from segmodels.multipathnet import LabelHead, MultiPathNet
 from segmodels.sharpmask import SharpMask
@@ -25,6 +26,8 @@ class ModelConfig:
     class_ids: list[int] = field(default_factory=list)
     # MultiPathNet's ImageNet label head (multipathnet.LabelHead); checkpoints from before it lack the key.
     label_head: bool = True
+    # The click head for corrective clicks (click_head.ClickHead); checkpoints from before it lack the key.
+    click_head: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -40,7 +43,7 @@ class ModelConfig:
 
 class SegmentationModel(nn.Module):
     """``trunk`` (taps s2..s16), ``deepmask`` (embedding, mask, objectness), ``sharpmask`` (refinement),
-    and ``multipathnet`` (labels) when the config has classes."""
+    ``multipathnet`` (labels) when the config has classes, and ``click_head`` when the config asks for it."""
 
     def __init__(self, config: ModelConfig, pretrained_trunk: bool = True, trunk_weights: str | None = None):
         super().__init__()
@@ -48,6 +51,7 @@ class SegmentationModel(nn.Module):
         self.trunk = build_trunk(config.backbone, pretrained=pretrained_trunk, weights_path=trunk_weights)
         self.deepmask = DeepMask(self.trunk.tap_channels["s16"], config.reduce_channels, config.embed_dim)
         self.sharpmask = SharpMask(self.trunk.tap_channels, config.embed_dim, config.sharpmask_k)
+        self.click_head = ClickHead(self.trunk.tap_channels) if config.click_head else None
         self.multipathnet = None
         if config.classes:
             tail = (

@@ -11,6 +11,7 @@ embedding. Each pyramid level is padded by ``PAD`` grey pixels so windows can be
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -22,7 +23,8 @@ import torch
 
 from segmodels.backbones import fold_batchnorm
 from segmodels.checkpoint import load_checkpoint
-from segmodels.data import PAD_VALUE, crop_window, image_pyramid, to_tensor
+from segmodels.click_head import CROP, click_maps, crop_points, zoom_window
+from segmodels.data import PAD_VALUE, crop_mask, crop_window, image_pyramid, to_tensor
 from segmodels.deepmask import CELLS, INPUT, OBJECT, STRIDE, WINDOW
 from segmodels.geometry import mask_to_box, mask_to_polygon, masks_iou_matrix
 from segmodels.model import SegmentationModel
@@ -39,11 +41,27 @@ OUTSIDE_LOGIT = -30.0
 # time in cross-validation and 48% held out; its second-best 42% and 6%: so one per image.
 PREANNOTATION_THRESHOLD = 0.5
 PREANNOTATION_MAX = 1
+# Interactive settings, chosen on the tune split (bench/bench_interactive.py, one run): masks from a box are
+# thresholded at BOX_THRESHOLD (the original release thresholds DeepMask at 0.2; box mIoU 0.665 vs 0.628 at
+# 0.5), from a click at the predictor's mask_threshold. A box's windows are tried at BOX_ZOOMS of the
+# canonical scale and the mask whose tight box fits the box best is kept, the filled box when none fits by
+# BOX_MIN_FIT (IoU): three zooms (0.8, 1, 1.25) and a fit of 0.7 measured 0.665 and 0.665, one zoom 0.674,
+# no minimum fit 0.671 (standard error ~0.025), so the simplest is shipped. An empty mask still gives way to
+# the filled box.
+BOX_ZOOMS = (1.0,)
+BOX_MIN_FIT = 0.0
+BOX_THRESHOLD = 0.2
+# Radius (px) of the disk a positive point always gets, and a negative one always loses.
+POINT_RADIUS = 2
+# Masks of the prompts seen last on an image (an annotator's next click builds on the previous prompt; a
+# few, for annotators working on different objects of one image). Each costs H x W bytes.
+PROMPT_MEMO = 4
 
 
 @dataclass
 class Mask:
-    """One object: ``mask`` bool (H, W); ``score`` objectness probability in [0, 1]; polygon on demand."""
+    """One object: ``mask`` bool (H, W); ``score`` in [0, 1]: its window's objectness probability, or for a
+    mask the click head made, its pixels' mean probability; polygon on demand."""
 
     mask: np.ndarray
     score: float
@@ -111,12 +129,23 @@ class PyramidLevel:
         return (y * self.sy + PAD - INPUT / 2) / STRIDE, (x * self.sx + PAD - INPUT / 2) / STRIDE
 
 
+class PromptMemo(OrderedDict):
+    """The results (:class:`Mask`) of the last :data:`PROMPT_MEMO` prompts on one image, by prompt."""
+
+    def put(self, key: tuple, result: Mask) -> None:
+        self[key] = result
+        self.move_to_end(key)
+        while len(self) > PROMPT_MEMO:
+            self.popitem(last=False)
+
+
 @dataclass
 class ImageFeatures:
     """Everything the heads need for one image (~60 MB for 640x480: size an LRU cache in bytes)."""
 
     image: np.ndarray
     levels: list[PyramidLevel] = field(default_factory=list)
+    prompt_masks: PromptMemo = field(default_factory=PromptMemo)
 
     @property
     def height(self) -> int:
@@ -239,6 +268,10 @@ class MaskPredictor:
         device: str | torch.device = "cpu",
         scales: tuple[float, ...] = PAPER_SCALES,
         mask_threshold: float = 0.5,
+        box_threshold: float = BOX_THRESHOLD,
+        box_zooms: tuple[float, ...] = BOX_ZOOMS,
+        box_min_fit: float = BOX_MIN_FIT,
+        refine_first_click: bool = True,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
@@ -251,6 +284,9 @@ class MaskPredictor:
         self.refine = "sharpmask" in self.metadata.get("stages", [])
         self.scales = tuple(scales)
         self.threshold_logit = math.log(mask_threshold / (1 - mask_threshold))
+        self.box_threshold_logit = math.log(box_threshold / (1 - box_threshold))
+        self.box_zooms, self.box_min_fit = tuple(box_zooms), box_min_fit
+        self.refine_first_click = refine_first_click
         self.features: ImageFeatures | None = None
 
     # ---- image features -------------------------------------------------------------------------------
@@ -338,20 +374,21 @@ class MaskPredictor:
             level.window_box(np.array([cand.row]), np.array([cand.col]))[0], logits, cand.objectness
         )
 
-    def _to_mask(self, window: WindowMask) -> Mask:
+    def _to_mask(self, window: WindowMask, threshold_logit: float | None = None) -> Mask:
         feats = self._require_features()
         region, (y0, y1, x0, x1) = paste_window(window.logits, window.box, feats.height, feats.width)
         mask = np.zeros((feats.height, feats.width), dtype=bool)
-        mask[y0:y1, x0:x1] = region > self.threshold_logit
+        t = self.threshold_logit if threshold_logit is None else threshold_logit
+        mask[y0:y1, x0:x1] = region > t
         return Mask(mask, 1.0 / (1.0 + math.exp(-window.objectness)))
 
     @torch.no_grad()
-    def box_window(self, box: np.ndarray) -> WindowMask:
+    def box_window(self, box: np.ndarray, zoom: float = 1.0) -> WindowMask:
         """The window the models were trained on for an object in ``box`` (xyxy pixels): centred on it, at
-        the scale that makes its larger side 92 px. One trunk pass on a 192 px crop."""
+        the scale that makes its larger side 92 px (times ``zoom``). One trunk pass on a 192 px crop."""
         feats = self._require_features()
         centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
-        scale = OBJECT / max(box[2] - box[0], box[3] - box[1], 1.0)
+        scale = zoom * OBJECT / max(box[2] - box[0], box[3] - box[1], 1.0)
         x = to_tensor([crop_window(feats.pyramid, centre, scale)]).to(self.device)
         taps = self.model.trunk(x.contiguous(memory_format=torch.channels_last))
         logits, score, vec = self.model.deepmask(taps["s16"])
@@ -486,6 +523,134 @@ class MaskPredictor:
         ]
 
     # ---- interactive ----------------------------------------------------------------------------------
+    def segment(
+        self,
+        points: np.ndarray | list | None = None,
+        labels: np.ndarray | list | None = None,
+        box: np.ndarray | list | None = None,
+    ) -> Mask:
+        """One object for a prompt: ``points (N, 2)`` pixel (x, y) with ``labels (N,)`` 1 = positive,
+        0 = negative, in the order the annotator placed them, and/or ``box`` xyxy pixels.
+
+        The box (else the first positive click) gives the first mask (:meth:`box_prompt_mask`,
+        :meth:`click_prompt_mask`); with a click head, every other click is a correction of the mask before
+        it (:meth:`correct`). The result contains every positive point, no negative one, and (with a box)
+        nothing outside the box.
+        """
+        self._require_features()
+        pts = np.zeros((0, 2)) if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        lab = np.ones(len(pts), int) if labels is None else np.asarray(labels, dtype=int).reshape(-1)
+        if len(lab) != len(pts):
+            raise ValueError(f"{len(pts)} points but {len(lab)} labels")
+        bx = None if box is None else np.asarray(box, dtype=np.float64).reshape(4)
+        positive = lab == 1
+        if not positive.any() and bx is None:
+            raise ValueError("segment needs at least one positive point or a box")
+        if self.model.click_head is None and len(pts):
+            result = self._window_segment(pts[positive], pts[~positive], bx)
+        elif self.model.click_head is None:
+            result = self.box_prompt_mask(bx)
+        else:
+            result = self._click_sequence(pts, positive, bx)
+        return Mask(honour_prompt(result.mask, pts[positive], pts[~positive], bx), result.score)
+
+    def _click_sequence(self, pts: np.ndarray, positive: np.ndarray, box: np.ndarray | None) -> Mask:
+        """The first prompt's mask, then one :meth:`correct` per further click, each memoised on the image's
+        features by the prompt so far (an annotator's next click costs one step, not a replay)."""
+        order = np.arange(len(pts))
+        if box is None:
+            first = int(np.argmax(positive))
+            order = np.concatenate([[first], np.delete(order, first)])
+        pts, positive = pts[order], positive[order]
+        memo = self._require_features().prompt_masks
+        start = 0 if box is not None else 1
+        result = None
+        for k in range(len(pts), start - 1, -1):
+            key = _prompt_key(box, pts[:k], positive[:k])
+            if key in memo:
+                result, start = memo[key], k + 1
+                break
+        if result is None:
+            result = self.box_prompt_mask(box) if box is not None else self.click_prompt_mask(pts[0])
+            memo.put(_prompt_key(box, pts[:start], positive[:start]), result)
+            start += 1
+        for k in range(start, len(pts) + 1):
+            result = self.correct(result.mask, pts[:k], positive[:k])
+            memo.put(_prompt_key(box, pts[:k], positive[:k]), result)
+        return result
+
+    def click_prompt_mask(self, point: np.ndarray) -> Mask:
+        """The object under one positive click (pixel ``(x, y)``): the best-ranked dense
+        window around it, thresholded at the click threshold, then (with a click head) one step of the head
+        in the zoom window of that mask, which keeps the window's mask as its previous mask."""
+        point = np.asarray(point, np.float64).reshape(1, 2)
+        window = max(self._point_windows(point, None), key=lambda w: self._rank(w, point, point[:0], None))
+        first = self._to_mask(window)
+        if self.model.click_head is None or not self.refine_first_click:
+            return first
+        return self.correct(first.mask, point, np.ones(1, bool))
+
+    def box_prompt_mask(self, box: np.ndarray) -> Mask:
+        """The object in ``box`` (xyxy pixels): of the windows centred on the box at
+        ``box_zooms`` of the canonical scale, the mask (at the box threshold, clipped to the box) whose
+        tight box best matches ``box``; the filled box when every mask is empty or none matches it by IoU
+        >= ``box_min_fit``."""
+        feats = self._require_features()
+        inside = box_mask(box, feats.height, feats.width)
+        best, fit = Mask(inside, 0.0), -1.0
+        for zoom in self.box_zooms:
+            candidate = self._to_mask(self.box_window(box, zoom), self.box_threshold_logit)
+            candidate.mask &= inside
+            score = _box_iou(mask_to_box(candidate.mask), box) if candidate.mask.any() else -1.0
+            if score > fit:
+                best, fit = candidate, score
+        return best if fit >= self.box_min_fit else Mask(inside, 0.0)
+
+    @torch.no_grad()
+    def correct(self, previous: np.ndarray, points: np.ndarray, positive: np.ndarray) -> Mask:
+        """One step of the click head: ``previous (H, W) bool`` mask, every click so far ``points (N, 2)``
+        pixel (x, y) with ``positive (N,)`` bool -> the new mask, scored by its pixels' mean probability.
+        The head sees the zoom window of the previous mask and the clicks (click_head.zoom_window); pixels
+        outside it keep their previous value."""
+        feats = self._require_features()
+        region = mask_to_box(previous) if previous.any() else None
+        centre, scale = zoom_window(region, points)
+        crop = crop_window(feats.pyramid, centre, scale, size=CROP)
+        taps = self.model.trunk(
+            to_tensor([crop]).to(self.device).contiguous(memory_format=torch.channels_last)
+        )
+        before = crop_mask(previous.astype(np.uint8) * 255, centre, scale, False, CROP)
+        maps = click_maps(crop_points(points, centre, scale), positive.astype(int))
+        prompts = torch.from_numpy(np.concatenate([maps, before[None]]))[None].to(self.device)
+        logits = self.model.click_head(taps, prompts)[0].float().cpu().numpy()
+        half = CROP / 2 / scale
+        window = np.array([centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half])
+        region_logits, (y0, y1, x0, x1) = paste_window(logits, window, feats.height, feats.width)
+        mask = previous.copy()
+        inside = region_logits > 0
+        mask[y0:y1, x0:x1] = inside
+        confidence = float(1 / (1 + np.exp(-region_logits[inside])).mean()) if inside.any() else 0.0
+        return Mask(mask, confidence)
+
+    def _window_segment(self, pos: np.ndarray, neg: np.ndarray, box: np.ndarray | None) -> Mask:
+        """Checkpoints without a click head: the best-ranked window for the positives (and the box), a
+        missed positive adding its own best window, a negative cutting away the part on its side."""
+        feats = self._require_features()
+        options = [self.box_window(box)] if box is not None else []
+        if len(pos):
+            options += self._point_windows(pos, box)
+        result = self._to_mask(max(options, key=lambda w: self._rank(w, pos, np.zeros((0, 2)), box)))
+        mask = result.mask
+        for p in pos[~_inside(mask, pos)]:
+            single = p[None]
+            mask |= self._to_mask(
+                max(self._point_windows(single, None), key=lambda w: self._rank(w, single, neg, None))
+            ).mask
+        if len(neg) and _inside(mask, neg).any():
+            reference = pos if len(pos) else np.array([[(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]])
+            mask &= nearer_to(reference, neg, feats.height, feats.width)
+        return result
+
     def _prompt_candidates(self, anchors: np.ndarray) -> list[Candidate]:
         """Windows whose centres are among the 2x2 nearest to each anchor, at every scale."""
         feats = self._require_features()
@@ -518,43 +683,6 @@ class MaskPredictor:
             rank += 20.0 * (_box_iou(mbox, box) if mbox is not None else 0.0)
         return rank
 
-    def segment(
-        self,
-        points: np.ndarray | list | None = None,
-        labels: np.ndarray | list | None = None,
-        box: np.ndarray | list | None = None,
-    ) -> Mask:
-        """One object for a prompt: ``points (N, 2)`` pixel (x, y) with ``labels (N,)`` 1 = positive,
-        0 = negative, and/or ``box`` xyxy pixels. The chosen mask contains the positives, avoids the
-        negatives and (with a box) fits the box; it is clipped to a given box."""
-        feats = self._require_features()
-        pts = np.zeros((0, 2)) if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
-        lab = np.ones(len(pts), int) if labels is None else np.asarray(labels, dtype=int).reshape(-1)
-        if len(lab) != len(pts):
-            raise ValueError(f"{len(pts)} points but {len(lab)} labels")
-        bx = None if box is None else np.asarray(box, dtype=np.float64).reshape(4)
-        pos, neg = pts[lab == 1], pts[lab != 1]
-        if not len(pos) and bx is None:
-            raise ValueError("segment needs at least one positive point or a box")
-        # The window is chosen on positives (and the box) only: negatives are corrections of that window's
-        # mask, not a reason to jump to another object.
-        options = [self.box_window(bx)] if bx is not None else []
-        if len(pos):
-            options += self._point_windows(pos, bx)
-        result = self._to_mask(max(options, key=lambda w: self._rank(w, pos, np.zeros((0, 2)), bx)))
-        for p in pos[~_inside(result.mask, pos)]:
-            # A positive click the mask misses adds that click's own best window.
-            single = p[None]
-            result.mask |= self._to_mask(
-                max(self._point_windows(single, None), key=lambda w: self._rank(w, single, neg, None))
-            ).mask
-        if len(neg) and _inside(result.mask, neg).any():
-            reference = pos if len(pos) else np.array([[(bx[0] + bx[2]) / 2, (bx[1] + bx[3]) / 2]])
-            result.mask &= nearer_to(reference, neg, feats.height, feats.width)
-        if bx is not None:
-            result.mask &= box_mask(bx, feats.height, feats.width)
-        return result
-
     def _point_windows(self, pos: np.ndarray, box: np.ndarray | None) -> list[WindowMask]:
         """The 3 best-ranked dense windows around the positive points (and their centroid), refined."""
         anchors = np.concatenate([pos, pos.mean(axis=0, keepdims=True)]) if len(pos) > 1 else pos
@@ -566,6 +694,24 @@ class MaskPredictor:
         order = sorted(range(len(cands)), key=lambda n: -self._rank(coarse[n], pos, none, box))
         best = [cands[n] for n in order[:3]]
         return [self._window(c, lg) for c, lg in zip(best, self.window_logits(best), strict=True)]
+
+
+def _prompt_key(box: np.ndarray | None, points: np.ndarray, positive: np.ndarray) -> tuple:
+    return (None if box is None else tuple(box.tolist()), points.tobytes(), positive.tobytes())
+
+
+def honour_prompt(mask: np.ndarray, pos: np.ndarray, neg: np.ndarray, box: np.ndarray | None) -> np.ndarray:
+    """``mask`` made to agree with the prompt: a disk of :data:`POINT_RADIUS` px set around every positive
+    point and cleared around every negative one (the annotator's own clicks are never contradicted), and
+    everything outside a given box (grown by 2%) cleared."""
+    height, width = mask.shape
+    out = mask.copy()
+    for points, value in ((pos, True), (neg, False)):
+        for x, y in points:
+            cv2.circle(out.view(np.uint8), (int(x), int(y)), POINT_RADIUS, int(value), -1)
+    if box is not None:
+        out &= box_mask(box, height, width)
+    return out
 
 
 def detection_scores(masks: Sequence[Mask]) -> np.ndarray:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,33 @@ def require_redis(url: str = REDIS_URL) -> redis.Redis:
     except redis.RedisError as exc:
         pytest.skip(f"no Redis at {url} ({exc}); start one (redis-server) or set SEGMASK_TEST_REDIS_URL")
     return connection
+
+
+def stored_under(connection: redis.Redis, prefix: str) -> dict[str, bytes]:
+    """Everything Redis holds for the deployment ``prefix``, by key: the values of its keys, and the hashes of
+    the jobs its queues and registries name (``rq:job:<id>``, the payload decompressed as RQ stores it
+    zlib-compressed). Tests read it to show which secrets are stored where."""
+    stored: dict[str, bytes] = {}
+    job_ids: set[bytes] = set()
+    for key in connection.scan_iter(f"*{prefix}*"):
+        kind = connection.type(key)
+        if kind == b"string":
+            values = [connection.get(key)]
+        elif kind == b"hash":
+            values = [part for item in connection.hgetall(key).items() for part in item]
+        elif kind == b"list":
+            values = connection.lrange(key, 0, -1)
+        elif kind == b"zset":
+            values = connection.zrange(key, 0, -1)
+        else:
+            values = list(connection.smembers(key)) if kind == b"set" else []
+        job_ids.update(v for v in values if kind in (b"list", b"zset"))
+        stored[key.decode()] = b"\n".join(v for v in values if v is not None)
+    for job_id in job_ids:
+        fields = connection.hgetall(b"rq:job:" + job_id)
+        parts = [zlib.decompress(v) if k == b"data" else v for k, v in fields.items()]
+        stored[f"rq:job:{job_id.decode()}"] = b"\n".join(parts)
+    return stored
 
 
 def start_worker(

@@ -1,4 +1,4 @@
-"""backend.credentials: legacy tokens, the /setup fallback, and personal access tokens exchanged against a
+"""backend.credentials: legacy tokens and personal access tokens exchanged against a
 real local HTTP server that implements Label Studio's ``POST /api/token/refresh/`` (the endpoint that
 label-studio-sdk 2.1.2's ``tokens.refresh`` calls: body ``{"refresh": <PAT>}``, answer
 ``{"access": <JWT>}``)."""
@@ -115,19 +115,9 @@ def test_legacy_token_is_sent_as_token() -> None:
     assert creds.authorization() == f"Token {LEGACY}"
 
 
-def test_configured_key_wins_over_setup_token() -> None:
-    creds = LabelStudioCredentials("http://ls.invalid:8080", LEGACY)
-    assert creds.authorization(fallback_token="f" * 40) == f"Token {LEGACY}"
-
-
-def test_setup_token_is_the_fallback_without_a_key() -> None:
+def test_no_key_gives_none() -> None:
     creds = LabelStudioCredentials("http://ls.invalid:8080", "")
-    assert creds.kind == "none"
-    assert creds.authorization(fallback_token="abc123") == "Token abc123"
-
-
-def test_no_key_and_no_fallback_gives_none() -> None:
-    assert LabelStudioCredentials("http://ls.invalid:8080", "").authorization() is None
+    assert creds.kind == "none" and creds.authorization() is None
 
 
 def test_jwt_expiry_reads_exp_without_the_signing_key() -> None:

@@ -1,13 +1,12 @@
 import numpy as np
 import pytest
-from shapes import disc, rectangle
+from shapes import rectangle
 
 from segmodels.data import CocoInstances
 from segmodels.evaluate import (
     InstanceResult,
     LabelResult,
     average_recall,
-    click_point,
     coco_ground_truth,
     detection_ap,
     filled_box_mask,
@@ -15,7 +14,6 @@ from segmodels.evaluate import (
     label_summary,
     label_tables,
     match_detections,
-    next_correction,
     precision_recall,
     proposal_results,
     summarise,
@@ -23,53 +21,6 @@ from segmodels.evaluate import (
 from segmodels.export import detections_to_coco
 from segmodels.geometry import coco_segmentation_to_mask, mask_iou, mask_to_box
 from segmodels.predictor import Detection, Mask
-
-
-def depth(mask: np.ndarray) -> np.ndarray:
-    """Brute force: distance of each pixel centre to the nearest background pixel centre (outside counts)."""
-    padded = np.pad(mask, 1)
-    bg = np.argwhere(~padded)
-    out = np.zeros(mask.shape)
-    for r, c in np.argwhere(mask):
-        out[r, c] = np.sqrt(((bg - (r + 1, c + 1)) ** 2).sum(1)).min()
-    return out
-
-
-def test_click_point_is_the_centre_of_a_disc():
-    assert click_point(disc(40, 50, 20.5, 15.5, 8)) == (20.5, 15.5)
-
-
-def test_click_point_is_deepest_interior_point_with_the_image_border_as_boundary():
-    mask = rectangle(30, 40, 0, 0, 12, 30) | rectangle(30, 40, 0, 20, 40, 30)  # an L touching three borders
-    x, y = click_point(mask)
-    col, row = int(x), int(y)
-    assert (x - col, y - row) == (0.5, 0.5) and mask[row, col]
-    d = depth(mask)
-    assert d[row, col] == pytest.approx(d.max(), abs=1e-3)
-
-
-def test_next_correction_clicks_the_largest_missed_region_positively():
-    gt = rectangle(60, 60, 5, 5, 55, 55)
-    pred = gt.copy()
-    pred[10:30, 10:30] = False  # 400 px missed
-    pred[0:3, 0:3] = True  # 9 px spurious
-    (x, y), label = next_correction(pred, gt)
-    assert label == 1
-    assert 10 <= x <= 30 and 10 <= y <= 30 and (x, y) == click_point(gt & ~pred)
-
-
-def test_next_correction_clicks_the_largest_spurious_region_negatively():
-    gt = rectangle(60, 60, 20, 20, 40, 40)
-    pred = gt | rectangle(60, 60, 0, 45, 30, 60)  # 450 px spurious
-    pred[25:28, 25:28] = False  # 9 px missed
-    (x, y), label = next_correction(pred, gt)
-    assert label == 0
-    assert pred[int(y), int(x)] and not gt[int(y), int(x)] and y > 45
-
-
-def test_next_correction_is_none_for_a_perfect_mask():
-    gt = disc(40, 40, 20, 20, 10)
-    assert next_correction(gt.copy(), gt) is None
 
 
 def test_filled_box_of_a_rectangle_is_exact():

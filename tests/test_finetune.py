@@ -24,7 +24,13 @@ IMAGES = (36, 86, 326, 431)
 RELABEL = {"person": 1, "umbrella": 2, "handbag": 2, "wine glass": 2}
 TRAIN_IDS = [36, 86, 326]
 TINY = FinetuneConfig(
-    deepmask_steps=2, sharpmask_steps=2, multipathnet_steps=3, batch_size=4, device="cpu", seed=0
+    deepmask_steps=2,
+    sharpmask_steps=2,
+    click_steps=2,
+    multipathnet_steps=3,
+    batch_size=4,
+    device="cpu",
+    seed=0,
 )
 
 
@@ -134,12 +140,30 @@ def test_finetune_writes_a_checkpoint_of_the_datasets_classes(tuned, project: Pa
     model, meta = load_checkpoint(out)
     assert model.config.classes == CLASSES and model.config.class_ids == [1, 2, 3]
     record = meta["training"]["finetune"]
-    assert record["image_ids"] == TRAIN_IDS and record["stages"] == ["deepmask", "sharpmask", "multipathnet"]
-    assert record["steps"] == {"deepmask": 2, "sharpmask": 2, "multipathnet": 3}
+    assert record["image_ids"] == TRAIN_IDS and record["stages"] == [
+        "deepmask",
+        "sharpmask",
+        "clicks",
+        "multipathnet",
+    ]
+    assert record["steps"] == {"deepmask": 2, "sharpmask": 2, "clicks": 2, "multipathnet": 3}
     assert record["classes"] == {"kept": ["Person"], "new": ["widget", "gadget"]}
     assert record["data"] == str(project.resolve()) and record["seconds"]["total"] > 0
-    assert meta["stages"] == ["deepmask", "sharpmask", "multipathnet"]
+    assert meta["stages"] == ["deepmask", "sharpmask", "clicks", "multipathnet"]
     assert "deepmask" in meta["training"] and "version" not in meta
+
+
+@pytest.mark.slow
+def test_finetune_trains_the_click_head(tuned):
+    out, _ = tuned
+    before, _ = load_checkpoint(DEFAULT_CHECKPOINT)
+    after, _ = load_checkpoint(out)
+    changed = [
+        not torch.equal(after.click_head.state_dict()[k], v)
+        for k, v in before.click_head.state_dict().items()
+        if v.is_floating_point()
+    ]
+    assert any(changed)
 
 
 @pytest.mark.slow
@@ -161,7 +185,7 @@ def test_finetune_reports_progress_up_to_one(tuned):
     fractions = [f for _, f in calls]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and 0.0 <= fractions[0] < 0.1
     stages = list(dict.fromkeys(s for s, _ in calls))
-    assert stages == ["loading", "deepmask", "sharpmask", "proposals", "multipathnet", "saving"]
+    assert stages == ["loading", "deepmask", "sharpmask", "clicks", "proposals", "multipathnet", "saving"]
 
 
 def test_a_failure_midway_leaves_nothing_at_out(project: Path, tmp_path: Path):
@@ -184,7 +208,9 @@ def test_a_failure_while_writing_leaves_no_half_checkpoint(project: Path, tmp_pa
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint, "atomic_write_json", broken)
-    nothing = FinetuneConfig(train_deepmask=False, train_sharpmask=False, train_multipathnet=False)
+    nothing = FinetuneConfig(
+        train_deepmask=False, train_sharpmask=False, train_clicks=False, train_multipathnet=False
+    )
     (tmp_path / "staged").mkdir()
     with pytest.raises(OSError, match="disk full"):
         finetune(DEFAULT_CHECKPOINT, project, tmp_path / "staged", nothing)

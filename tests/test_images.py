@@ -247,13 +247,27 @@ def test_token_is_not_sent_to_another_host(server: ImageServer) -> None:
 
 def test_token_is_not_sent_to_another_port_of_the_same_host(server: ImageServer, other_server) -> None:
     url = f"{other_server.url}/coco/{JPEG}"
-    fetcher().fetch(url, label_studio_url=server.url, authorization=UPLOAD_TOKEN)
+    trusting().fetch(url, label_studio_url=server.url, authorization=UPLOAD_TOKEN)
     assert "authorization" not in other_server.headers_for(f"/coco/{JPEG}")
+
+
+def test_label_studio_trust_covers_its_origin_not_other_ports_of_its_host(server, other_server) -> None:
+    """A /setup may name any host as Label Studio's: a service on another port of that host stays private."""
+    url = f"{other_server.url}/coco/{JPEG}"
+    error = raises(403, "private_address", fetcher().fetch, url, label_studio_url=server.url)
+    assert "127.0.0.1" in error.message
+    assert other_server.requests == []
+
+
+def test_label_studio_redirecting_to_another_port_of_its_host_is_403(server, other_server) -> None:
+    url = f"/redirect?to={other_server.url}/coco/{JPEG}"
+    raises(403, "private_address", fetcher().fetch, url, label_studio_url=server.url)
+    assert other_server.requests == []
 
 
 def test_token_is_dropped_when_label_studio_redirects_elsewhere(server: ImageServer, other_server) -> None:
     url = f"/redirect?to={other_server.url}/coco/{JPEG}"
-    fetcher().fetch(url, label_studio_url=server.url, authorization=UPLOAD_TOKEN)
+    trusting().fetch(url, label_studio_url=server.url, authorization=UPLOAD_TOKEN)
     assert server.headers_for(url)["authorization"] == UPLOAD_TOKEN
     assert "authorization" not in other_server.headers_for(f"/coco/{JPEG}")
 

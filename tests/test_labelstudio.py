@@ -70,6 +70,15 @@ def test_a_rotated_rectangle_gives_the_box_around_it(ls_request):
     assert prompt.box == pytest.approx((0.0, 10.0, 10.0, 30.0))
 
 
+@pytest.mark.parametrize("rotation", [float("nan"), float("inf"), float("-inf"), "abc", [1], True, 10**400])
+def test_a_rotation_that_is_not_a_finite_number_is_a_400_naming_the_field(ls_request, rotation):
+    body = ls_request("predict-interactive-rectangle")
+    body["params"]["context"]["result"][0]["value"]["rotation"] = rotation
+    with pytest.raises(ServiceError, match=r"params\.context\.result\[0\]\.value\.rotation") as err:
+        prompt_from_context(body["params"]["context"], parse_config(body["label_config"]))
+    assert (err.value.status, err.value.kind) == (400, "bad_context")
+
+
 @pytest.mark.parametrize(
     "context, message",
     [

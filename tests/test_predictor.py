@@ -1,10 +1,10 @@
 """The predictor API: prompts, caching, proposals, and the shipped model on real COCO128 images."""
 
-import cv2
 import numpy as np
 import pytest
 import torch
 
+from segmodels.annotator import click_point, next_click
 from segmodels.data import CocoInstances
 from segmodels.geometry import mask_iou
 from segmodels.model import ModelConfig, SegmentationModel
@@ -118,23 +118,46 @@ def shipped() -> MaskPredictor:
     return load_predictor()
 
 
-def _largest_instance(data: CocoInstances, image_index: int):
-    return max(data.instances_by_image[image_index], key=lambda inst: inst.area)
-
-
-def _click_point(mask: np.ndarray) -> tuple[float, float]:
-    dist = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
-    y, x = np.unravel_index(np.argmax(dist), dist.shape)
-    return x + 0.5, y + 0.5
+def _largest_held_out_object(shipped: MaskPredictor, coco128, image_id: int) -> np.ndarray:
+    """The GT mask of the largest object of held-out image ``image_id``, whose image ``shipped`` is set to."""
+    val = CocoInstances(coco128, "val")
+    index = next(i for i, im in enumerate(val.images) if im["id"] == image_id)
+    shipped.set_image(val.image(index))
+    return val.mask(max(val.instances_by_image[index], key=lambda inst: inst.area))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("image_id", [25, 400, 450])
 def test_one_click_on_a_large_held_out_object_finds_it(shipped, coco128, image_id):
-    val = CocoInstances(coco128, "val")
-    index = next(i for i, im in enumerate(val.images) if im["id"] == image_id)
-    gt = val.mask(_largest_instance(val, index))
-    shipped.set_image(val.image(index))
-    result = shipped.segment([_click_point(gt)], [1])
+    gt = _largest_held_out_object(shipped, coco128, image_id)
+    result = shipped.segment([click_point(gt)], [1])
     assert mask_iou(result.mask, gt) > 0.5
     assert result.polygon is not None and len(result.polygon) >= 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("image_id", [25, 400, 450])
+def test_corrective_clicks_reach_085_on_a_large_held_out_object_within_five(shipped, coco128, image_id):
+    gt = _largest_held_out_object(shipped, coco128, image_id)
+    points, labels = [click_point(gt)], [1]
+    for _ in range(5):
+        pred = shipped.segment(points, labels).mask
+        if mask_iou(pred, gt) >= 0.85:
+            return
+        (x, y), label = next_click(pred, gt)
+        points.append((x, y))
+        labels.append(label)
+    pytest.fail(f"IoU {mask_iou(pred, gt):.3f} after {len(points) - 1} clicks")
+
+
+@pytest.mark.slow
+def test_a_negative_click_leaves_pixels_far_from_it_unchanged(shipped, coco128):
+    gt = _largest_held_out_object(shipped, coco128, 25)
+    first = shipped.segment([click_point(gt)], [1]).mask
+    ys, xs = np.nonzero(first)
+    negative = (float(xs.max()) - 2.5, float(ys[xs.argmax()]) + 0.5)
+    second = shipped.segment([click_point(gt), negative], [1, 0]).mask
+    yy, xx = np.mgrid[: gt.shape[0], : gt.shape[1]]
+    far = (xx + 0.5 - negative[0]) ** 2 + (yy + 0.5 - negative[1]) ** 2 > (0.5 * max(gt.shape)) ** 2
+    assert not second[int(negative[1]), int(negative[0])]
+    assert (first[far] != second[far]).mean() < 0.01

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import redis
 from ls_bodies import interior_point, keypoints, with_image
-from rq_worker import REDIS_URL, free_port, require_redis, start_redis_server, start_worker, stop
+from rq_worker import (
+    REDIS_URL,
+    free_port,
+    require_redis,
+    start_redis_server,
+    start_worker,
+    stop,
+    stored_under,
+)
 from upload_server import UPLOAD_TOKEN
 
 from backend.app import create_app
@@ -95,6 +103,37 @@ def test_the_worker_serves_again_after_it_was_hung(queued, ls_request):
     client, _ = queued
     body = keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(60, 30, True)])
     assert client.post("/predict", json=body).status_code == 200
+
+
+def test_click_and_batch_jobs_in_redis_hold_no_credential(queued, ls_request):
+    """The worker looks the /setup token up by project; it stays in the project's setup hash only."""
+    client, prefix = queued
+    click = keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(60, 30, True)])
+    assert client.post("/predict", json=click).status_code == 200
+    assert client.post("/predict", json=with_image(ls_request("predict-batch"), DOG_IMAGE)).status_code == 200
+    stored = stored_under(redis.Redis.from_url(REDIS_URL), prefix)
+    assert sum(key.startswith("rq:job:") for key in stored) >= 3
+    holding = [key for key, value in stored.items() if UPLOAD_TOKEN.encode() in value]
+    assert f"{prefix}:setup:1" in holding
+    assert all(key.startswith(f"{prefix}:setup:") for key in holding)
+
+
+def test_workers_read_label_studio_url_and_key_from_their_own_settings(tmp_path, ls_request, upload_server):
+    """With LABEL_STUDIO_URL/KEY on server and worker, no /setup is needed and Redis holds no key."""
+    require_redis()
+    prefix = f"segmask-own-{uuid.uuid4().hex[:8]}"
+    env = {"LABEL_STUDIO_URL": upload_server.url, "LABEL_STUDIO_API_KEY": UPLOAD_TOKEN}
+    worker = start_worker(REDIS_URL, prefix, tmp_path / "worker.log", queues="interactive", **env)
+    try:
+        settings = Settings.from_env(env, redis_url=REDIS_URL, queue_prefix=prefix)
+        body = keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(60, 30, True)])
+        answer = create_app(settings).test_client().post("/predict", json=body)
+        assert answer.status_code == 200, answer.get_json()
+        stored = stored_under(redis.Redis.from_url(REDIS_URL), prefix)
+        assert any(key.startswith("rq:job:") for key in stored)
+        assert [key for key, value in stored.items() if UPLOAD_TOKEN.encode() in value] == []
+    finally:
+        stop(worker)
 
 
 def test_queue_depths_are_in_the_metrics(queued):

@@ -1,0 +1,97 @@
+"""The click head and the predictor's corrective clicks: shapes, prompt encoding, the zoom window, the
+guarantees every prompt gets, and memoised click sequences."""
+
+import numpy as np
+import pytest
+import torch
+
+from segmodels.click_head import CLICK_RADIUS, CROP, ClickHead, click_maps, crop_points, zoom_window
+from segmodels.model import ModelConfig, SegmentationModel
+from segmodels.predictor import MaskPredictor, honour_prompt
+
+
+@pytest.fixture(scope="module")
+def with_head() -> MaskPredictor:
+    torch.manual_seed(0)
+    return MaskPredictor(SegmentationModel(ModelConfig(click_head=True)), scales=(0.5, 1.0))
+
+
+@pytest.fixture
+def image() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 255, size=(120, 160, 3), dtype=np.uint8)
+
+
+def test_the_head_maps_a_crop_and_its_prompts_to_stride_2_logits():
+    head = ClickHead({"s2": 16, "s4": 24, "s8": 32, "s16": 96}).eval()
+    taps = {
+        t: torch.zeros(2, c, CROP // s, CROP // s)
+        for t, c, s in (("s2", 16, 2), ("s4", 24, 4), ("s8", 32, 8), ("s16", 96, 16))
+    }
+    assert head(taps, torch.zeros(2, 3, CROP, CROP)).shape == (2, CROP // 2, CROP // 2)
+
+
+def test_click_maps_put_positive_and_negative_disks_in_their_own_channels():
+    maps = click_maps(np.array([[20.5, 30.5], [100.5, 50.5]]), np.array([1, 0]))
+    assert maps[0, 30, 20] == 1 and maps[1, 30, 20] == 0
+    assert maps[1, 50, 100] == 1 and maps[0, 50, 100] == 0
+    assert maps[0].sum() == pytest.approx(np.pi * CLICK_RADIUS**2, rel=0.25)
+
+
+def test_the_zoom_window_covers_the_mask_and_every_click():
+    centre, scale = zoom_window(np.array([100.0, 50, 200, 100]), np.array([[250.0, 75]]))
+    corners = crop_points(np.array([[100.0, 50], [250, 100]]), centre, scale)
+    assert (corners >= 0).all() and (corners <= CROP).all()
+    assert centre == (175.0, 75.0)
+
+
+def test_the_zoom_window_of_a_lone_click_has_a_minimum_size():
+    centre, scale = zoom_window(None, np.array([[40.0, 40]]))
+    assert centre == (40.0, 40.0) and CROP / scale > 48
+
+
+def test_positives_are_always_inside_and_negatives_always_outside(with_head, image):
+    with_head.set_image(image)
+    points = [[30, 30], [60, 40], [90, 80], [40, 90]]
+    result = with_head.segment(points, [1, 0, 1, 0])
+    for (x, y), label in zip(points, [1, 0, 1, 0], strict=True):
+        assert result.mask[y, x] == bool(label)
+
+
+def test_honouring_a_prompt_clears_everything_outside_its_box():
+    mask = honour_prompt(
+        np.ones((50, 50), bool), np.zeros((0, 2)), np.zeros((0, 2)), np.array([10, 10, 20, 20])
+    )
+    assert mask[15, 15] and not mask[30, 30] and not mask[5, 5]
+
+
+def test_a_click_sequence_continues_from_the_memoised_previous_prompt(with_head, image):
+    with_head.set_image(image)
+    steps = []
+    original = with_head.correct
+
+    def counted(*args):
+        steps.append(1)
+        return original(*args)
+
+    with_head.correct = counted
+    try:
+        with_head.segment([[50, 50]], [1])
+        before = len(steps)
+        incremental = with_head.segment([[50, 50], [80, 60]], [1, 0]).mask
+        assert len(steps) - before == 1
+        with_head.set_image(image)
+        assert np.array_equal(with_head.segment([[50, 50], [80, 60]], [1, 0]).mask, incremental)
+    finally:
+        del with_head.correct
+
+
+def test_a_checkpoint_with_a_click_head_round_trips(tmp_path):
+    from segmodels.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = SegmentationModel(ModelConfig(click_head=True), pretrained_trunk=False)
+    save_checkpoint(model, tmp_path)
+    loaded, meta = load_checkpoint(tmp_path)
+    assert meta["config"]["click_head"] and loaded.click_head is not None
+    for key, value in model.click_head.state_dict().items():
+        torch.testing.assert_close(loaded.click_head.state_dict()[key], value)
