@@ -56,7 +56,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compact", action="store_true", help="store large weights as float16 (shipped models)")
     p.add_argument("--stop-after-steps", type=int, help="end this run after N steps (resume later)")
     p.add_argument(
-        "--steps", type=int, default=1500, help="clicks: training steps of the click head (batches of 16)"
+        "--steps", type=int, default=1200, help="clicks: training steps of the click head (batches of 16)"
     )
     p.add_argument(
         "--split",

@@ -51,7 +51,7 @@ class ClickTrainConfig:
     init: str
     out: str
     split: str = "train"
-    steps: int = 1500
+    steps: int = 1200
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 1e-4

@@ -95,3 +95,17 @@ def test_a_checkpoint_with_a_click_head_round_trips(tmp_path):
     assert meta["config"]["click_head"] and loaded.click_head is not None
     for key, value in model.click_head.state_dict().items():
         torch.testing.assert_close(loaded.click_head.state_dict()[key], value)
+
+
+@pytest.mark.slow
+def test_segmask_train_clicks_writes_a_checkpoint_with_a_trained_click_head(coco128, tmp_path):
+    from segmodels.checkpoint import load_checkpoint
+    from segmodels.predictor import DEFAULT_CHECKPOINT
+    from segmodels.train_clicks import ClickTrainConfig, train_click_head
+
+    config = ClickTrainConfig(
+        str(coco128), str(DEFAULT_CHECKPOINT), str(tmp_path / "out"), split="tune", steps=2, batch_size=2
+    )
+    model, meta = load_checkpoint(train_click_head(config))
+    assert model.click_head is not None and meta["stages"][-1] == "clicks"
+    assert meta["training"]["clicks"]["steps"] == 2 and len(meta["training"]["clicks"]["loss_every_100"]) == 1
