@@ -17,6 +17,7 @@ configured settings do not already cover, for ``SETUP_TTL_S``.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 #: used it (Label Studio sends /setup as often as /health while a project is open). Twelve hours cover a
 #: training request's queued follow-up and its rescore (at most 6 h each, backend.training.LOCK_SECONDS).
 SETUP_TTL_S = 12 * 3600
+#: Projects whose /setup information a process keeps in memory (the most recently set up), and the longest
+#: hostname and token kept: /setup is unauthenticated unless Basic auth is set.
+MAX_LOCAL_SETUPS = 10_000
+MAX_SETUP_FIELD_CHARS = 2048
 
 
 @dataclass(frozen=True)
@@ -49,11 +54,15 @@ class SetupRegistry:
     def __init__(self, connection: redis.Redis | None = None, prefix: str = "segmask") -> None:
         self.connection = connection
         self.prefix = f"{prefix}:setup"
-        self._local: dict[str, SetupInfo] = {}
+        self._local: OrderedDict[str, SetupInfo] = OrderedDict()
 
     def remember(self, project: str, info: SetupInfo) -> None:
-        """Keep ``info`` for ``project`` (an empty ``info`` forgets the project)."""
+        """Keep ``info`` for ``project`` (an empty ``info`` forgets the project); this process keeps the
+        :data:`MAX_LOCAL_SETUPS` most recent."""
         self._local[project] = info
+        self._local.move_to_end(project)
+        while len(self._local) > MAX_LOCAL_SETUPS:
+            self._local.popitem(last=False)
         if self.connection is not None:
             self._store(project, info)
 

@@ -20,6 +20,10 @@ from segmodels.geometry import rotated_rect_bounds
 
 OUTPUT_TYPES = ("PolygonLabels", "BrushLabels")
 SMART_TYPES = {"keypointlabels": "KeyPointLabels", "rectanglelabels": "RectangleLabels"}
+# Parsed configs cached, and the longest config cached: a parsed config takes ~60x its text (64 configs of
+# 1 MB took 3.8 GB), so the cache holds at most ~60 MB; real configs are a few KB.
+CONFIG_CACHE_SIZE = 16
+MAX_CACHED_CONFIG_CHARS = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -68,9 +72,16 @@ class ProjectConfig:
         return data[key]
 
 
-@functools.lru_cache(maxsize=64)
 def parse_config(xml: str) -> ProjectConfig:
-    """Parse a labelling config (cached: Label Studio sends the same one with every request)."""
+    """Parse a labelling config; the last :data:`CONFIG_CACHE_SIZE` of at most
+    :data:`MAX_CACHED_CONFIG_CHARS` characters are cached (Label Studio sends the same one with every
+    request), longer ones are parsed every time."""
+    if isinstance(xml, str) and len(xml) <= MAX_CACHED_CONFIG_CHARS:
+        return _parse_config_cached(xml)
+    return _parse_config(xml)
+
+
+def _parse_config(xml: str) -> ProjectConfig:
     if not isinstance(xml, str) or not xml.strip():
         raise bad_request("label_config is missing or empty", "missing_label_config")
     try:
@@ -91,6 +102,9 @@ def parse_config(xml: str) -> ProjectConfig:
                 if to_name in images and to_name not in outputs:
                     outputs[to_name] = _output_control(control, to_name)
     return ProjectConfig(interface, images, outputs)
+
+
+_parse_config_cached = functools.lru_cache(maxsize=CONFIG_CACHE_SIZE)(_parse_config)
 
 
 def _output_control(control, to_name: str) -> OutputControl:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from backend.access import LabelStudioAccess
+from backend.access import MAX_SETUP_FIELD_CHARS, LabelStudioAccess
 from backend.errors import ServiceError, bad_request
 from backend.labelstudio import (
     ProjectConfig,
@@ -39,9 +39,7 @@ class PredictService:
         """Keep what ``backend.access`` may use of a ``/setup`` body's ``hostname`` and ``access_token``."""
         hostname, token = body.get("hostname"), body.get("access_token")
         self.access.remember_setup(
-            _project_id(body.get("project")),
-            hostname if isinstance(hostname, str) and hostname else None,
-            token if isinstance(token, str) and token else None,
+            _project_id(body.get("project")), _setup_field(hostname), _setup_field(token)
         )
 
     def predict(self, body: object) -> tuple[str, dict, list[JobOutcome]]:
@@ -132,3 +130,8 @@ class PredictService:
 def _project_id(project: object) -> str:
     """Label Studio sends ``"<id>.<created_at timestamp>"``; the id part names the project."""
     return str(project).split(".", 1)[0] if project is not None else ""
+
+
+def _setup_field(value: object) -> str | None:
+    """A ``/setup`` hostname or token worth keeping: a non-empty string of at most MAX_SETUP_FIELD_CHARS."""
+    return value if isinstance(value, str) and 0 < len(value) <= MAX_SETUP_FIELD_CHARS else None

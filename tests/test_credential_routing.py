@@ -230,3 +230,22 @@ def test_training_jobs_and_follow_ups_in_redis_hold_no_key(queued_app, tmp_path)
     stored = stored_under(connection, prefix)
     assert any(key.startswith("rq:job:train-1-") for key in stored)
     assert [key for key, value in stored.items() if KEY.encode() in value] == []
+
+
+def test_a_process_keeps_setup_information_of_a_bounded_number_of_projects(monkeypatch):
+    from backend import access
+
+    monkeypatch.setattr(access, "MAX_LOCAL_SETUPS", 3)
+    registry = access.SetupRegistry()
+    for project in range(5):
+        registry.remember(str(project), access.SetupInfo("http://ls.example", f"token-{project}"))
+    assert [registry.get(str(p)) is not None for p in range(5)] == [False, False, True, True, True]
+
+
+def test_setup_values_longer_than_the_limit_are_not_kept():
+    from backend.access import MAX_SETUP_FIELD_CHARS
+    from backend.predict import _setup_field
+
+    assert _setup_field("x" * MAX_SETUP_FIELD_CHARS) is not None
+    assert _setup_field("x" * (MAX_SETUP_FIELD_CHARS + 1)) is None
+    assert _setup_field(["not", "a", "string"]) is None and _setup_field("") is None

@@ -179,3 +179,17 @@ def test_prediction_score_is_the_mean_region_score_and_zero_when_empty():
     regions = [{"score": 0.5}, {"score": 1.0}]
     assert prediction(regions, "v")["score"] == 0.75
     assert prediction([], "v") == {"result": [], "score": 0.0, "model_version": "v"}
+
+
+def test_the_config_cache_is_bounded_in_count_and_skips_huge_configs():
+    from backend.labelstudio import CONFIG_CACHE_SIZE, MAX_CACHED_CONFIG_CHARS, _parse_config_cached
+
+    _parse_config_cached.cache_clear()
+    for n in range(CONFIG_CACHE_SIZE + 5):
+        parse_config(PREDICTED_VALUES.replace("<View>", f"<View><!-- {n} -->"))
+    assert _parse_config_cached.cache_info().currsize == CONFIG_CACHE_SIZE
+    calls = _parse_config_cached.cache_info()
+    huge = PREDICTED_VALUES.replace("<View>", "<View><!-- " + "x" * MAX_CACHED_CONFIG_CHARS + " -->")
+    assert parse_config(huge).images == parse_config(PREDICTED_VALUES).images
+    after = _parse_config_cached.cache_info()
+    assert after.misses == calls.misses + 1 and after.currsize == CONFIG_CACHE_SIZE  # only the small one
