@@ -16,6 +16,7 @@ from label_studio_sdk.label_interface import LabelInterface
 
 from backend.errors import bad_request
 from backend.label_mapping import class_to_label
+from backend.prompt_limits import MAX_PROMPT_POINTS, check_prompt_size
 from segmodels.geometry import rotated_rect_bounds
 
 OUTPUT_TYPES = ("PolygonLabels", "BrushLabels")
@@ -23,6 +24,8 @@ SMART_TYPES = {"keypointlabels": "KeyPointLabels", "rectanglelabels": "Rectangle
 # Parsed configs cached, and the longest config cached: a parsed config takes ~60x its text (64 configs of
 # 1 MB took 3.8 GB), so the cache holds at most ~60 MB; real configs are a few KB.
 CONFIG_CACHE_SIZE = 16
+# Context items parsed at all (points of other labels and images are parsed, then ignored).
+MAX_CONTEXT_ITEMS = 4 * MAX_PROMPT_POINTS
 MAX_CACHED_CONFIG_CHARS = 64 * 1024
 
 
@@ -141,6 +144,12 @@ def prompt_from_context(context: object, config: ProjectConfig) -> Prompt:
     """
     if not isinstance(context, dict) or not isinstance(context.get("result"), list):
         raise bad_request("params.context must be an object with a 'result' list", "bad_context")
+    if len(context["result"]) > MAX_CONTEXT_ITEMS:
+        raise bad_request(
+            f"params.context.result holds {len(context['result'])} items; at most {MAX_CONTEXT_ITEMS} are "
+            "accepted",
+            "too_many_points",
+        )
     items = [_smart_item(item, n) for n, item in enumerate(context["result"])]
     items = [it for it in items if it is not None]
     if not items:
@@ -156,6 +165,7 @@ def prompt_from_context(context: object, config: ProjectConfig) -> Prompt:
     _check_label(config, last)
     chosen = [it for it in items if it["to_name"] == to_name and it["label"] == label]
     points = tuple(it["point"] for it in chosen if "point" in it)
+    check_prompt_size(len(points))
     positive = tuple(it["positive"] for it in chosen if "point" in it)
     boxes = [it["box"] for it in chosen if "box" in it]
     return Prompt(to_name, label, points, positive, boxes[-1] if boxes else None)

@@ -353,3 +353,12 @@ def test_nuclio_detector_spec_lists_the_models_classes_as_masks(detection_fn):
     gpu = yaml.safe_load((CVAT_DIR / "nuclio/interactor/function-gpu.yaml").read_text())["spec"]
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert {"name": "SEGMASK_DEVICE", "value": "cuda"} in gpu["env"]
+
+
+def test_an_interaction_of_more_points_than_the_limit_is_a_400(pixels):
+    from backend.errors import ServiceError
+    from backend.prompt_limits import MAX_PROMPT_POINTS
+
+    with pytest.raises(ServiceError) as raised:
+        shared_segmenter().segment(pixels, [DOG_CLICK] * MAX_PROMPT_POINTS, [[250.0, 270.0]])
+    assert raised.value.status == 400 and raised.value.kind == "too_many_points"

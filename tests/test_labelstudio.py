@@ -193,3 +193,19 @@ def test_the_config_cache_is_bounded_in_count_and_skips_huge_configs():
     assert parse_config(huge).images == parse_config(PREDICTED_VALUES).images
     after = _parse_config_cached.cache_info()
     assert after.misses == calls.misses + 1 and after.currsize == CONFIG_CACHE_SIZE  # only the small one
+
+
+@pytest.mark.parametrize("extra", [1, 1000])
+def test_a_prompt_of_more_points_than_the_limit_is_a_400(ls_request, extra):
+    from backend.prompt_limits import MAX_PROMPT_POINTS
+
+    body = ls_request("predict-interactive-keypoint")
+    template = body["params"]["context"]["result"][0]
+    body["params"]["context"]["result"] = [copy.deepcopy(template) for _ in range(MAX_PROMPT_POINTS + extra)]
+    with pytest.raises(ServiceError) as raised:
+        prompt_from_context(body["params"]["context"], parse_config(body["label_config"]))
+    assert raised.value.status == 400 and raised.value.kind == "too_many_points"
+    body["params"]["context"]["result"] = body["params"]["context"]["result"][:MAX_PROMPT_POINTS]
+    assert (
+        len(prompt_from_context(body["params"]["context"], parse_config(body["label_config"])).points) == 64
+    )

@@ -30,6 +30,7 @@ from backend.errors import ServiceError, bad_request
 from backend.images import ImageFetcher
 from backend.jobs import FeatureCache
 from backend.label_mapping import class_to_label
+from backend.prompt_limits import check_prompt_size
 from backend.settings import Settings
 from segmodels.checkpoint import read_metadata
 from segmodels.predictor import Detection, ImageFeatures, MaskPredictor, load_predictor
@@ -86,6 +87,7 @@ class Segmenter:
     ) -> np.ndarray:
         """One object's bool ``(H, W)`` mask from positive/negative ``(x, y)`` pixel points and an optional
         ``box`` ``[x1, y1, x2, y2]`` pixels (exclusive right/bottom)."""
+        check_prompt_size(len(pos_points) + len(neg_points))
         features = image if isinstance(image, ImageFeatures) else self.image_features(image)
         points = np.asarray([*pos_points, *neg_points], dtype=np.float64).reshape(-1, 2)
         labels = np.array([1] * len(pos_points) + [0] * len(neg_points), dtype=int)
