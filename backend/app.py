@@ -16,6 +16,7 @@ import contextlib
 import hmac
 import json
 import logging
+import threading
 import time
 from collections import deque
 
@@ -25,7 +26,7 @@ from werkzeug.exceptions import HTTPException
 
 from backend.access import LabelStudioAccess, SetupRegistry
 from backend.errors import ServiceError, bad_request
-from backend.metrics import Metrics
+from backend.metrics import READY_AT, Metrics
 from backend.predict import PredictService
 from backend.queue import Dispatcher, EmbeddedDispatcher, RQDispatcher
 from backend.rescore import rescore
@@ -79,7 +80,7 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     connection = dispatcher.connection if isinstance(dispatcher, RQDispatcher) else None
     service = PredictService(settings, dispatcher, build_access(settings, dispatcher))
     store = open_store(settings)
-    metrics = Metrics(dispatcher.queue_depths, store.current_version)
+    metrics = Metrics(dispatcher.queue_depths if connection is not None else None, store.current_version)
     scheduler = build_scheduler(settings, dispatcher)
     known = KnownProjects(connection, settings.queue_prefix)
     webhooks = WebhookHandler(scheduler, service, known)
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
 
     @app.get("/health")
     def health():
+        # From memory only: no model lock, no Redis (Label Studio gives it 1 s, however busy the model is).
         return jsonify(status="UP", model_class="segmask", mode=dispatcher.mode)
 
     @app.post("/setup")
@@ -205,13 +207,49 @@ def _nested_deeper_than(value: object, limit: int) -> bool:
     return False
 
 
+def predict_request_limit(settings: Settings) -> int:
+    """How many /predict requests one server process serves at once: SEGMASK_MAX_PREDICT_REQUESTS, or
+    SEGMASK_SERVER_THREADS less a quarter. The other threads stay free for /health and the other quick
+    routes, which would otherwise queue behind requests waiting for the model; a ValueError when no thread
+    would stay free, or no /predict be served."""
+    threads = settings.server_threads
+    limit = settings.max_predict_requests or threads - max(1, threads // 4)
+    if not 1 <= limit < threads:
+        raise ValueError(
+            f"SEGMASK_MAX_PREDICT_REQUESTS ({limit}) must be at least 1 and below SEGMASK_SERVER_THREADS "
+            f"({threads}), so that threads stay free for /health"
+        )
+    return limit
+
+
 def _install_hooks(app: Flask, settings: Settings, metrics: Metrics) -> None:
+    limit = predict_request_limit(settings)
+    predict_slots = threading.BoundedSemaphore(limit)
+
     @app.before_request
     def start():
-        g.started = time.perf_counter()
+        now = time.perf_counter()
+        # Latency counts from when the server had the request ready for a thread (backend.server's worker),
+        # so time spent waiting for a free thread is in it; other servers (--dev, tests) do not say.
+        g.started = request.environ.get(READY_AT, now)
         g.mode = "-"
+        metrics.thread_wait.observe(now - g.started)
         if settings.basic_auth_user and request.path not in UNAUTHENTICATED and not _basic_auth_ok(settings):
             raise ServiceError(401, "unauthorized", "HTTP Basic credentials are missing or wrong")
+        if request.endpoint == "predict":
+            if not predict_slots.acquire(blocking=False):
+                raise ServiceError(
+                    503,
+                    "busy",
+                    f"this server process is already serving {limit} /predict requests "
+                    "(SEGMASK_MAX_PREDICT_REQUESTS); retry in a moment",
+                )
+            g.predict_slot = True
+
+    @app.teardown_request
+    def release(exc: BaseException | None) -> None:
+        if g.pop("predict_slot", False):
+            predict_slots.release()
 
     @app.after_request
     def record(response: Response) -> Response:

@@ -311,7 +311,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="listen address (default SEGMASK_HOST, 0.0.0.0)")
     p.add_argument("--port", type=int, help="port (default SEGMASK_PORT, 9090)")
     p.add_argument(
-        "--workers", type=int, default=2, help="gunicorn processes with Redis (embedded: always 1)"
+        "--workers",
+        type=int,
+        default=2,
+        help="gunicorn processes with Redis (embedded: always 1); /metrics sums their counts",
     )
     p.add_argument("--dev", action="store_true", help="Flask's development server instead of gunicorn")
 
@@ -325,7 +328,11 @@ def run_serve(args: argparse.Namespace) -> None:
 
 
 def add_worker(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("worker", help="an RQ worker with the model loaded once (needs SEGMASK_REDIS_URL)")
+    p = sub.add_parser(
+        "worker",
+        help="an RQ worker with the model loaded once (needs SEGMASK_REDIS_URL); with several on one "
+        "machine, set SEGMASK_WORKERS_PER_HOST on each so that they share its cores",
+    )
     p.add_argument(
         "--queues", default="interactive,batch,training", help="queues to serve, highest priority first"
     )

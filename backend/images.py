@@ -13,8 +13,9 @@ A task's ``data.image`` is one of (see ``shared/docs/label-studio-protocol.md``,
 Task data comes from whoever can create tasks, so fetching is defensive: only http and https, no private
 addresses (SSRF) other than Label Studio's origin (scheme, host and port: not the other ports of its host) and
 ``SEGMASK_ALLOWED_HOSTS``, redirects followed by hand (at
-most ``MAX_REDIRECTS``, each target checked again), a byte limit enforced while streaming, a pixel limit
-checked before any pixel is decoded, and only the formats browsers show (plus TIFF) are decoded. Every refusal
+most ``MAX_REDIRECTS``, each target checked again), a byte limit enforced while streaming, one time limit
+(``SEGMASK_IMAGE_TIMEOUT``) on the whole download however slowly a server sends, a pixel limit checked before
+any pixel is decoded, and only the formats browsers show (plus TIFF) are decoded. Every refusal
 is a :class:`~backend.errors.ServiceError`. The address check runs twice: on the resolved host before a
 request (a clear error, also for names that do not resolve), and on the address each connection actually
 reached (``backend.peer_check``), so a DNS server answering differently the second time (rebinding) gains
@@ -29,6 +30,7 @@ x to the right, y down).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.cookiejar
 import io
@@ -41,9 +43,10 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import SplitResult, parse_qs, urljoin, urlsplit, urlunsplit
 
 import numpy as np
@@ -51,7 +54,14 @@ import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from backend.errors import ServiceError, bad_request
-from backend.peer_check import PeerCheckingAdapter, peer_check
+from backend.peer_check import (
+    PeerCheckingAdapter,
+    _CheckedHTTPConnection,
+    _CheckedHTTPConnectionPool,
+    _CheckedHTTPSConnection,
+    _CheckedHTTPSConnectionPool,
+    peer_check,
+)
 
 if TYPE_CHECKING:  # backend.settings imports torch (via segmodels); this module does not need it
     from backend.settings import Settings
@@ -208,6 +218,122 @@ class ByteCache:
         with self._lock:
             self._items.clear()
             self._total = 0
+
+
+class _Deadline:
+    """One download's time limit, from the first connection to the last body byte, redirects included.
+
+    Socket timeouts bound each read, not their sum: a server sending a byte a second, in the TLS handshake,
+    the headers or the body, never lets one time out. So every socket the download uses is registered here
+    (by :class:`_DeadlineAdapter`'s connections) and a timer shuts them down at the deadline, which ends the
+    read under way at once. Registered sockets are duplicates (``fromfd``): the TLS wrapper detaches the
+    socket it wraps, and closing a duplicate leaves a kept-alive connection open.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+        self._fired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._token = _current_deadline.set(self)
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+        _current_deadline.reset(self._token)
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
+
+    @property
+    def remaining(self) -> float:
+        """Seconds left (negative once passed)."""
+        return self.at - time.monotonic()
+
+    @property
+    def passed(self) -> bool:
+        return self._fired or self.remaining <= 0
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut ``sock`` down at the deadline (at once if it has passed)."""
+        if sock.fileno() < 0:
+            return
+        copy = socket.fromfd(sock.fileno(), sock.family, sock.type)
+        with self._lock:
+            self._sockets.append(copy)
+            if self._fired:
+                _shut_down(copy)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self._fired = True
+            for sock in self._sockets:
+                _shut_down(sock)
+
+
+_current_deadline: ContextVar[_Deadline | None] = ContextVar("segmask_image_deadline", default=None)
+
+
+def _shut_down(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # the peer may have gone already
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _watched(sock: socket.socket) -> socket.socket:
+    """``sock``, registered with the download under way in this thread (if any)."""
+    deadline = _current_deadline.get()
+    if deadline is not None:
+        deadline.watch(sock)
+    return sock
+
+
+class _WatchedConnection:
+    """Mixin for urllib3 connections: each socket a request uses goes to the current :class:`_Deadline`, a
+    new one as soon as it is connected (before any TLS handshake), a kept-alive one when it is reused."""
+
+    sock: socket.socket | None
+
+    def _new_conn(self) -> socket.socket:
+        return _watched(super()._new_conn())
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        if self.sock is not None:
+            _watched(self.sock)
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPConnection(_WatchedConnection, _CheckedHTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_WatchedConnection, _CheckedHTTPSConnection):
+    pass
+
+
+class _WatchedHTTPConnectionPool(_CheckedHTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSConnectionPool(_CheckedHTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class _DeadlineAdapter(PeerCheckingAdapter):
+    """A :class:`PeerCheckingAdapter` whose connections also register their sockets with the current
+    :class:`_Deadline`."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _WatchedHTTPConnectionPool,
+            "https": _WatchedHTTPSConnectionPool,
+        }
 
 
 class ImageFetcher:
@@ -406,7 +532,7 @@ class ImageFetcher:
             session = requests.Session()
             session.trust_env = False  # no ~/.netrc credentials, no proxy that would bypass the address check
             session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))  # keep none
-            adapter = PeerCheckingAdapter()
+            adapter = _DeadlineAdapter()
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             self._local.session = session
@@ -423,8 +549,12 @@ class ImageFetcher:
         return None
 
     def _download(self, url: str, target: _Target) -> bytes:
-        """GET ``url``, following at most ``MAX_REDIRECTS`` redirects by hand, within ``image_timeout`` s."""
-        deadline = time.monotonic() + self.settings.image_timeout
+        """GET ``url``, following at most ``MAX_REDIRECTS`` redirects by hand, all within ``image_timeout`` s
+        (see :class:`_Deadline`)."""
+        with _Deadline(self.settings.image_timeout) as deadline:
+            return self._follow(url, target, deadline)
+
+    def _follow(self, url: str, target: _Target, deadline: _Deadline) -> bytes:
         current = url
         on_label_studio = True  # False once the chain has left Label Studio: no token after a third party
         for hop in range(MAX_REDIRECTS + 1):
@@ -462,8 +592,10 @@ class ImageFetcher:
             )
         self._check_host(url, target)
 
-    def _get(self, url: str, headers: dict[str, str], deadline: float, target: _Target) -> requests.Response:
-        remaining = deadline - time.monotonic()
+    def _get(
+        self, url: str, headers: dict[str, str], deadline: _Deadline, target: _Target
+    ) -> requests.Response:
+        remaining = deadline.remaining
         if remaining <= 0:
             raise self._timed_out(url)
         trusted = self._is_trusted_host(url, target)
@@ -477,9 +609,9 @@ class ImageFetcher:
                 return self._session().get(
                     url, headers=headers, stream=True, allow_redirects=False, timeout=remaining
                 )
-        except requests.Timeout:
-            raise self._timed_out(url) from None
         except requests.RequestException as exc:
+            if isinstance(exc, requests.Timeout) or deadline.passed:
+                raise self._timed_out(url) from None
             raise ServiceError(
                 422, "image_unreachable", f"cannot download {describe_url(url)}: {type(exc).__name__}"
             ) from None
@@ -488,7 +620,8 @@ class ImageFetcher:
         return ServiceError(
             422,
             "image_unreachable",
-            f"downloading {describe_url(url)} took more than {self.settings.image_timeout:g} s",
+            f"downloading {describe_url(url)} took more than SEGMASK_IMAGE_TIMEOUT "
+            f"({self.settings.image_timeout:g} s); it was abandoned",
         )
 
     def _check_status(self, response: requests.Response, url: str, authorization: str | None) -> None:
@@ -505,9 +638,10 @@ class ImageFetcher:
         if status != 200:
             raise ServiceError(422, "image_unreachable", f"{describe_url(url)} answered HTTP {status}")
 
-    def _read_body(self, response: requests.Response, url: str, deadline: float) -> bytes:
+    def _read_body(self, response: requests.Response, url: str, deadline: _Deadline) -> bytes:
         """The body, refused (413) as soon as it is known to exceed ``max_image_bytes``: by its Content-Length
-        before reading, and by counting while streaming (a server may omit or misstate Content-Length)."""
+        before reading, and by counting while streaming (a server may omit or misstate Content-Length). A
+        body the deadline cut short is a timeout, also when it had no Content-Length to say it was short."""
         declared = response.headers.get("Content-Length", "")
         if declared.strip().isdigit():
             self._check_size(int(declared), describe_url(url))
@@ -518,14 +652,16 @@ class ImageFetcher:
                 total += len(chunk)
                 self._check_size(total, describe_url(url))
                 chunks.append(chunk)
-                if time.monotonic() > deadline:
+                if deadline.passed:
                     raise self._timed_out(url)
         except requests.RequestException as exc:
-            if "timed out" in str(exc).lower():
+            if deadline.passed or "timed out" in str(exc).lower():
                 raise self._timed_out(url) from None
             raise ServiceError(
                 422, "image_unreachable", f"download of {describe_url(url)} broke off: {type(exc).__name__}"
             ) from None
+        if deadline.passed:
+            raise self._timed_out(url)
         return b"".join(chunks)
 
     # ------------------------------------------------------------------ limits

@@ -15,9 +15,15 @@ Requests and results are plain JSON (RQ's JSON serializer; nothing is unpickled 
 - result: ``{"model_version", "width", "height", "objects": [{"score", "label"?, "polygon": [[x%, y%]] |
   "rle": [int]}], "seconds": {"image" (fetch), "features" (decode and trunk, when not cached), "model",
   "encode"}}``, or ``{"error": {"status", "kind", "message"}}`` for a problem the client must see (a
-  ServiceError raised while serving).
+  ServiceError raised while serving). ``width``/``height`` are the original image's (Label Studio compares
+  them with its ``original_width``/``original_height``) and brush RLE is at that size.
 
-Percent coordinates are converted to pixels here, with the decoded image's own size.
+The model works on the image downscaled to ``SEGMASK_MAX_WORK_SIDE`` (backend.working_size): percent
+coordinates are converted to pixels with the working image's size, and polygons come back in percent, which
+no scaling changes.
+
+Only model work holds ``Runtime.lock``: a request downloads and decodes its image before taking it, so a
+slow image delays its own request only.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -37,40 +45,99 @@ from rq.utils import now as utcnow
 from backend.access import LabelStudioAccess
 from backend.errors import ServiceError, bad_request
 from backend.images import ImageFetcher, content_key
+from backend.model_lock import ModelLock
 from backend.settings import Settings
 from backend.versions import open_store
+from backend.working_size import WorkingFeatures, working_image
 from segmodels.geometry import mask_to_polygon, points_to_percent
-from segmodels.predictor import ImageFeatures, MaskPredictor, load_predictor
+from segmodels.predictor import MaskPredictor, load_predictor
 from segmodels.train import resolve_device
 from segmodels.uncertainty import detect_with_uncertainty
 
 log = logging.getLogger(__name__)
 
 
-class FeatureCache:
-    """LRU of per-image trunk features keyed by the image's content hash (thread-safe)."""
+class Measured(Protocol):
+    """What a :class:`FeatureCache` keeps: anything that knows the bytes it holds."""
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(int(capacity), 0)
-        self._items: OrderedDict[str, ImageFeatures] = OrderedDict()
+    @property
+    def nbytes(self) -> int: ...
+
+
+T = TypeVar("T", bound=Measured)
+
+
+class FeatureCache(Generic[T]):
+    """LRU of per-image features keyed by the image's content hash, bounded in bytes (thread-safe).
+
+    Features grow after they are cached (memoised prompt masks and cells, a detection's dense heads), so every
+    access measures the entries again before evicting. An entry larger than the whole budget is returned but
+    not kept. Entries must not change while :meth:`get` runs (the runtimes call it, and change features, only
+    under their lock).
+    """
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = max(int(capacity_bytes), 0)
+        self._items: OrderedDict[str, T] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: str, compute: Callable[[], ImageFeatures]) -> tuple[ImageFeatures, bool]:
-        """The cached features of ``key`` (and True), or ``compute()``'s, cached (and False)."""
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cached entries hold now."""
+        with self._lock:
+            return sum(item.nbytes for item in self._items.values())
+
+    def get(self, key: str, compute: Callable[[], T]) -> tuple[T, bool]:
+        """The cached entry of ``key`` (and True), or ``compute()``'s, cached if it fits (and False)."""
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 self.hits += 1
-                return self._items[key], True
+                value = self._items[key]
+                self._evict()
+                return value, True
             self.misses += 1
-        features = compute()
+        value = compute()
         with self._lock:
-            self._items[key] = features
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-        return features, False
+            self._items[key] = value
+            self._items.move_to_end(key)
+            self._evict()
+        return value, False
+
+    def _evict(self) -> None:
+        """Drop every entry that alone exceeds the budget (not the others for its sake), then least recently
+        used ones until the rest fit."""
+        sizes = {key: item.nbytes for key, item in self._items.items()}
+        for key in [key for key, size in sizes.items() if size > self.capacity_bytes]:
+            del self._items[key], sizes[key]
+        total = sum(sizes.values())
+        while total > self.capacity_bytes:
+            key, _ = self._items.popitem(last=False)
+            total -= sizes.pop(key)
+
+
+@dataclass
+class FetchedImage:
+    """A request's image file: its content ``key`` (the feature cache's), the seconds spent on it so far,
+    and either ``decoded``: ``(pixels (h, w, 3) uint8 at working size, original width, original height)``
+    or, when its features were cached at fetch time, the file's bytes ``data`` (for a decode should they be
+    evicted before the request gets the model). Not both: a request waiting for the model keeps only the
+    smaller."""
+
+    key: str
+    seconds: dict[str, float]
+    decoded: tuple[np.ndarray, int, int] | None = None
+    data: bytes | None = None
 
 
 class Runtime:
@@ -88,7 +155,10 @@ class Runtime:
         self.device = resolve_device(settings.device)
         self.fetcher = fetcher or ImageFetcher(settings)
         self.access = access or LabelStudioAccess.from_settings(settings)
-        self.lock = threading.Lock()
+        self.lock = ModelLock()
+        # Decodes run one at a time, outside ``lock``: a full-size decode (up to SEGMASK_MAX_IMAGE_PIXELS x 3
+        # bytes, before downscaling) per server thread at once could take gigabytes.
+        self._decode_lock = threading.Lock()
         self.store = open_store(settings)
         self.model_version = ""
         self._load_current()
@@ -101,7 +171,7 @@ class Runtime:
         started = time.perf_counter()
         path = self.store.current_dir()
         self.predictor: MaskPredictor = load_predictor(path, self.device)
-        self.features = FeatureCache(self.settings.feature_cache_images)
+        self.features: FeatureCache[WorkingFeatures] = FeatureCache(self.settings.feature_cache_mb << 20)
         self.model_version = version
         log.info(
             "model %s loaded from %s on %s in %.1f s",
@@ -114,17 +184,17 @@ class Runtime:
     def segment(self, request: dict) -> dict:
         """One object for a click/box prompt (see the module docstring for shapes)."""
         prompt = request.get("prompt") or {}
+        image = self._fetch(request)
+        seconds = image.seconds
         with self.lock:
-            (height, width), seconds = self._set_image(request)
-            points, positive, box = _prompt_pixels(prompt, width, height)
+            scaled = self._set_features(image)
+            points, positive, box = _prompt_pixels(prompt, scaled.features.width, scaled.features.height)
             started = time.perf_counter()
             with torch.inference_mode():
                 mask = self.predictor.segment(points, positive.astype(int), box).mask
             seconds["model"] = time.perf_counter() - started
-        obj = _encode(
-            mask, _prompt_score(mask, points, positive), request.get("output"), width, height, seconds
-        )
-        return self._result(width, height, [obj] if obj else [], seconds)
+        obj = _encode(mask, _prompt_score(mask, points, positive), request.get("output"), scaled, seconds)
+        return self._result(scaled, [obj] if obj else [], seconds)
 
     def detect(self, request: dict) -> dict:
         """Labelled objects of one image (pre-annotation)."""
@@ -132,8 +202,10 @@ class Runtime:
         threshold = float(request.get("score_threshold", settings.score_threshold))
         limit = int(request.get("max_detections", settings.max_detections))
         classes = _classes(request.get("classes"))
+        image = self._fetch(request)
+        seconds = image.seconds
         with self.lock:
-            (height, width), seconds = self._set_image(request)
+            scaled = self._set_features(image)
             started = time.perf_counter()
             with torch.inference_mode():
                 if request.get("uncertainty"):
@@ -146,18 +218,17 @@ class Runtime:
             seconds["model"] = time.perf_counter() - started
         objects = []
         for det in detections:
-            obj = _encode(det.mask, det.score, request.get("output"), width, height, seconds)
+            obj = _encode(det.mask, det.score, request.get("output"), scaled, seconds)
             if obj:
                 objects.append({**obj, "label": det.label})
-        result = self._result(width, height, objects, seconds)
+        result = self._result(scaled, objects, seconds)
         if measure:
             result.update(uncertainty=float(measure["uncertainty"]), confidence=float(measure["confidence"]))
         return result
 
-    def _set_image(self, request: dict) -> tuple[tuple[int, int], dict]:
-        """Fetch the request's image and set its features on the predictor (decoded and computed only when
-        not cached); its ``(height, width)`` and the seconds spent fetching and on features."""
-        self._load_current()
+    def _fetch(self, request: dict) -> FetchedImage:
+        """Download the request's image and, unless its features are cached, decode it to working size. Runs
+        without ``lock``: a slow download or decode delays this request only."""
         ref = request.get("image") or {}
         if not isinstance(ref.get("url"), str):
             raise bad_request("the job names no image URL", "missing_image")
@@ -166,19 +237,43 @@ class Runtime:
         access = self.access.for_project(project if isinstance(project, str) else "")
         data = self.fetcher.fetch(ref["url"], access.url, access.authorization())
         fetched = time.perf_counter()
-        with torch.inference_mode():
-            features, _ = self.features.get(
-                content_key(data), lambda: self.predictor.compute_features(self.fetcher.decode(data))
-            )
-        self.predictor.set_features(features)
+        key = content_key(data)
+        if key in self.features:
+            return FetchedImage(key, {"image": fetched - started, "features": 0.0}, data=data)
+        decoded = self._decode(data)
         seconds = {"image": fetched - started, "features": time.perf_counter() - fetched}
-        return (features.height, features.width), seconds
+        return FetchedImage(key, seconds, decoded=decoded)
 
-    def _result(self, width: int, height: int, objects: list[dict], seconds: dict) -> dict:
+    def _decode(self, data: bytes) -> tuple[np.ndarray, int, int]:
+        """Image file bytes -> ``(pixels (h, w, 3) uint8 at working size, original width, height)``."""
+        with self._decode_lock:
+            image = self.fetcher.decode(data)
+            height, width = image.shape[:2]
+            return working_image(image, self.settings.max_work_side), width, height
+
+    def _set_features(self, image: FetchedImage) -> WorkingFeatures:
+        """Set ``image``'s features on the predictor, from the cache or computed now (the caller holds
+        ``lock``); adds the seconds spent to ``image.seconds["features"]``."""
+        self._load_current()
+        started = time.perf_counter()
+
+        def compute() -> WorkingFeatures:
+            # Decoded here only when the features were evicted (or the model changed) since the fetch.
+            pixels, width, height = image.decoded or self._decode(image.data)
+            return WorkingFeatures(self.predictor.compute_features(pixels), width, height)
+
+        with torch.inference_mode():
+            scaled, _ = self.features.get(image.key, compute)
+        self.predictor.set_features(scaled.features)
+        image.seconds["features"] += time.perf_counter() - started
+        return scaled
+
+    def _result(self, scaled: WorkingFeatures, objects: list[dict], seconds: dict) -> dict:
+        """The job result; ``width``/``height`` are the original image's."""
         return {
             "model_version": self.model_version,
-            "width": width,
-            "height": height,
+            "width": scaled.width,
+            "height": scaled.height,
             "objects": objects,
             "seconds": {k: round(v, 4) for k, v in seconds.items()},
         }
@@ -223,19 +318,21 @@ def _prompt_score(mask: np.ndarray, points: np.ndarray, positive: np.ndarray) ->
 
 
 def _encode(
-    mask: np.ndarray, score: float, output: str | None, width: int, height: int, seconds: dict
+    mask: np.ndarray, score: float, output: str | None, scaled: WorkingFeatures, seconds: dict
 ) -> dict:
-    """``{"score", "polygon": [[x%, y%]]}`` or ``{"score", "rle"}`` (Label Studio brush RLE); {} if empty."""
+    """A working-size bool ``(h, w)`` mask as ``{"score", "polygon": [[x%, y%]]}`` or ``{"score", "rle"}``
+    (Label Studio brush RLE at the original size); {} if empty."""
     started = time.perf_counter()
     try:
         if not mask.any():
             return {}
         if output == "brush":
-            return {"score": float(score), "rle": brush_rle(mask)}
+            return {"score": float(score), "rle": brush_rle(scaled.mask_to_original(mask))}
         polygon = mask_to_polygon(mask)
         if polygon is None or len(polygon) < 3:
             return {}
-        pct = np.clip(points_to_percent(polygon, width, height), 0.0, 100.0)
+        work = scaled.features
+        pct = np.clip(points_to_percent(polygon, work.width, work.height), 0.0, 100.0)
         return {"score": float(score), "polygon": np.round(pct, 3).tolist()}
     finally:
         seconds["encode"] = seconds.get("encode", 0.0) + time.perf_counter() - started

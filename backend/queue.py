@@ -4,7 +4,7 @@ The server never runs a model itself when Redis is configured: it enqueues a job
 priority and blocks on the job's result stream (RQ's ``latest_result``) until a deadline well under Label
 Studio's 100 s. Workers take queues in the order of :data:`PRIORITIES`, so a click waiting behind a
 pre-annotation batch is served first. Without Redis, :class:`EmbeddedDispatcher` runs the same job code in
-the server process, one job at a time.
+the server process, one model call at a time, under the same deadlines.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,6 +26,7 @@ from rq.serializers import JSONSerializer
 
 from backend.errors import ServiceError
 from backend.jobs import Runtime
+from backend.model_lock import ModelWait, waiting_until
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,16 @@ def unwrap(outcome: JobOutcome) -> dict:
 
 
 class EmbeddedDispatcher:
-    """Runs jobs in this process with a warm :class:`Runtime` (no Redis, no worker)."""
+    """Runs jobs in this process with a warm :class:`Runtime` (no Redis, no worker), within the ``timeout``
+    of each :meth:`run`, as :class:`RQDispatcher` does.
+
+    What is bounded and counted as queued is the wait for the runtime's model lock
+    (:class:`backend.model_lock.ModelLock`): the dispatcher does not serialise what the runtime does outside
+    its lock.
+    A request that cannot get the model before the deadline, and every request of a batch not started by
+    then, is answered 503 ``worker_timeout`` without running: nobody would read its result.
+    ``JobOutcome.queued`` is the time waited for the model, ``running`` the rest of the time in the runtime.
+    """
 
     mode = "embedded"
 
@@ -79,14 +90,26 @@ class EmbeddedDispatcher:
 
     def run(self, kind: str, requests: list[dict], timeout: float) -> list[JobOutcome | ServiceError]:
         handler = {"segment": self.runtime.segment, "detect": self.runtime.detect}[kind]
-        outcomes: list[JobOutcome | ServiceError] = []
-        for request in requests:
-            started = time.perf_counter()
-            try:
-                outcomes.append(JobOutcome(handler(request), running=time.perf_counter() - started))
-            except ServiceError as exc:
-                outcomes.append(exc)
-        return outcomes
+        deadline = time.monotonic() + timeout
+        return [self._run_one(handler, request, ModelWait(deadline, timeout)) for request in requests]
+
+    @staticmethod
+    def _run_one(
+        handler: Callable[[dict], dict], request: dict, wait: ModelWait
+    ) -> JobOutcome | ServiceError:
+        if time.monotonic() >= wait.deadline:
+            return ServiceError(
+                503,
+                "worker_timeout",
+                f"not started: earlier tasks used up the request's time limit ({wait.limit:g} s)",
+            )
+        started = time.monotonic()
+        try:
+            with waiting_until(wait):
+                result = handler(request)
+        except ServiceError as exc:
+            return exc
+        return JobOutcome(result, queued=wait.waited, running=time.monotonic() - started - wait.waited)
 
     def queue_depths(self) -> dict[str, int]:
         return {}

@@ -141,11 +141,22 @@ class Settings:
         256,
         "Downloaded image bytes kept per process (LRU), so repeated clicks do not download again.",
     )
-    feature_cache_images: int = _setting(
-        "SEGMASK_FEATURE_CACHE_IMAGES",
-        4,
-        "Images whose trunk features a worker keeps (LRU; roughly 60-150 MB "
-        "each for 640x480). Clicks on a cached image skip the trunk.",
+    feature_cache_mb: int = _setting(
+        "SEGMASK_FEATURE_CACHE_MB",
+        256,
+        "Megabytes of image features a worker keeps (LRU; in GPU memory on a GPU), so clicks on a cached "
+        "image skip the trunk. One image's take ~50 MB at 640x480 (61 MB once pre-annotated: the default "
+        "holds 4) and ~110 MB at 1024x768; one larger than this is used, not kept.",
+    )
+    max_work_side: int = _setting(
+        "SEGMASK_MAX_WORK_SIDE",
+        1024,
+        "Longest side, in pixels, of the image the model works on: larger images are downscaled after "
+        "decoding, and results come back in the original's size and coordinates. Time and memory grow with "
+        "its square (trunk on one CPU thread: 1.0 s at 640, 1.8 s at 1024, 2.8 s at 1280). Larger helps "
+        "small objects and hurts large ones (objects past ~500 px outgrow the model's windows): first-click "
+        "mIoU on COCO128 at 640/1024/1280, objects of 16-48 px at 640: 0.45/0.56/0.62; each image's "
+        "largest: 0.71/0.56/0.51.",
     )
     local_files_root: str = _setting(
         "SEGMASK_LOCAL_FILES_ROOT",
@@ -163,7 +174,33 @@ class Settings:
     host: str = _setting("SEGMASK_HOST", "0.0.0.0", "Address `segmask serve` listens on.")
     port: int = _setting("SEGMASK_PORT", 9090, "Port `segmask serve` listens on.")
     server_threads: int = _setting(
-        "SEGMASK_SERVER_THREADS", 8, "Threads of the server process (requests waiting on jobs hold one each)."
+        "SEGMASK_SERVER_THREADS",
+        64,
+        "Request threads per server process. A request waiting for a worker or for the model holds one "
+        "while it waits, so there are many (they cost little while they wait); /predict may hold "
+        "SEGMASK_MAX_PREDICT_REQUESTS of them, and the rest answer /health, /metrics, /setup and /webhook "
+        "however busy the model is.",
+    )
+    max_predict_requests: int = _setting(
+        "SEGMASK_MAX_PREDICT_REQUESTS",
+        0,
+        "/predict requests one server process serves at once, waiting ones included; one more gets a "
+        "503 `busy` at once (retry later). Must be below SEGMASK_SERVER_THREADS. 0: that less a quarter "
+        "(48 of 64).",
+    )
+    torch_threads: int = _setting(
+        "SEGMASK_TORCH_THREADS",
+        0,
+        "PyTorch threads of a process that runs the model (a worker; the server in embedded mode), set "
+        "at its start and logged. 0: OMP_NUM_THREADS when that is set, else the usable cores (CPU affinity, "
+        "capped by a cgroup v2 CPU quota) divided by SEGMASK_WORKERS_PER_HOST, at least 1.",
+    )
+    workers_per_host: int = _setting(
+        "SEGMASK_WORKERS_PER_HOST",
+        1,
+        "Processes running the model on one machine (`segmask worker`s; the embedded server counts as "
+        "one), so that with SEGMASK_TORCH_THREADS=0 each takes its share of the cores instead of all of "
+        "them: set it on every worker when several share a machine.",
     )
 
     @classmethod

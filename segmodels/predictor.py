@@ -141,7 +141,8 @@ class PromptMemo(OrderedDict):
 
 @dataclass
 class ImageFeatures:
-    """Everything the heads need for one image (~60 MB for 640x480: size an LRU cache in bytes)."""
+    """Everything the heads need for one image (~50 MB for 640x480 after the trunk: size an LRU cache by
+    :attr:`nbytes`)."""
 
     image: np.ndarray
     levels: list[PyramidLevel] = field(default_factory=list)
@@ -154,6 +155,24 @@ class ImageFeatures:
     @property
     def width(self) -> int:
         return self.image.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now: the image and its pyramid, every level's tensors (trunk taps, dense heads,
+        memoised cells) and the memoised prompt masks. It grows as prompts and detections add to it. Memory
+        shared by several arrays (the pyramid's first level is the image; memoised cells are views of one
+        block) counts once."""
+        held: dict[tuple[str, int], int] = {}
+        for level in self.levels:
+            tensors = [*level.taps.values(), *(vec for vec, _ in level.cells.values())]
+            tensors += [t for t in (level.embedding, level.scores) if t is not None]
+            for tensor in tensors:
+                storage = tensor.untyped_storage()
+                held[(str(storage.device), storage.data_ptr())] = storage.nbytes()
+        masks = [m.mask for m in self.prompt_masks.values()]
+        for array in [self.image, *self.__dict__.get("pyramid", ()), *masks]:
+            held[("numpy", array.__array_interface__["data"][0])] = array.nbytes
+        return sum(held.values())
 
     @cached_property
     def pyramid(self) -> list[np.ndarray]:
@@ -756,7 +775,11 @@ def nearer_to(keep: np.ndarray, drop: np.ndarray, height: int, width: int) -> np
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
 
     def nearest(points: np.ndarray) -> np.ndarray:
-        return np.min([(xs - x) ** 2 + (ys - y) ** 2 for x, y in points], axis=0)
+        # A running minimum: memory of two images whatever the number of points, not one image per point.
+        best = np.full((height, width), np.inf, np.float32)
+        for x, y in points:
+            np.minimum(best, (xs - x) ** 2 + (ys - y) ** 2, out=best)
+        return best
 
     return nearest(keep) < nearest(drop)
 

@@ -209,6 +209,7 @@ def test_metrics_report_requests_errors_latency_and_model_version(client):
     assert 'segmask_errors_total{kind="malformed_json",route="/predict"}' in text
     assert "segmask_request_seconds_bucket" in text and 'route="/predict"' in text
     assert "segmask_model_info{version=" in text
+    assert "segmask_redis_up" not in text  # embedded mode has no Redis to be up or down
 
 
 @pytest.fixture(scope="module")

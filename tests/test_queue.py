@@ -138,7 +138,9 @@ def test_workers_read_label_studio_url_and_key_from_their_own_settings(tmp_path,
 
 def test_queue_depths_are_in_the_metrics(queued):
     client, prefix = queued
-    assert 'segmask_queue_depth{queue="interactive"} 0.0' in client.get("/metrics").get_data(as_text=True)
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'segmask_queue_depth{queue="interactive"} 0.0' in text
+    assert "segmask_redis_up 1.0" in text
 
 
 def test_without_a_worker_the_server_answers_503_at_once(ls_request):

@@ -3,11 +3,14 @@ cache, image decoding and the CVAT-side label plan.
 
 Settings come from the backend's environment variables (backend.settings): ``SEGMASK_MODEL_DIR`` (default:
 the shipped model), ``SEGMASK_DEVICE`` (auto, cpu, cuda, cuda:N), ``SEGMASK_SCORE_THRESHOLD`` (0.5),
-``SEGMASK_MAX_DETECTIONS``, ``SEGMASK_FEATURE_CACHE_IMAGES`` and ``SEGMASK_MAX_IMAGE_PIXELS``; plus
-``SEGMASK_CVAT_LABELS`` for the cvat-sdk detection function (see :func:`label_plan`).
+``SEGMASK_MAX_DETECTIONS``, ``SEGMASK_FEATURE_CACHE_MB``, ``SEGMASK_MAX_WORK_SIDE`` and
+``SEGMASK_MAX_IMAGE_PIXELS``; plus ``SEGMASK_CVAT_LABELS`` for the cvat-sdk detection function (see
+:func:`label_plan`).
 
 Coordinates: images ``(H, W, 3) uint8 RGB``; points ``(x, y)`` pixels; boxes ``[x1, y1, x2, y2]`` pixels with
-exclusive right/bottom edges (segmodels.geometry's conventions).
+exclusive right/bottom edges (segmodels.geometry's conventions). Everything passed in and returned is in the
+original image's pixels: the model works on the image downscaled to ``SEGMASK_MAX_WORK_SIDE``
+(backend.working_size), and :class:`Segmenter` converts prompts to working pixels and masks back.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ from backend.jobs import FeatureCache
 from backend.label_mapping import class_to_label
 from backend.prompt_limits import check_prompt_size
 from backend.settings import Settings
+from backend.working_size import WorkingFeatures, working_image
 from segmodels.checkpoint import read_metadata
-from segmodels.predictor import Detection, ImageFeatures, MaskPredictor, load_predictor
+from segmodels.predictor import Detection, MaskPredictor, load_predictor
 from segmodels.train import resolve_device
 
 log = logging.getLogger(__name__)
@@ -49,14 +53,15 @@ def image_key(image: np.ndarray) -> str:
 
 
 class Segmenter:
-    """The predictor plus an LRU of per-image features (thread-safe: one request at a time)."""
+    """The predictor plus an LRU of per-image features, bounded in bytes (thread-safe: one request at a time
+    does model work)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         started = time.perf_counter()
         device = resolve_device(settings.device)
         self.predictor: MaskPredictor = load_predictor(settings.model_dir, device)
-        self.features = FeatureCache(settings.feature_cache_images)
+        self.features: FeatureCache[WorkingFeatures] = FeatureCache(settings.feature_cache_mb << 20)
         self.lock = threading.Lock()
         log.info(
             "segmask model loaded from %s on %s in %.1f s",
@@ -69,39 +74,51 @@ class Segmenter:
     def classes(self) -> list[str]:
         return self.predictor.classes
 
-    def image_features(self, image: np.ndarray) -> ImageFeatures:
-        """The trunk features of ``image``, from the cache when the same pixels were seen recently."""
-        with torch.inference_mode():
-            features, hit = self.features.get(
-                image_key(image), lambda: self.predictor.compute_features(image)
-            )
-        log.debug("features of a %dx%d image: %s", image.shape[1], image.shape[0], "hit" if hit else "miss")
+    def image_features(self, image: np.ndarray) -> WorkingFeatures:
+        """The trunk features of ``image`` (original ``(H, W, 3)``) computed at its working size, from the
+        cache when the same pixels were seen recently."""
+        height, width = image.shape[:2]
+
+        def compute() -> WorkingFeatures:
+            work = working_image(image, self.settings.max_work_side)
+            return WorkingFeatures(self.predictor.compute_features(work), width, height)
+
+        key = image_key(image)
+        # Under the lock: the cache measures its entries, which a segment() in another thread may be changing.
+        with self.lock, torch.inference_mode():
+            features, hit = self.features.get(key, compute)
+        log.debug("features of a %dx%d image: %s", width, height, "hit" if hit else "miss")
         return features
 
     def segment(
         self,
-        image: np.ndarray | ImageFeatures,
+        image: np.ndarray | WorkingFeatures,
         pos_points: Sequence[Sequence[float]],
         neg_points: Sequence[Sequence[float]] = (),
         box: Sequence[float] | None = None,
     ) -> np.ndarray:
-        """One object's bool ``(H, W)`` mask from positive/negative ``(x, y)`` pixel points and an optional
-        ``box`` ``[x1, y1, x2, y2]`` pixels (exclusive right/bottom)."""
+        """One object's bool ``(H, W)`` mask of the original image from positive/negative ``(x, y)`` pixel
+        points and an optional ``box`` ``[x1, y1, x2, y2]`` pixels (exclusive right/bottom), all original
+        pixels."""
         check_prompt_size(len(pos_points) + len(neg_points))
-        features = image if isinstance(image, ImageFeatures) else self.image_features(image)
-        points = np.asarray([*pos_points, *neg_points], dtype=np.float64).reshape(-1, 2)
+        scaled = image if isinstance(image, WorkingFeatures) else self.image_features(image)
+        points = scaled.points_to_working(np.asarray([*pos_points, *neg_points], dtype=np.float64))
         labels = np.array([1] * len(pos_points) + [0] * len(neg_points), dtype=int)
+        work_box = None if box is None else scaled.box_to_working(np.asarray(box, dtype=np.float64))
         with self.lock, torch.inference_mode():
-            self.predictor.set_features(features)
-            return self.predictor.segment(points, labels, None if box is None else np.asarray(box)).mask
+            self.predictor.set_features(scaled.features)
+            mask = self.predictor.segment(points, labels, work_box).mask
+        return scaled.mask_to_original(mask)
 
     def detect(self, image: np.ndarray, threshold: float | None = None) -> list[Detection]:
-        """Labelled objects scoring at least ``threshold`` (None: ``SEGMASK_SCORE_THRESHOLD``), best first."""
+        """Labelled objects scoring at least ``threshold`` (None: ``SEGMASK_SCORE_THRESHOLD``), best first;
+        masks and boxes in original pixels."""
         threshold = self.settings.score_threshold if threshold is None else float(threshold)
-        features = self.image_features(image)
+        scaled = self.image_features(image)
         with self.lock, torch.inference_mode():
-            self.predictor.set_features(features)
-            return self.predictor.detect(threshold, self.settings.max_detections)
+            self.predictor.set_features(scaled.features)
+            detections = self.predictor.detect(threshold, self.settings.max_detections)
+        return [scaled.detection_to_original(det) for det in detections]
 
 
 @functools.cache

@@ -10,6 +10,9 @@ Formats (all pixels, top-left origin):
   ybr]`` followed by those four numbers (CVAT's ``to_cvat_mask``), with ``"points"`` the polygon;
 - nuclio interactor result: one object ``{"mask": 2-D 0/1 crop, "bounds": [xtl, ytl, xbr, ybr] inclusive,
   "points": [[x, y], ...]}``.
+
+Masks are the original image's; polygons are traced at its working size (``SEGMASK_MAX_WORK_SIDE``, where
+the model made the mask) and scaled to its pixels.
 """
 
 from __future__ import annotations
@@ -20,8 +23,21 @@ import cvat_sdk.auto_annotation as cvataa
 import numpy as np
 from cvat_sdk.masks import encode_mask
 
-from segmodels.geometry import mask_to_box, mask_to_polygon, mask_to_polygons
+from backend.cvat.runtime import shared_settings
+from backend.working_size import mask_polygons
+from segmodels.geometry import mask_to_box
 from segmodels.predictor import Detection
+
+
+def outlines(mask: np.ndarray, max_parts: int = 4) -> list[np.ndarray]:
+    """Polygons ``(N, 2)`` of a bool ``(H, W)`` mask in its pixels, largest first (:func:`mask_polygons`)."""
+    return mask_polygons(mask, shared_settings().max_work_side, max_parts)
+
+
+def outline(mask: np.ndarray) -> np.ndarray | None:
+    """The polygon of the mask's largest part, or None for an empty mask."""
+    polygons = outlines(mask, max_parts=1)
+    return polygons[0] if polygons else None
 
 
 def flat_polygon(polygon: np.ndarray) -> list[float]:
@@ -38,9 +54,7 @@ def sdk_detection_shapes(detections: list[Detection], label_ids: dict[str, int],
         if label_id is None or not det.mask.any():
             continue
         if polygons:
-            shapes += [
-                cvataa.polygon(label_id, flat_polygon(p)) for p in mask_to_polygons(det.mask) if len(p) >= 3
-            ]
+            shapes += [cvataa.polygon(label_id, flat_polygon(p)) for p in outlines(det.mask) if len(p) >= 3]
         else:
             shapes.append(cvataa.mask(label_id, encode_mask(det.mask)))
     return shapes
@@ -62,7 +76,7 @@ def nuclio_detection_items(detections: list[Detection], shape_type: str = "mask"
     ``points``) or "polygon" (the largest part's polygon). Confidences are strings, as CVAT expects."""
     items = []
     for det in detections:
-        polygon = mask_to_polygon(det.mask)
+        polygon = outline(det.mask)
         if polygon is None or len(polygon) < 3:
             continue
         item = {
@@ -87,6 +101,6 @@ def nuclio_interaction_result(mask: np.ndarray) -> dict:
         return {"mask": [], "points": []}
     box = inclusive_box(mask)
     crop = mask[box[1] : box[3] + 1, box[0] : box[2] + 1]
-    polygon = mask_to_polygon(mask)
+    polygon = outline(mask)
     points = [] if polygon is None else [[round(float(x), 2), round(float(y), 2)] for x, y in polygon]
     return {"mask": crop.astype(np.uint8).tolist(), "bounds": box, "points": points}

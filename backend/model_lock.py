@@ -1,0 +1,75 @@
+"""The model lock of a :class:`backend.jobs.Runtime`, with an optional deadline for whoever waits for it.
+
+A runtime serves one request at a time (its predictor holds the current image's features). In embedded
+mode many server threads share it, and each request has a time limit (SEGMASK_INTERACTIVE_TIMEOUT or
+SEGMASK_BATCH_TIMEOUT): :func:`waiting_until` gives the requests run inside it a deadline for getting the
+model, past which they get a 503 instead of working on for a client that has given up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+from backend.errors import ServiceError
+
+
+@dataclass
+class ModelWait:
+    """A request's deadline for getting the model (monotonic time), its time limit (s), and the seconds it
+    has waited for the model so far."""
+
+    deadline: float
+    limit: float
+    waited: float = 0.0
+
+
+_current_wait: ContextVar[ModelWait | None] = ContextVar("segmask_model_wait", default=None)
+
+
+@contextlib.contextmanager
+def waiting_until(wait: ModelWait) -> Iterator[ModelWait]:
+    """Within the block, this thread waits for any :class:`ModelLock` until ``wait.deadline`` at most."""
+    token = _current_wait.set(wait)
+    try:
+        yield wait
+    finally:
+        _current_wait.reset(token)
+
+
+class ModelLock:
+    """A lock that a request inside :func:`waiting_until` waits for until its deadline at most, then gets a
+    503 ``worker_timeout``; the time it waited is added to its :class:`ModelWait`. Anything else waits as
+    long as it takes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> ModelLock:
+        wait = _current_wait.get()
+        if wait is None:
+            self._lock.acquire()
+            return self
+        started = time.monotonic()
+        # A free model is taken even after the deadline: the request is here, and it costs no one a wait.
+        acquired = self._lock.acquire(timeout=max(wait.deadline - started, 0.0))
+        wait.waited += time.monotonic() - started
+        if not acquired:
+            raise ServiceError(
+                503,
+                "worker_timeout",
+                f"the model was busy with other requests: waited {wait.waited:.1f} s, the request's time "
+                f"limit ({wait.limit:g} s); it was not processed",
+            )
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        """Whether someone holds the model (as ``threading.Lock.locked``)."""
+        return self._lock.locked()

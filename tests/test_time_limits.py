@@ -1,0 +1,308 @@
+"""Time limits against hostile or busy peers: SEGMASK_IMAGE_TIMEOUT bounds a whole image download however
+slowly a local server drips bytes (TLS handshake, headers, body, redirects, kept-alive connections), and the
+embedded dispatcher honours its request timeout while the model is busy (503 ``worker_timeout``)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from backend.errors import ServiceError
+from backend.images import ImageFetcher
+from backend.model_lock import ModelLock
+from backend.queue import EmbeddedDispatcher, JobOutcome
+from backend.settings import Settings
+
+#: Seconds between the bytes of a drip: each read returns long before any socket timeout.
+DRIP_PAUSE = 0.2
+#: The image timeout of these tests, and a bound well above it that a cut-off download must stay under
+#: (a correctness check, not a benchmark: each drip below would take 20 s or more to finish).
+LIMIT = 1.0
+BOUND = 5.0
+
+# ---------------------------------------------------------------------------------------------- drip server
+
+Respond = Callable[[socket.socket], None]
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _DripServer
+
+    def handle(self) -> None:
+        with self.server.lock:
+            self.server.connections += 1
+        with contextlib.suppress(OSError):  # the client hung up: what these servers are waiting for
+            self.server.respond(self.request)
+
+
+class _DripServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+
+    def __init__(self, respond: Respond) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.respond = respond
+        self.connections = 0
+        self.lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def serving(respond: Respond) -> Iterator[_DripServer]:
+    """A local TCP server answering each connection with ``respond(connection)``."""
+    server = _DripServer(respond)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def port(server: _DripServer) -> int:
+    return server.server_address[1]
+
+
+def read_request(connection: socket.socket) -> str:
+    """The path of the next HTTP request on ``connection`` (its headers read and dropped)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(4096)
+        if not chunk:
+            raise ConnectionError("the client closed the connection")
+        data += chunk
+    return data.split(b" ", 2)[1].decode()
+
+
+def drip(connection: socket.socket, data: bytes, pause: float = DRIP_PAUSE) -> None:
+    """Send ``data`` one byte every ``pause`` s."""
+    for byte in data:
+        connection.sendall(bytes([byte]))
+        time.sleep(pause)
+
+
+def fetch_within_limit(url: str) -> tuple[ServiceError, float]:
+    """The error a fetch of ``url`` ends with (image_timeout=LIMIT), and the seconds it took."""
+    fetcher = ImageFetcher(Settings(allowed_hosts=("127.0.0.1",), image_timeout=LIMIT))
+    started = time.monotonic()
+    with pytest.raises(ServiceError) as info:
+        fetcher.fetch(url)
+    return info.value, time.monotonic() - started
+
+
+def assert_timed_out(error: ServiceError, seconds: float) -> None:
+    assert (error.status, error.kind) == (422, "image_unreachable"), error.message
+    assert f"SEGMASK_IMAGE_TIMEOUT ({LIMIT:g} s)" in error.message
+    assert LIMIT * 0.9 <= seconds < BOUND
+
+
+# ---------------------------------------------------------------------------------------------- downloads
+
+
+def test_a_body_dripping_under_its_content_length_is_cut_off_at_the_image_timeout() -> None:
+    def respond(connection: socket.socket) -> None:
+        read_request(connection)
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        drip(connection, b"x" * 100)
+
+    with serving(respond) as server:
+        error, seconds = fetch_within_limit(f"http://user:pw@127.0.0.1:{port(server)}/a.jpg?sig=secret")
+    assert_timed_out(error, seconds)
+    assert f"http://127.0.0.1:{port(server)}/a.jpg?..." in error.message
+    assert "secret" not in error.message and "pw" not in error.message
+
+
+def test_a_dripping_body_without_content_length_is_a_timeout_not_a_short_image() -> None:
+    def respond(connection: socket.socket) -> None:
+        read_request(connection)
+        connection.sendall(b"HTTP/1.0 200 OK\r\n\r\n")
+        drip(connection, b"x" * 100)
+
+    with serving(respond) as server:
+        error, seconds = fetch_within_limit(f"http://127.0.0.1:{port(server)}/a.jpg")
+    assert_timed_out(error, seconds)
+
+
+def test_dripping_headers_are_cut_off_at_the_image_timeout() -> None:
+    def respond(connection: socket.socket) -> None:
+        read_request(connection)
+        drip(connection, b"HTTP/1.1 200 OK\r\nX-Padding: " + b"p" * 100 + b"\r\n\r\n")
+
+    with serving(respond) as server:
+        error, seconds = fetch_within_limit(f"http://127.0.0.1:{port(server)}/a.jpg")
+    assert_timed_out(error, seconds)
+
+
+def test_a_dripping_tls_handshake_is_cut_off_at_the_image_timeout() -> None:
+    def respond(connection: socket.socket) -> None:
+        connection.recv(4096)  # the ClientHello
+        connection.sendall(b"\x16\x03\x03\x40\x00")  # a handshake record of 16 KiB ...
+        drip(connection, bytes(100))  # ... that never completes
+
+    with serving(respond) as server:
+        error, seconds = fetch_within_limit(f"https://127.0.0.1:{port(server)}/a.jpg")
+    assert_timed_out(error, seconds)
+
+
+def test_a_redirect_chain_shares_one_deadline() -> None:
+    """Each hop answers in 0.6 s, within the limit; the chain of four would take 2.4 s."""
+
+    def respond(connection: socket.socket) -> None:
+        hops = int(read_request(connection).rsplit("/", 1)[-1])
+        if not hops:
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            return
+        redirect = f"HTTP/1.1 302 Found\r\nLocation: /hop/{hops - 1}\r\nConnection: close\r\n\r\n"
+        drip(connection, redirect.encode(), pause=0.6 / len(redirect))
+
+    with serving(respond) as server:
+        error, seconds = fetch_within_limit(f"http://127.0.0.1:{port(server)}/hop/3")
+        assert server.connections <= 2
+    assert_timed_out(error, seconds)
+    assert "/hop/" in error.message
+
+
+def test_a_kept_alive_connection_is_bounded_when_reused() -> None:
+    """The second download reuses the first one's connection (no new socket); its headers drip."""
+
+    def respond(connection: socket.socket) -> None:
+        read_request(connection)
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        read_request(connection)
+        drip(connection, b"HTTP/1.1 200 OK\r\nX-Padding: " + b"p" * 100 + b"\r\n\r\n")
+
+    with serving(respond) as server:
+        fetcher = ImageFetcher(Settings(allowed_hosts=("127.0.0.1",), image_timeout=LIMIT))
+        assert fetcher.fetch(f"http://127.0.0.1:{port(server)}/first.jpg") == b"ok"
+        time.sleep(LIMIT * 1.2)  # past the first download's deadline: its timer must not touch the connection
+        started = time.monotonic()
+        with pytest.raises(ServiceError) as info:
+            fetcher.fetch(f"http://127.0.0.1:{port(server)}/second.jpg")
+        assert server.connections == 1
+    assert_timed_out(info.value, time.monotonic() - started)
+
+
+def test_a_download_within_the_limit_is_unaffected() -> None:
+    def respond(connection: socket.socket) -> None:
+        read_request(connection)
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+        drip(connection, b"image", pause=0.05)
+
+    with serving(respond) as server:
+        fetcher = ImageFetcher(Settings(allowed_hosts=("127.0.0.1",), image_timeout=LIMIT))
+        assert fetcher.fetch(f"http://127.0.0.1:{port(server)}/a.jpg") == b"image"
+
+
+# ---------------------------------------------------------------------------------------------- embedded mode
+
+
+class FakeRuntime:
+    """Stands in for ``backend.jobs.Runtime``: ``prepare`` s outside the model lock (an image download),
+    ``model`` s inside it; counts the model calls."""
+
+    def __init__(self, prepare: float = 0.0, model: float = 0.0) -> None:
+        self.prepare = prepare
+        self.model = model
+        self.lock = ModelLock()  # as Runtime's
+        self.model_calls = 0
+
+    def segment(self, request: dict) -> dict:
+        time.sleep(self.prepare)
+        with self.lock:
+            self.model_calls += 1
+            time.sleep(self.model)
+        return {"objects": [], "request": request}
+
+    detect = segment
+
+
+@contextlib.contextmanager
+def model_busy(runtime: FakeRuntime) -> Iterator[threading.Event]:
+    """Another thread (no deadline of its own) holds the model until the yielded event is set."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with runtime.lock:
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    held.wait(5)
+    try:
+        yield release
+    finally:
+        release.set()
+        thread.join(5)
+
+
+def test_a_request_waiting_for_a_busy_model_past_its_timeout_gets_503() -> None:
+    runtime = FakeRuntime()
+    dispatcher = EmbeddedDispatcher(runtime)
+    with model_busy(runtime):
+        started = time.monotonic()
+        [outcome] = dispatcher.run("segment", [{"n": 0}], timeout=0.5)
+        seconds = time.monotonic() - started
+    assert isinstance(outcome, ServiceError)
+    assert (outcome.status, outcome.kind) == (503, "worker_timeout")
+    assert "waited 0.5 s" in outcome.message and "(0.5 s)" in outcome.message
+    assert 0.45 <= seconds < BOUND
+    assert runtime.model_calls == 0 and not runtime.lock.locked()
+
+
+def test_a_batch_past_its_deadline_answers_the_rest_503_without_running_them() -> None:
+    runtime = FakeRuntime(model=0.2)
+    started = time.monotonic()
+    outcomes = EmbeddedDispatcher(runtime).run("detect", [{"n": n} for n in range(50)], timeout=0.5)
+    seconds = time.monotonic() - started
+    done = [o for o in outcomes if isinstance(o, JobOutcome)]
+    refused = [o for o in outcomes if isinstance(o, ServiceError)]
+    assert 1 <= len(done) <= 4 and len(done) + len(refused) == 50
+    assert outcomes[: len(done)] == done  # tasks run in order, until the deadline
+    assert runtime.model_calls == len(done)
+    assert {(e.status, e.kind) for e in refused} == {(503, "worker_timeout")}
+    assert "not started" in refused[0].message and "(0.5 s)" in refused[0].message
+    assert seconds < BOUND
+
+
+def test_a_batch_waiting_for_the_model_stops_at_its_deadline() -> None:
+    runtime = FakeRuntime()
+    dispatcher = EmbeddedDispatcher(runtime)
+    with model_busy(runtime):
+        outcomes = dispatcher.run("detect", [{"n": n} for n in range(1000)], timeout=0.5)
+    assert "waited 0.5 s" in outcomes[0].message
+    assert all(isinstance(o, ServiceError) and o.status == 503 for o in outcomes)
+    assert runtime.model_calls == 0
+
+
+def test_queued_is_the_wait_for_the_model_and_running_the_rest() -> None:
+    runtime = FakeRuntime(prepare=0.1, model=0.1)
+    dispatcher = EmbeddedDispatcher(runtime)
+    with model_busy(runtime) as release:
+        threading.Timer(0.4, release.set).start()
+        [outcome] = dispatcher.run("segment", [{"n": 0}], timeout=5)
+    assert isinstance(outcome, JobOutcome)
+    assert 0.2 <= outcome.queued < 1.0  # 0.4 s busy, less the 0.1 s prepared meanwhile
+    assert 0.15 <= outcome.running < 0.6  # prepare + model
+
+
+def test_work_outside_the_model_lock_is_not_serialised() -> None:
+    runtime = FakeRuntime(prepare=0.5, model=0.01)
+    dispatcher = EmbeddedDispatcher(runtime)
+    outcomes: list[JobOutcome | ServiceError] = []
+    threads = [
+        threading.Thread(target=lambda: outcomes.extend(dispatcher.run("segment", [{}], timeout=5)))
+        for _ in range(4)
+    ]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(outcomes) == 4 and all(isinstance(o, JobOutcome) for o in outcomes)
+    assert time.monotonic() - started < 1.5  # four 0.5 s downloads side by side, not one after another
