@@ -9,8 +9,15 @@ import sys
 from pathlib import Path
 
 # glibc returns freed activations to the OS and faults them back in on every pass; keeping them mapped is
-# worth 1.5-3x on CPU (targets.md). The variables only act at process start, hence the re-exec below.
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
+# worth 1.5-3x on CPU (targets.md). Memory kept that way stays in the arena of the thread that freed it, and
+# glibc makes up to 8 arenas per core for a server's many threads: two arenas bound that (25 annotators on
+# embedded mode: 3.6 GB instead of 5.3 GB, bench/bench_load.py). The variables only act at process start,
+# hence the re-exec below.
+ALLOCATOR_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "4294967296",
+    "MALLOC_TRIM_THRESHOLD_": "100000000000",
+    "MALLOC_ARENA_MAX": "2",
+}
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
 
 

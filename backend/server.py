@@ -114,6 +114,10 @@ def serve(settings: Settings, workers: int = 2, dev: bool = False) -> None:
         # A batch request may wait up to batch_timeout for its jobs; gunicorn must not kill it first.
         "timeout": int(max(settings.batch_timeout, settings.interactive_timeout) + 30),
         "graceful_timeout": 30,
+        # Label Studio and annotators' browsers reuse connections; gunicorn's 2 s default closed them
+        # between two clicks, and a click sent as the server closed its connection was lost
+        # (ConnectionResetError under bench/bench_load.py). Idle connections hold no thread.
+        "keepalive": 75,
         "loglevel": settings.log_level.lower(),
         # The app (and in embedded mode the model) loads in the gunicorn worker, not in a master that
         # would fork after PyTorch has started its thread pools.

@@ -1,12 +1,18 @@
 """A team of annotators at once: N simulated annotators against embedded mode and against Redis + workers.
 
 Each annotator works on their own COCO128 image (annotator k starts at image k, then moves on), as a person
-would: a first click on the image's largest object, then corrective clicks at a human pace (one every 1-3 s,
-uniformly), each placed by the simulated annotator of interactive segmentation (segmodels.annotator: the
-deepest point of the larger error region, positive or negative) on the polygon the backend returned, until
-the polygon reaches IoU 0.9 with the object or ``--clicks`` clicks were made; then the next image. With
-probability ``--batch-share`` per click, the annotator also sends a batch /predict of 4 tasks (Label Studio's
-pre-annotation when tasks are opened or imported). Requests are Label Studio's captured 1.23.2 bodies.
+would: for each of the image's ``--objects`` largest objects, a first click, then corrective clicks at a
+human pace (one every 1-3 s, uniformly), each placed by the simulated annotator of interactive segmentation
+(segmodels.annotator: the deepest point of the larger error region, positive or negative) on the polygon the
+backend returned, until the polygon reaches IoU 0.9 with the object or ``--clicks`` clicks were made; then
+the next object, and the next image. With probability ``--batch-share`` per click, the annotator also sends
+a batch /predict of 4 tasks (Label Studio's pre-annotation of imported tasks). Requests are Label Studio's
+captured 1.23.2 bodies.
+
+The backend runs as deployed (``segmask serve``, ``segmask worker``, with the allocator settings they give
+themselves, backend.cli.ALLOCATOR_ENV), with
+SEGMASK_FEATURE_CACHE_MB set to ``--cache-mb-per-annotator`` times the largest N of the run (the sizing the
+README advises: every annotator's image stays cached, in each worker).
 
 A poller asks ``/health`` every 0.5 s (Label Studio waits 1 s for it) and ``/metrics`` every 5 s; a sampler
 reads the RSS of every backend process (server, its gunicorn children, workers) every second. Every run is
@@ -95,12 +101,12 @@ class Record:
 class Backend:
     """``segmask serve`` (and ``segmask worker`` processes) on a free port, stopped by :meth:`stop`."""
 
-    def __init__(self, setup: Setup, logs: Path, redis_url: str) -> None:
+    def __init__(self, setup: Setup, logs: Path, redis_url: str, cache_mb: int) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
             **os.environ,
-            **ALLOCATOR_ENV,
+            "SEGMASK_FEATURE_CACHE_MB": str(cache_mb),
             "SEGMASK_PORT": str(self.port),
             "SEGMASK_HOST": "127.0.0.1",
             "SEGMASK_LOCAL_FILES_ROOT": str(DATA / "images"),
@@ -203,12 +209,18 @@ class Annotator(threading.Thread):
     def run(self) -> None:
         n = self.k
         while time.monotonic() < self.stop_at:
-            self.label(self.works[n % len(self.works)])
+            work = self.works[n % len(self.works)]
+            for gt in work.masks[: self.args.objects]:
+                if time.monotonic() >= self.stop_at:
+                    return
+                self.label(work, gt)
             n += self.args.annotators_max
 
-    def label(self, work: Work) -> None:
-        """Click one object of ``work`` until it is good or the clicks are used up."""
-        gt = work.masks[0]
+    def label(self, work: Work, gt: np.ndarray) -> None:
+        """Click the object ``gt`` of ``work`` until it is good or the clicks are used up (after a human
+        pause: the annotator finds the object)."""
+        if not self.pause(self.rng.uniform(1.0, 3.0)):
+            return
         x, y = click_point(gt)
         clicks = [(x, y, True)]
         pred = None
@@ -330,7 +342,7 @@ def sample_rss(backend: Backend, into: dict, stop: threading.Event) -> None:
 
 def run_load(setup: Setup, n: int, works: list[Work], templates: dict, args, logs: Path) -> dict:
     """One bounded run of ``n`` annotators on a fresh backend; its summary."""
-    backend = Backend(setup, logs, args.redis_url)
+    backend = Backend(setup, logs, args.redis_url, args.cache_mb_per_annotator * args.annotators_max)
     record = Record()
     stop = threading.Event()
     pollers = [
@@ -463,7 +475,9 @@ def main() -> None:
     parser.add_argument("--setups", default="embedded,rq1,rq2", help="embedded and/or rqN (N workers)")
     parser.add_argument("--seconds", type=float, default=60.0, help="load time of each run")
     parser.add_argument("--clicks", type=int, default=6, help="most clicks per object")
-    parser.add_argument("--batch-share", type=float, default=0.02, help="chance of a batch after a click")
+    parser.add_argument("--objects", type=int, default=3, help="objects labelled per image, largest first")
+    parser.add_argument("--batch-share", type=float, default=0.01, help="chance of a batch after a click")
+    parser.add_argument("--cache-mb-per-annotator", type=int, default=64, help="feature cache sizing")
     parser.add_argument("--stagger", type=float, default=0.05, help="seconds between annotators' starts")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
