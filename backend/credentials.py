@@ -1,6 +1,6 @@
 """How the backend authenticates to Label Studio: the value of the ``Authorization`` header.
 
-Label Studio 1.23 accepts two kinds of API key (see ``shared/docs/label-studio-protocol.md``):
+Label Studio 1.23 accepts two kinds of API key (see ``docs/label-studio-protocol.md``):
 
 * a **legacy token** (40 hex characters, a Django REST Framework token), sent as ``Token <key>``; it works
   only where the organisation enables legacy tokens. The ``access_token`` Label Studio sends in ``/setup`` is

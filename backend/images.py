@@ -1,6 +1,6 @@
 """Safe access to the images Label Studio tasks point at.
 
-A task's ``data.image`` is one of (see ``shared/docs/label-studio-protocol.md``, "Images and credentials"):
+A task's ``data.image`` is one of (see ``docs/label-studio-protocol.md``, "Images and credentials"):
 
 * a path on Label Studio itself: ``/data/upload/<project>/<file>`` for uploads (also
   ``/storage-data/uploaded/...``, ``/tasks/<id>/presign/?fileuri=...``): any root-relative path is resolved

@@ -17,6 +17,9 @@ from pathlib import Path
 # only reads settings).
 _SEGMODELS = Path(importlib.util.find_spec("segmodels").submodule_search_locations[0])
 DEFAULT_MODEL_DIR = _SEGMODELS / "weights" / "default"
+# The COCO128 images and annotations in the repository (data/README.md): the one name of the data directory
+# that training, evaluation, the tests and the benchmarks default to (``--data`` takes any other).
+DEFAULT_DATA_DIR = _SEGMODELS.parent / "data" / "coco128"
 
 
 def _setting(env: str, default, doc: str):

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from bench_pipeline import ensure_allocator_env, git_info, machine_info
 
+from backend.settings import DEFAULT_DATA_DIR
 from segmodels.checkpoint import load_checkpoint, save_checkpoint
 from segmodels.data import CocoInstances, in_split
 from segmodels.finetune import FinetuneConfig, evaluate_checkpoint, finetune, heldout_instances
@@ -44,7 +45,7 @@ from segmodels.predictor import DEFAULT_CHECKPOINT, load_predictor
 from segmodels.uncertainty import image_uncertainty
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "coco128"
+DATA = DEFAULT_DATA_DIR
 RESULTS = REPO / "bench" / "results"
 CLASSES = ("person", "chair", "cup", "dining table", "potted plant")
 STRATEGIES = ("uncertainty", "random")

@@ -30,11 +30,12 @@ from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
+from backend.settings import DEFAULT_DATA_DIR
 from segmodels.finetune import FinetuneConfig, compare, finetune
 from segmodels.predictor import DEFAULT_CHECKPOINT
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "coco128"
+DATA = DEFAULT_DATA_DIR
 OUT = REPO / "bench" / "results" / "finetune.json"
 PROJECT = {"person": "person", "car": "car", "chair": "chair", "cup": "cup", "dog": "puppy"}
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "100000000000"}

@@ -3,13 +3,13 @@ HTTP + Redis/RQ + a worker, with GrabCut-from-box on the same objects in the sam
 
 For each of ``--images`` held-out COCO128 images (image_id % 5 == 0), the first click (a new image: image
 read + trunk) and then ``--repeats`` further clicks on the same image (cached features), one per annotated
-object in turn (interior point farthest from its boundary, targets.md). Every path sees the same requests
+object in turn (interior point farthest from its boundary, docs/targets.md). Every path sees the same requests
 in the same order; paths are interleaved image by image so background load hits them alike.
 
 - ``in-process``: ``backend.jobs.Runtime.segment`` called directly (the work without HTTP or queue);
 - ``http embedded``: ``segmask serve`` (gunicorn) in embedded mode, real HTTP from this process;
 - ``http + rq``: ``segmask serve`` with SEGMASK_REDIS_URL and one ``segmask worker`` process;
-- ``grabcut box``: OpenCV GrabCut (5 iterations) from each object's tight box (the baseline of targets.md).
+- ``grabcut box``: OpenCV GrabCut (5 iterations) from each object's tight box (docs/targets.md's baseline).
 
 Images are read by the servers from ``/data/local-files/?d=`` (SEGMASK_LOCAL_FILES_ROOT), as with Label
 Studio's local storage. Prints a table (p50/p95 ms) and writes JSON. A benchmark, never a pass/fail test::
@@ -39,14 +39,14 @@ import requests
 from rq import Queue, Worker
 
 from backend.jobs import Runtime
-from backend.settings import Settings
+from backend.settings import DEFAULT_DATA_DIR, Settings
 from segmodels.annotator import click_point
 from segmodels.evaluate import grabcut_mask
 from segmodels.geometry import coco_segmentation_to_mask, mask_to_box
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "coco128"
-DOCS = REPO.parent / "shared" / "docs" / "label-studio-requests"
+DATA = DEFAULT_DATA_DIR
+LS_REQUESTS = REPO / "tests" / "fixtures" / "label-studio-requests"  # recorded from Label Studio 1.23.2
 DEFAULT_OUT = REPO / "bench" / "results" / "http.json"
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 PATHS = ("in-process", "http embedded", "http + rq")
@@ -215,7 +215,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     coco = json.loads((DATA / "instances.json").read_text())
-    template = json.loads((DOCS / "predict-interactive-keypoint.json").read_text())["json"]
+    template = json.loads((LS_REQUESTS / "predict-interactive-keypoint.json").read_text())["json"]
     images = [im for im in sorted(coco["images"], key=lambda im: im["id"]) if im["id"] % 5 == 0]
     images = [im for im in images if objects_of(im, coco)][: args.images]
 

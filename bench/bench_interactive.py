@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from backend.cli import DEFAULT_DATA
+from backend.settings import DEFAULT_DATA_DIR
 from segmodels.data import CocoInstances
 from segmodels.evaluate import convergence, evaluate_instances, format_table, summarise
 from segmodels.predictor import DEFAULT_CHECKPOINT, load_predictor
@@ -107,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--split", default="tune")
     parser.add_argument("--before", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--after", type=Path, required=True, help="a checkpoint with a click head")

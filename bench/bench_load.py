@@ -49,7 +49,7 @@ import cv2
 import numpy as np
 import redis
 import requests
-from bench_http import ALLOCATOR_ENV, DATA, DOCS, REPO, free_port, objects_of
+from bench_http import ALLOCATOR_ENV, DATA, LS_REQUESTS, REPO, free_port, objects_of
 from rq import Queue, Worker
 
 from segmodels.annotator import click_point, next_click
@@ -491,8 +491,8 @@ def main() -> None:
 
     works = load_works()
     templates = {
-        "keypoint": json.loads((DOCS / "predict-interactive-keypoint.json").read_text())["json"],
-        "batch": json.loads((DOCS / "predict-batch.json").read_text())["json"],
+        "keypoint": json.loads((LS_REQUESTS / "predict-interactive-keypoint.json").read_text())["json"],
+        "batch": json.loads((LS_REQUESTS / "predict-batch.json").read_text())["json"],
     }
     logs = REPO / "bench" / "results" / "load-logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ Cases, run interleaved (one run of every case per repeat, so background load hit
   ``polygons`` of the kept detections; ``detect`` (what ``detect()`` costs on cached features) and ``total``.
 
 The click is the interior point farthest from the boundary of the image's largest annotated object
-(targets.md). Medians, p90 and minima in ms after warm-up runs; a table is printed and JSON written.
+(docs/targets.md). Medians, p90 and minima in ms after warm-up runs; a table is printed and JSON written.
 A benchmark, never a pass/fail test. Usage::
 
     .venv/bin/python bench/bench_pipeline.py [--checkpoint DIR] [--repeats N] [--out FILE] [--threads N]
@@ -45,6 +45,7 @@ import cv2
 import numpy as np
 import torch
 
+from backend.settings import DEFAULT_DATA_DIR
 from segmodels.geometry import coco_segmentation_to_mask, mask_iou, mask_to_box
 from segmodels.predictor import (
     DEFAULT_CHECKPOINT,
@@ -55,10 +56,10 @@ from segmodels.predictor import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
+DATA = DEFAULT_DATA_DIR
 DEFAULT_OUT = REPO / "bench" / "results" / "pipeline.json"
 IMAGE_SIZE = (640, 480)  # width, height
-# glibc malloc tuning (targets.md: 1.5-3x on large inputs); glibc reads these only at process start.
+# glibc malloc tuning (docs/targets.md: 1.5-3x on large inputs); glibc reads these only at process start.
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 REEXEC_MARK = "SEGMASK_BENCH_REEXEC"
 RECORDED_ENV_PREFIXES = ("MALLOC_", "LD_PRELOAD", "OMP_", "MKL_", "KMP_", "GOMP_", "ONEDNN_", "DNNL_")
@@ -107,7 +108,7 @@ class TimingRow:
 
 @dataclass(frozen=True)
 class Target:
-    """A speed target of targets.md, compared with the median of one measured (case, stage)."""
+    """A speed target of docs/targets.md, compared with the median of one measured (case, stage)."""
 
     what: str
     case: str

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from backend.settings import DEFAULT_DATA_DIR
 from segmodels.checkpoint import load_checkpoint
 from segmodels.data import CocoInstances
 from segmodels.evaluate import (
@@ -73,7 +74,7 @@ from segmodels.train_multipathnet import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "coco128"
+DATA = DEFAULT_DATA_DIR
 OUT = REPO / "bench" / "results" / "preannotation.json"
 FOLDS = 4
 PROPOSALS = 100

@@ -1,4 +1,4 @@
-"""COCO-format instances and the DeepMask window-sampling protocol (papers.md).
+"""COCO-format instances and the DeepMask window-sampling protocol (docs/papers.md).
 
 Images are ``(H, W, 3) uint8 RGB``; instance masks ``bool (H, W)``; boxes COCO ``xywh`` pixels.
 Training inputs are ``(B, 3, 192, 192) float32 in [0, 1]``; mask targets ``(B, 160, 160)`` in {0, 1}

@@ -1,4 +1,4 @@
-"""DeepMask heads over a stride-16 trunk (the released "DeepMask-ours" design, see papers.md).
+"""DeepMask heads over a stride-16 trunk (the released "DeepMask-ours" design, see docs/papers.md).
 
 Window geometry, in pixels of the (rescaled) network input:
 - a window is ``WINDOW`` = 160 px; the trunk sees ``INPUT`` = 192 px, i.e. ``CONTEXT`` = 16 px per side;

@@ -1,4 +1,4 @@
-"""MultiPathNet: classify (and re-box) object proposals from four foveal regions (papers.md).
+"""MultiPathNet: classify (and re-box) object proposals from four foveal regions (docs/papers.md).
 
 Each proposal box is viewed at four context sizes (x1, x1.5, x2, x4, same centre). Every region pools 7x7
 RoIAlign features from the trunk taps with skip connections as in the original: the deepest tap (s16, in

@@ -1,4 +1,4 @@
-"""SharpMask: top-down refinement of a DeepMask window over the trunk taps (papers.md).
+"""SharpMask: top-down refinement of a DeepMask window over the trunk taps (docs/papers.md).
 
 ``M(i+1) = R_i(M_i, F_i)``: a horizontal 3x3 conv on the skip tap F_i and a vertical 3x3 conv on the
 current mask encoding M_i, summed, ReLU, then x2 upsampling. Taps from coarse to fine: s16 (10x10 cells

@@ -1,30 +1,25 @@
-"""Shared fixtures: the COCO128 data that lives beside the checkout."""
+"""Shared fixtures: the repository's COCO128 data (data/coco128) and captured Label Studio requests."""
 
 from pathlib import Path
 
 import pytest
 
-COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
+from backend.settings import DEFAULT_DATA_DIR
 
 
 @pytest.fixture(scope="session")
 def coco128() -> Path:
-    if not (COCO128 / "instances.json").exists():
-        pytest.skip(f"COCO128 not found at {COCO128} (expected ../shared/data/coco128 beside the checkout)")
-    return COCO128
+    """The COCO128 directory in the repository (``instances.json`` + ``images/``, see data/README.md)."""
+    return DEFAULT_DATA_DIR
 
 
 @pytest.fixture(scope="session")
 def ls_request():
-    """``ls_request(name)``: the JSON body of a request captured from a real Label Studio 1.23.2."""
-    from ls_bodies import LS_REQUESTS, captured
+    """``ls_request(name)``: the JSON body of a request captured from a real Label Studio 1.23.2
+    (tests/fixtures/label-studio-requests/<name>.json)."""
+    from ls_bodies import captured
 
-    def load(name: str) -> dict:
-        if not (LS_REQUESTS / f"{name}.json").exists():
-            pytest.skip(f"captured Label Studio request {name} not found in {LS_REQUESTS}")
-        return captured(name)
-
-    return load
+    return captured
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ Entry points:
       from labelstudio_harness import label_studio_session
       label_studio = pytest.fixture(scope="session", name="label_studio")(label_studio_session)
 
-The protocol notes are in ``shared/docs/label-studio-protocol.md``; what each client method was verified to
+The protocol notes are in ``docs/label-studio-protocol.md``; what each client method was verified to
 send and receive against Label Studio 1.23.2 is written in its docstring.
 """
 

@@ -11,7 +11,8 @@ import numpy as np
 
 from segmodels.geometry import coco_segmentation_to_mask
 
-LS_REQUESTS = Path(__file__).resolve().parents[2] / "shared" / "docs" / "label-studio-requests"
+# Recorded from a real Label Studio 1.23.2, tokens redacted (docs/label-studio-protocol.md).
+LS_REQUESTS = Path(__file__).resolve().parent / "fixtures" / "label-studio-requests"
 
 
 def captured(name: str) -> dict:

@@ -30,13 +30,12 @@ from nuclio_sdk.test import Platform
 
 from backend.cvat.runtime import label_plan, shared_segmenter
 from backend.label_mapping import class_to_label
+from backend.settings import DEFAULT_DATA_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 CVAT_DIR = ROOT / "backend" / "cvat"
-IMAGE_PATH = Path("/work/shared/data/coco128/images/000000000042.jpg")  # a big dog, 640x478
+IMAGE_PATH = DEFAULT_DATA_DIR / "images" / "000000000042.jpg"  # a big dog, 640x478
 DOG_CLICK = (390.0, 160.0)
-
-pytestmark = pytest.mark.skipif(not IMAGE_PATH.exists(), reason="COCO128 images are not on this machine")
 
 
 @pytest.fixture(scope="module")

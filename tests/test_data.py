@@ -1,4 +1,4 @@
-"""The window-sampling protocol (papers.md) and the fixed split."""
+"""The window-sampling protocol (docs/papers.md) and the fixed split."""
 
 import math
 

@@ -1,22 +1,18 @@
 """Smoke test of the real-Label-Studio harness: start, create a project, import images, read them back."""
 
-import json
 from pathlib import Path
 
 import pytest
 from labelstudio_harness import label_studio_or_skip
+from ls_bodies import captured
 
-REQUESTS = Path(__file__).resolve().parents[2] / "shared" / "docs" / "label-studio-requests"
 IMAGES = ("000000000009.jpg", "000000000025.jpg")
 
 
 @pytest.fixture
 def polygon_config() -> str:
     """The label config of the captured session (polygon, brush, smart keypoint and rectangle labels)."""
-    setup = REQUESTS / "setup.json"
-    if not setup.exists():
-        pytest.skip(f"captured Label Studio requests not found at {REQUESTS}")
-    return json.loads(setup.read_text())["json"]["schema"]
+    return captured("setup")["schema"]
 
 
 @pytest.mark.e2e
