@@ -8,9 +8,11 @@ import os
 import sys
 from pathlib import Path
 
+from backend.settings import DEFAULT_DATA_DIR as DEFAULT_DATA
+
 # glibc returns freed activations to the OS and faults them back in on every pass; keeping them mapped is
-# worth 1.5-3x on CPU (targets.md). Memory kept that way stays in the arena of the thread that freed it, and
-# glibc makes up to 8 arenas per core for a server's many threads: two arenas bound that (25 annotators on
+# worth 1.5-3x on CPU (docs/targets.md). Memory kept that way stays in the arena of the thread that freed it,
+# and glibc makes up to 8 arenas per core for a server's many threads: two arenas bound that (25 annotators on
 # embedded mode: 3.6 GB instead of 5.3 GB, bench/bench_load.py). The variables only act at process start,
 # hence the re-exec below.
 ALLOCATOR_ENV = {
@@ -18,7 +20,6 @@ ALLOCATOR_ENV = {
     "MALLOC_TRIM_THRESHOLD_": "100000000000",
     "MALLOC_ARENA_MAX": "2",
 }
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
 
 
 def ensure_allocator_env(argv: list[str]) -> None:
@@ -34,7 +35,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a model stage on COCO-format data, or (--project) fine-tune on a Label Studio project",
     )
-    p.add_argument("stage", nargs="?", choices=["deepmask", "sharpmask", "multipathnet", "clicks"])
+    p.add_argument("stage", nargs="?", choices=["deepmask", "sharpmask", "multipathnet", "clicks", "quality"])
     p.add_argument(
         "--project",
         type=int,
@@ -63,14 +64,19 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compact", action="store_true", help="store large weights as float16 (shipped models)")
     p.add_argument("--stop-after-steps", type=int, help="end this run after N steps (resume later)")
     p.add_argument(
-        "--steps", type=int, default=1200, help="clicks: training steps of the click head (batches of 16)"
+        "--steps",
+        type=int,
+        help="clicks: training steps of the click head (batches of 16, default 1200); quality: of the "
+        "quality head (batches of 64 objects' clicks, default 1000)",
     )
     p.add_argument(
         "--split",
         default="train",
         choices=["train", "fit", "all"],
-        help="clicks: the images trained on (fit leaves out the tune split, to choose settings on it)",
+        help="clicks, quality: the images trained on (fit leaves out the tune split, to choose settings "
+        "on it)",
     )
+    p.add_argument("--max-images", type=int, help="quality: only the first N images of the split, by id")
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -81,6 +87,9 @@ def run_train(args: argparse.Namespace) -> None:
         raise SystemExit("segmask train: give a STAGE and --out, or --project ID")
     if args.stage == "clicks":
         run_click_training(args)
+        return
+    if args.stage == "quality":
+        run_quality_training(args)
         return
     from segmodels.train import TrainConfig, train
 
@@ -115,12 +124,32 @@ def run_click_training(args: argparse.Namespace) -> None:
         init=str(args.init),
         out=str(args.out),
         split=args.split,
-        steps=args.steps,
+        steps=1200 if args.steps is None else args.steps,
         lr=args.lr,
         seed=args.seed,
         device=args.device,
     )
     print(train_click_head(cfg))
+
+
+def run_quality_training(args: argparse.Namespace) -> None:
+    from segmodels.train_quality import QualityTrainConfig, train_quality_head
+
+    if args.init is None:
+        raise SystemExit("segmask train quality: give --init, the checkpoint whose windows the head ranks")
+    cfg = QualityTrainConfig(
+        data=str(args.data),
+        init=str(args.init),
+        out=str(args.out),
+        split=args.split,
+        max_images=args.max_images,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+    )
+    if args.steps is not None:
+        cfg.steps = args.steps
+    print(train_quality_head(cfg))
 
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:

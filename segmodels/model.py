@@ -10,6 +10,7 @@ from segmodels.backbones import ImageNetTail, build_imagenet_tail, build_trunk
 from segmodels.click_head import ClickHead
 from segmodels.deepmask import DeepMask
 from segmodels.multipathnet import LabelHead, MultiPathNet
+from segmodels.quality_head import QualityHead
 from segmodels.sharpmask import SharpMask
 
 
@@ -28,6 +29,8 @@ class ModelConfig:
     label_head: bool = True
     # The click head for corrective clicks (click_head.ClickHead); checkpoints from before it lack the key.
     click_head: bool = False
+    # The quality head ranking a first click's windows (quality_head.QualityHead); older checkpoints lack it.
+    quality_head: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -43,7 +46,8 @@ class ModelConfig:
 
 class SegmentationModel(nn.Module):
     """``trunk`` (taps s2..s16), ``deepmask`` (embedding, mask, objectness), ``sharpmask`` (refinement),
-    ``multipathnet`` (labels) when the config has classes, and ``click_head`` when the config asks for it."""
+    ``multipathnet`` (labels) when the config has classes, and ``click_head`` and ``quality_head`` when the
+    config asks for them."""
 
     def __init__(self, config: ModelConfig, pretrained_trunk: bool = True, trunk_weights: str | None = None):
         super().__init__()
@@ -52,6 +56,7 @@ class SegmentationModel(nn.Module):
         self.deepmask = DeepMask(self.trunk.tap_channels["s16"], config.reduce_channels, config.embed_dim)
         self.sharpmask = SharpMask(self.trunk.tap_channels, config.embed_dim, config.sharpmask_k)
         self.click_head = ClickHead(self.trunk.tap_channels) if config.click_head else None
+        self.quality_head = QualityHead(config.embed_dim) if config.quality_head else None
         self.multipathnet = None
         if config.classes:
             tail = (

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from segmodels.deepmask import CELLS, INPUT, OBJECT, STRIDE, WINDOW
 from segmodels.geometry import mask_to_box, mask_to_polygon, masks_iou_matrix
 from segmodels.model import SegmentationModel
 from segmodels.multipathnet import decode_boxes, mask_coverage
+from segmodels.quality_head import window_features
 from segmodels.sharpmask import window_skips
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "default"
@@ -191,11 +192,13 @@ class Candidate:
 
 @dataclass
 class WindowMask:
-    """Mask logits ``(S, S)`` over a window ``box`` (xyxy image pixels), with its objectness logit."""
+    """Mask logits ``(S, S)`` over a window ``box`` (xyxy image pixels), with its objectness logit and, for a
+    first click's windows with a quality head, the predicted IoU of its mask with the clicked object."""
 
     box: np.ndarray
     logits: np.ndarray
     objectness: float
+    quality: float | None = None
 
 
 def level_input(image: np.ndarray, scale: float) -> tuple[np.ndarray, float, float]:
@@ -689,30 +692,71 @@ class MaskPredictor:
         return cands
 
     def _rank(self, window: WindowMask, pos: np.ndarray, neg: np.ndarray, box: np.ndarray | None) -> float:
-        """Higher is better: every violated point costs more than any objectness difference."""
+        """Higher is better: every violated point costs more than any difference of the window's predicted
+        IoU (when it has one) or objectness."""
         t = self.threshold_logit
         violations = 0
         if len(pos):
             violations += int((sample_window(window.logits, window.box, pos) <= t).sum())
         if len(neg):
             violations += int((sample_window(window.logits, window.box, neg) > t).sum())
-        rank = -100.0 * violations + window.objectness
+        rank = -100.0 * violations + (window.objectness if window.quality is None else window.quality)
         if box is not None:
             mbox = _logit_box(window.logits - t, window.box)
             rank += 20.0 * (_box_iou(mbox, box) if mbox is not None else 0.0)
         return rank
 
     def _point_windows(self, pos: np.ndarray, box: np.ndarray | None) -> list[WindowMask]:
-        """The 3 best-ranked dense windows around the positive points (and their centroid), refined."""
+        """The 3 best-ranked dense windows around the positive points (and their centroid), refined. A lone
+        click without a box, the prompt the quality head was trained on, ranks by its predicted IoU."""
         anchors = np.concatenate([pos, pos.mean(axis=0, keepdims=True)]) if len(pos) > 1 else pos
-        cands = self._prompt_candidates(anchors)
-        coarse = [
-            self._window(c, lg) for c, lg in zip(cands, self.window_logits(cands, refine=False), strict=True)
-        ]
+        cands, coarse = self.coarse_windows(anchors)
+        if self.model.quality_head is not None and len(pos) == 1 and box is None:
+            quality = self.predicted_iou(cands, coarse, pos[0])
+            coarse = [replace(w, quality=float(q)) for w, q in zip(coarse, quality, strict=True)]
         none = np.zeros((0, 2))
-        order = sorted(range(len(cands)), key=lambda n: -self._rank(coarse[n], pos, none, box))
-        best = [cands[n] for n in order[:3]]
-        return [self._window(c, lg) for c, lg in zip(best, self.window_logits(best), strict=True)]
+        order = sorted(range(len(cands)), key=lambda n: -self._rank(coarse[n], pos, none, box))[:3]
+        logits = self.window_logits([cands[n] for n in order])
+        return [replace(coarse[n], logits=lg) for n, lg in zip(order, logits, strict=True)]
+
+    def coarse_windows(self, anchors: np.ndarray) -> tuple[list[Candidate], list[WindowMask]]:
+        """The candidate windows around image-pixel ``anchors (N, 2)`` (:meth:`_prompt_candidates`) and their
+        coarse DeepMask masks."""
+        cands = self._prompt_candidates(anchors)
+        logits = self.window_logits(cands, refine=False)
+        return cands, [self._window(c, lg) for c, lg in zip(cands, logits, strict=True)]
+
+    def quality_inputs(
+        self, cands: list[Candidate], coarse: list[WindowMask], point: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The quality head's inputs for a click at ``point`` (image pixel ``(x, y)``) and its candidate
+        windows with their coarse (DeepMask) masks: embeddings ``(N, 512)`` and features ``(N, F)``
+        (quality_head.window_features)."""
+        feats = self._require_features()
+        embeddings = torch.zeros(len(cands), self.model.config.embed_dim, device=self.device)
+        for li, level in enumerate(feats.levels):
+            idx = [n for n, c in enumerate(cands) if c.level == li]
+            if idx:
+                vec, _ = self.cell_heads(level, [cands[n].row for n in idx], [cands[n].col for n in idx])
+                embeddings[idx] = vec.float()
+        size = (feats.height, feats.width)
+        features = np.stack(
+            [
+                window_features(
+                    w.logits, w.box, point, feats.levels[c.level].sx, w.objectness, size, self.threshold_logit
+                )
+                for c, w in zip(cands, coarse, strict=True)
+            ]
+        )
+        return embeddings, torch.from_numpy(features).to(self.device)
+
+    @torch.no_grad()
+    def predicted_iou(
+        self, cands: list[Candidate], coarse: list[WindowMask], point: np.ndarray
+    ) -> np.ndarray:
+        """The quality head's predicted IoU ``(N,)`` of each candidate window's mask with the object under
+        the click ``point`` (image pixel ``(x, y)``), from its coarse mask ``coarse[n]``."""
+        return self.model.quality_head(*self.quality_inputs(cands, coarse, point)).float().cpu().numpy()
 
 
 def _prompt_key(box: np.ndarray | None, points: np.ndarray, positive: np.ndarray) -> tuple:
