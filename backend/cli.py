@@ -91,7 +91,8 @@ def run_train(args: argparse.Namespace) -> None:
     if args.stage == "quality":
         run_quality_training(args)
         return
-    from segmodels.train import TrainConfig, train
+    from segmodels.train import train
+    from segmodels.train_common import TrainConfig
 
     cfg = TrainConfig(
         stage=args.stage,

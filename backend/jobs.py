@@ -49,9 +49,9 @@ from backend.model_lock import ModelLock
 from backend.settings import Settings
 from backend.versions import open_store
 from backend.working_size import WorkingFeatures, working_image
+from segmodels.device import resolve_device
 from segmodels.geometry import mask_to_polygon, points_to_percent
 from segmodels.predictor import MaskPredictor, load_predictor
-from segmodels.train import resolve_device
 from segmodels.uncertainty import detect_with_uncertainty
 
 log = logging.getLogger(__name__)

@@ -62,7 +62,7 @@ from segmodels.predictor import (
     MaskPredictor,
     detection_scores,
 )
-from segmodels.train import TrainConfig
+from segmodels.train_common import TrainConfig
 from segmodels.train_multipathnet import (
     TapCache,
     class_list,

@@ -54,6 +54,7 @@ from tqdm import tqdm
 
 from segmodels.annotator import click_point, next_click
 from segmodels.data import CocoInstances, Instance, WindowSampler
+from segmodels.device import to_device
 from segmodels.export import detections_to_coco, draw_detections
 from segmodels.geometry import (
     coco_segmentation_to_mask,
@@ -73,7 +74,7 @@ from segmodels.predictor import (
     box_mask,
     load_predictor,
 )
-from segmodels.train import batch_iou, mask_logits, to_device
+from segmodels.train import batch_iou, mask_logits
 
 log = logging.getLogger(__name__)
 

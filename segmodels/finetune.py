@@ -48,11 +48,13 @@ from segmodels.checkpoint import (
     save_checkpoint,
 )
 from segmodels.data import CocoInstances, Instance, WindowSampler
+from segmodels.device import resolve_device
 from segmodels.evaluate import MIN_AREA, evaluate_clicks
 from segmodels.model import SegmentationModel
 from segmodels.predictor import MaskPredictor, load_predictor
-from segmodels.train import STAGES, TrainConfig, parameter_groups, resolve_device, train_step
+from segmodels.train import parameter_groups, train_step
 from segmodels.train_clicks import ClickTrainConfig, fit_click_head
+from segmodels.train_common import STAGES, TrainConfig
 from segmodels.train_multipathnet import (
     TapCache,
     class_list,
@@ -96,7 +98,8 @@ class FinetuneConfig:
     ``(B, 3, 192, 192)`` crops per step of the mask stages; ``multipathnet_batch_size``: RoIs per step
     (``// 16`` images of 64 RoIs each, as ``segmask train multipathnet``). ``lr`` (mask stages; the trunk's
     top gets 10x less, from ``trunk_trainable_from`` up, None freezing the trunk) and ``multipathnet_lr``
-    peak after a short warm-up and decay along a cosine within each stage (``train.lr_at``), with AdamW.
+    peak after a short warm-up and decay along a cosine within each stage (``train_common.lr_at``), with
+    AdamW.
     ``compact``: large matrices stored as float16 (half the size of a model version).
     """
 

@@ -1,9 +1,7 @@
-"""Training stages: ``deepmask`` (trunk top + DeepMask heads) and ``sharpmask`` (refinement, the rest frozen).
+"""Training stages ``deepmask`` (trunk top + DeepMask heads) and ``sharpmask`` (refinement, the rest frozen),
+and :func:`train`, the entry point that runs any stage (``multipathnet`` in train_multipathnet.py).
 
-Resumable: every ``checkpoint_every`` steps the model, optimiser, step and RNG states are written atomically
-to ``OUT/state.safetensors`` + ``OUT/state.json``; running the same command again continues from there.
-The finished model is written as a checkpoint (``OUT/model.safetensors`` + ``OUT/model.json``), with a PNG
-of the loss and validation curves (``OUT/curves.png``).
+Resumable, with the state, curves and checkpoint written as train_common.py describes.
 
 Optimiser: AdamW with a cosine schedule instead of the paper's SGD (lr 1e-3, 300 epochs of 128k samples on
 80k images): our budget is minutes of CPU on ~80 images, and Adam needs no per-stage learning-rate tuning.
@@ -11,67 +9,32 @@ Optimiser: AdamW with a cosine schedule instead of the paper's SGD (lr 1e-3, 300
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import platform
-import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from segmodels.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint, save_tensors
+from segmodels.checkpoint import load_checkpoint
 from segmodels.data import CocoInstances, WindowSampler
 from segmodels.deepmask import mask_loss, score_loss
+from segmodels.device import resolve_device, to_device
 from segmodels.model import ModelConfig, SegmentationModel
 from segmodels.sharpmask import window_skips
+from segmodels.train_common import (
+    STAGES,
+    STATE_JSON,
+    TrainConfig,
+    load_state,
+    lr_at,
+    record_epoch,
+    save_final,
+    save_state,
+)
+from segmodels.train_multipathnet import train_multipathnet
 
 log = logging.getLogger(__name__)
-STAGES = ("deepmask", "sharpmask", "multipathnet")
-STATE_TENSORS = "state.safetensors"
-STATE_JSON = "state.json"
-
-
-@dataclass
-class TrainConfig:
-    stage: str
-    data: str
-    out: str
-    init: str | None = None
-    backbone: str = "mobilenet_v2"
-    epochs: int = 20
-    steps_per_epoch: int = 200
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 5e-4
-    trunk_trainable_from: str | None = "s16"
-    seed: int = 0
-    device: str = "auto"
-    augment: bool = True
-    val_samples: int = 256
-    checkpoint_every: int = 100
-    compact: bool = False
-    stop_after_steps: int | None = None
-
-    @property
-    def total_steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Images in channels-last layout, ~1.3x faster for the trunk's convolutions on CPU."""
-    return images.to(device).contiguous(memory_format=torch.channels_last)
 
 
 def build_model(cfg: TrainConfig) -> tuple[SegmentationModel, dict]:
@@ -175,100 +138,6 @@ class Validation:
         }
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over 2% of the steps, then cosine decay to 1% of ``lr``."""
-    warm = max(1, cfg.total_steps // 50)
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    t = (step - warm) / max(1, cfg.total_steps - warm)
-    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def save_state(out: Path, model, optimizer, step: int, rng: np.random.Generator, history: list, cfg) -> None:
-    """Model, optimiser, step, RNG states and history, written atomically (see module docstring)."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    opt = optimizer.state_dict()
-    for pid, st in opt["state"].items():
-        for name, value in st.items():
-            tensors[f"optim.{pid}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    tensors["torch_rng"] = torch.get_rng_state()
-    save_tensors(out / STATE_TENSORS, tensors)
-    atomic_write_json(
-        out / STATE_JSON,
-        {
-            "step": step,
-            "config": asdict(cfg),
-            "numpy_rng": rng.bit_generator.state,
-            "history": history,
-            "param_groups": opt["param_groups"],
-        },
-    )
-
-
-def load_state(out: Path, model, optimizer, rng: np.random.Generator) -> tuple[int, list]:
-    from safetensors.torch import load_file
-
-    meta = json.loads((out / STATE_JSON).read_text())
-    tensors = load_file(out / STATE_TENSORS)
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["torch_rng"])
-    rng.bit_generator.state = meta["numpy_rng"]
-    return meta["step"], meta["history"]
-
-
-def record_epoch(
-    history: list[dict],
-    running: dict[str, list[float]],
-    step: int,
-    seconds: float,
-    metrics: dict,
-    out: Path,
-    stage: str,
-) -> dict[str, list[float]]:
-    """Append an epoch's mean training losses and validation ``metrics`` to ``history``, log them, redraw
-    ``out/curves.png``; returns emptied running lists for the next epoch."""
-    record = {"step": step, "seconds": seconds}
-    record.update({k: float(np.mean(v)) if v else None for k, v in running.items()})
-    record.update(metrics)
-    history.append(record)
-    log.info("step %d: %s", step, {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
-    plot_curves(history, out / "curves.png", f"{stage} training")
-    return {k: [] for k in running}
-
-
-def plot_curves(history: list[dict], path: Path, title: str) -> None:
-    """Losses (log scale, left) and validation metrics (right) against the step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    steps = [h["step"] for h in history]
-    keys = [k for k in history[-1] if k not in ("step", "seconds")]
-    for key in keys:
-        vals = [h.get(key) for h in history]
-        if any(v is not None for v in vals):
-            (ax1 if "loss" in key else ax2).plot(steps, vals, label=key)
-    ax1.set_xlabel("step")
-    ax1.set_yscale("log")
-    ax1.legend()
-    ax2.set_xlabel("step")
-    ax2.set_ylim(0, 1)
-    ax2.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 def train_step(
     model: SegmentationModel,
     optimizer: torch.optim.Optimizer,
@@ -305,8 +174,6 @@ def train(cfg: TrainConfig) -> Path | None:
     if cfg.stage not in STAGES:
         raise ValueError(f"unknown stage {cfg.stage!r}; choose one of {STAGES}")
     if cfg.stage == "multipathnet":
-        from segmodels.train_multipathnet import train_multipathnet
-
         return train_multipathnet(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -348,25 +215,3 @@ def train(cfg: TrainConfig) -> Path | None:
         log.info("stopped at step %d of %d; run the same command again to resume", step, cfg.total_steps)
         return None
     return save_final(model, cfg, init_meta, history, device)
-
-
-def save_final(model: SegmentationModel, cfg: TrainConfig, init_meta: dict, history: list, device) -> Path:
-    """Write the trained checkpoint to ``cfg.out``: stages so far, and this stage's command, config, time,
-    hardware and final validation figures next to those of the stages it started from."""
-    model.eval()
-    stages = [s for s in init_meta.get("stages", []) if s != cfg.stage] + [cfg.stage]
-    meta = {
-        "stages": stages,
-        "training": {
-            **init_meta.get("training", {}),
-            cfg.stage: {
-                "command": " ".join(["segmask", *sys.argv[1:]]) if sys.argv else "",
-                "config": asdict(cfg),
-                "seconds": history[-1]["seconds"] if history else 0.0,
-                "hardware": f"{platform.machine()} {torch.device(device)} x{torch.get_num_threads()} threads",
-                "final": history[-1] if history else {},
-            },
-        },
-        "metrics": init_meta.get("metrics", {}),
-    }
-    return save_checkpoint(model, cfg.out, meta, compact=cfg.compact)

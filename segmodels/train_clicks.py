@@ -34,7 +34,7 @@ from segmodels.backbones import fold_batchnorm
 from segmodels.checkpoint import load_checkpoint, save_checkpoint
 from segmodels.click_head import CROP, OBJECT_SHARE, ClickHead, click_maps
 from segmodels.data import CocoInstances, Instance, crop_mask, crop_window, photometric_jitter, to_tensor
-from segmodels.train import resolve_device, to_device
+from segmodels.device import resolve_device, to_device
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from segmodels.checkpoint import atomic_write_json, load_checkpoint
 from segmodels.data import CocoInstances, Instance, to_tensor
+from segmodels.device import resolve_device
 from segmodels.geometry import mask_to_box, masks_iou_matrix
 from segmodels.model import SegmentationModel
 from segmodels.multipathnet import (
@@ -38,13 +39,12 @@ from segmodels.multipathnet import (
     mask_coverage,
 )
 from segmodels.predictor import PAD, MaskPredictor, box_mask, level_input
-from segmodels.train import (
+from segmodels.train_common import (
     STATE_JSON,
     TrainConfig,
     load_state,
     lr_at,
     record_epoch,
-    resolve_device,
     save_final,
     save_state,
 )

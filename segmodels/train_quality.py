@@ -32,9 +32,9 @@ from tqdm import tqdm
 from segmodels.annotator import boundary_distance, click_point
 from segmodels.checkpoint import load_checkpoint, save_checkpoint
 from segmodels.data import CocoInstances
+from segmodels.device import resolve_device
 from segmodels.predictor import MaskPredictor, paste_window
 from segmodels.quality_head import FEATURES, QualityHead
-from segmodels.train import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ import torch
 
 from segmodels.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from segmodels.model import ModelConfig, SegmentationModel
-from segmodels.train import TrainConfig, train
+from segmodels.train import train
+from segmodels.train_common import TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -37,8 +37,8 @@ from backend.prompt_limits import check_prompt_size
 from backend.settings import Settings
 from backend.working_size import WorkingFeatures, working_image
 from segmodels.checkpoint import read_metadata
+from segmodels.device import resolve_device
 from segmodels.predictor import Detection, MaskPredictor, load_predictor
-from segmodels.train import resolve_device
 
 log = logging.getLogger(__name__)
 
