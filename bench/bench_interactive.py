@@ -13,7 +13,9 @@ by corrective clicks, at most 20 interactions each. Variants (``--variants`` pic
 - ``click head: box threshold 0.5``: the box threshold as before;
 - ``click head: three box zooms``: box windows at 0.8, 1 and 1.25 of the canonical scale, the one whose
   mask's tight box fits the box best;
-- ``click head: box fallback 0.7``: the filled box when the mask's tight box fits the box by IoU < 0.7.
+- ``click head: box fallback 0.7``: the filled box when the mask's tight box fits the box by IoU < 0.7;
+- ``click head: box unrefined``: the box's mask without the click head's step over the whole box (the
+  default refines it, keeping the refined mask when its tight box fits the box at least as well).
 
 Prints a table (mIoU@1/@3/@5 with standard errors, NoC@85/@90, never reaching 0.85, box mIoU, box then
 clicks) and writes ``bench/results/interactive-SPLIT.json``::
@@ -51,6 +53,7 @@ def variants(before: Path, after: Path) -> dict[str, tuple[Path, dict]]:
         "click head: box threshold 0.5": (after, {"box_threshold": 0.5}),
         "click head: three box zooms": (after, {"box_zooms": (0.8, 1.0, 1.25)}),
         "click head: box fallback 0.7": (after, {"box_min_fit": 0.7}),
+        "click head: box unrefined": (after, {"refine_box": False}),
     }
 
 

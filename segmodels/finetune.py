@@ -11,7 +11,12 @@ model, with their own step functions (``train.train_step``, ``train_multipathnet
    from the data's instances that have a mask (box-only annotations are objectness positives only);
 2. ``sharpmask``: the refinement modules, the rest frozen (only when the checkpoint has that stage);
    then ``clicks``: the click head with iterative click simulation on the trunk as steps 1-2 left it
-   (``train_clicks.fit_click_head``; only when the checkpoint has a click head);
+   (``train_clicks.fit_click_head``; only when the checkpoint has a click head); then ``quality``: the
+   quality head continues training, with its input standardisation kept, on first-click candidates of
+   the data's instances from the model of steps 1-2 (``train_quality``: the annotator's click and
+   ``quality_extra_clicks`` random interior ones per instance, no mirror images; only when the checkpoint
+   has a quality head): the windows' embeddings change with DeepMask, and a head left as it was would
+   rank them by a stale picture of them;
 3. ``proposals``: top-100 refined proposals of every training image from the model of steps 1-2;
 4. ``multipathnet``: the label heads on the frozen trunk, for the data's label set (below).
 
@@ -66,10 +71,11 @@ from segmodels.train_multipathnet import (
     rois_of_image,
     usable_rois,
 )
+from segmodels.train_quality import QualityTrainConfig, collect_samples, fit_quality_head
 
 log = logging.getLogger(__name__)
 # The stages a fine-tuning job trains, in order (the click head is trained on the trunk the mask stages left).
-FINETUNE_STAGES = (*STAGES[:2], "clicks", *STAGES[2:])
+FINETUNE_STAGES = (*STAGES[:2], "clicks", "quality", *STAGES[2:])
 
 Progress = Callable[[str, float], None]
 # Expected seconds per unit of work (a step, or an image's proposals) for the job's progress fraction and
@@ -79,6 +85,8 @@ UNIT_SECONDS = {
     "deepmask": 0.28,
     "sharpmask": 0.3,
     "clicks": 0.7,
+    "quality_samples": 1.2,
+    "quality": 0.01,
     "proposals": 0.93,
     "multipathnet": 0.19,
     "saving": 0.5,
@@ -107,6 +115,9 @@ class FinetuneConfig:
     sharpmask_steps: int = 40
     click_steps: int = 30
     click_lr: float = 3e-4
+    quality_steps: int = 200
+    quality_lr: float = 3e-4
+    quality_extra_clicks: int = 1
     multipathnet_steps: int = 250
     batch_size: int = 16
     multipathnet_batch_size: int = 64
@@ -118,6 +129,7 @@ class FinetuneConfig:
     train_deepmask: bool = True
     train_sharpmask: bool = True
     train_clicks: bool = True
+    train_quality: bool = True
     train_multipathnet: bool = True
     seed: int = 0
     device: str = "auto"
@@ -304,6 +316,43 @@ def train_label_stage(
     return {**tail_means(parts), **label_fit}
 
 
+def train_quality_stage(
+    model: SegmentationModel, refined: bool, dataset: CocoInstances, cfg: FinetuneConfig, job: JobProgress
+) -> dict[str, float]:
+    """``cfg.quality_steps`` steps of the quality head on the first-click candidates of ``dataset``'s
+    instances from (a copy of) ``model`` (module docstring); returns the mean loss over the last quarter of
+    the steps (empty when no instance is large enough to train on)."""
+    device = resolve_device(cfg.device)
+    quality_cfg = QualityTrainConfig(
+        str(dataset.root),
+        "",
+        "",
+        extra_clicks=cfg.quality_extra_clicks,
+        flips=False,
+        steps=cfg.quality_steps,
+        lr=cfg.quality_lr,
+        seed=cfg.seed,
+        device=cfg.device,
+    )
+    # The predictor folds the trunk's BatchNorm in place: it gets a copy.
+    predictor = MaskPredictor(copy.deepcopy(model), {"stages": ["sharpmask"] if refined else []}, device)
+    job.start("quality_samples")
+    try:
+        samples = collect_samples(predictor, dataset, quality_cfg, job.advance)
+    except ValueError as error:
+        log.warning("the quality head is not trained: %s", error)
+        return {}
+    finally:
+        del predictor
+    # The mask stages freeze what they do not train; the head trains here.
+    model.quality_head.to(device).requires_grad_(True)
+    job.start("quality")
+    curve = fit_quality_head(
+        model.quality_head, samples, quality_cfg, lambda loss: job.advance(loss), standardise=False
+    )
+    return tail_means({"quality_loss": curve})
+
+
 # ---- the job -------------------------------------------------------------------------------------------
 def plan_stages(cfg: FinetuneConfig, init_stages: Sequence[str], dataset: CocoInstances) -> dict[str, int]:
     """Units of work per stage that will run (in order): steps, or images for ``proposals``.
@@ -318,6 +367,9 @@ def plan_stages(cfg: FinetuneConfig, init_stages: Sequence[str], dataset: CocoIn
         plan["sharpmask"] = cfg.sharpmask_steps
     if cfg.train_clicks and masked and "clicks" in init_stages and cfg.click_steps > 0:
         plan["clicks"] = cfg.click_steps
+    if cfg.train_quality and masked and "quality" in init_stages and cfg.quality_steps > 0:
+        plan["quality_samples"] = len(dataset)
+        plan["quality"] = cfg.quality_steps
     if cfg.train_multipathnet and dataset.instances and cfg.multipathnet_steps > 0:
         plan["proposals"] = len(dataset)
         plan["multipathnet"] = cfg.multipathnet_steps
@@ -356,9 +408,10 @@ def finetune(
     files appear atomically, so a job that fails (or is killed) leaves no checkpoint there.
 
     ``progress(stage, fraction)``: called when a stage starts (``loading``, ``deepmask``, ``sharpmask``,
-    ``proposals``, ``multipathnet``, ``saving``) and after every 1% of the whole job, with the fraction of
-    the job done (weighted by expected time), which never decreases and ends at exactly 1.0; an exception it
-    raises aborts the job (nothing is written). A tqdm bar shows the same.
+    ``clicks``, ``quality_samples``, ``quality``, ``proposals``, ``multipathnet``, ``saving``) and after
+    every 1% of the whole job, with the fraction of the job done (weighted by expected time), which never
+    decreases and ends at exactly 1.0; an exception it raises aborts the job (nothing is written). A tqdm
+    bar shows the same.
 
     The checkpoint's metadata keeps the ``training`` record of ``init`` and adds ``training.finetune``: init
     path and version, data path, image ids, instance counts, classes kept/new, steps and seconds per stage,
@@ -447,6 +500,10 @@ def run_stages(
         )
         losses["clicks"] = tail_means({"click_loss": curve})
         seconds["clicks"] = time.monotonic() - t0
+    if "quality" in plan:
+        t0 = time.monotonic()
+        losses["quality"] = train_quality_stage(model, "sharpmask" in init_stages, dataset, cfg, job)
+        seconds["quality"] = time.monotonic() - t0
     kept: list[str] = []
     if model.multipathnet is not None or "multipathnet" in plan:
         names, ids = class_list(dataset)

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 import torch
 
+from segmodels.annotator import click_point
 from segmodels.backbones import fold_batchnorm
 from segmodels.checkpoint import load_checkpoint
 from segmodels.click_head import CROP, click_maps, crop_points, zoom_window
@@ -259,6 +260,11 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def _mask_box_fit(mask: np.ndarray, box: np.ndarray) -> float:
+    """IoU of ``mask``'s tight box with ``box`` (xyxy pixels); -1 for an empty mask."""
+    return _box_iou(mask_to_box(mask), box) if mask.any() else -1.0
+
+
 def _logit_box(logits: np.ndarray, box: np.ndarray) -> np.ndarray | None:
     """Image-pixel xyxy box of the positive window logits, or None when the window mask is empty."""
     ys, xs = np.nonzero(logits > 0)
@@ -294,6 +300,7 @@ class MaskPredictor:
         box_zooms: tuple[float, ...] = BOX_ZOOMS,
         box_min_fit: float = BOX_MIN_FIT,
         refine_first_click: bool = True,
+        refine_box: bool = True,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
@@ -309,6 +316,7 @@ class MaskPredictor:
         self.box_threshold_logit = math.log(box_threshold / (1 - box_threshold))
         self.box_zooms, self.box_min_fit = tuple(box_zooms), box_min_fit
         self.refine_first_click = refine_first_click
+        self.refine_box = refine_box
         self.features: ImageFeatures | None = None
 
     # ---- image features -------------------------------------------------------------------------------
@@ -616,26 +624,37 @@ class MaskPredictor:
         """The object in ``box`` (xyxy pixels): of the windows centred on the box at
         ``box_zooms`` of the canonical scale, the mask (at the box threshold, clipped to the box) whose
         tight box best matches ``box``; the filled box when every mask is empty or none matches it by IoU
-        >= ``box_min_fit``."""
+        >= ``box_min_fit``. With a click head and ``refine_box``, one step of the head over the whole box
+        (a positive click at that mask's deepest point) refines it, kept when its tight box fits ``box`` at
+        least as well."""
         feats = self._require_features()
         inside = box_mask(box, feats.height, feats.width)
         best, fit = Mask(inside, 0.0), -1.0
         for zoom in self.box_zooms:
             candidate = self._to_mask(self.box_window(box, zoom), self.box_threshold_logit)
             candidate.mask &= inside
-            score = _box_iou(mask_to_box(candidate.mask), box) if candidate.mask.any() else -1.0
+            score = _mask_box_fit(candidate.mask, box)
             if score > fit:
                 best, fit = candidate, score
-        return best if fit >= self.box_min_fit else Mask(inside, 0.0)
+        best = best if fit >= self.box_min_fit else Mask(inside, 0.0)
+        if self.model.click_head is None or not self.refine_box:
+            return best
+        seed = click_point(best.mask) if best.mask.any() else ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+        refined = self.correct(best.mask, np.array([seed], np.float64), np.ones(1, bool), region=box)
+        refined.mask &= inside
+        return refined if _mask_box_fit(refined.mask, box) >= _mask_box_fit(best.mask, box) else best
 
     @torch.no_grad()
-    def correct(self, previous: np.ndarray, points: np.ndarray, positive: np.ndarray) -> Mask:
+    def correct(
+        self, previous: np.ndarray, points: np.ndarray, positive: np.ndarray, region: np.ndarray | None = None
+    ) -> Mask:
         """One step of the click head: ``previous (H, W) bool`` mask, every click so far ``points (N, 2)``
         pixel (x, y) with ``positive (N,)`` bool -> the new mask, scored by its pixels' mean probability.
-        The head sees the zoom window of the previous mask and the clicks (click_head.zoom_window); pixels
-        outside it keep their previous value."""
+        The head sees the zoom window of ``region`` (xyxy pixels; default: the previous mask's tight box)
+        and the clicks (click_head.zoom_window); pixels outside it keep their previous value."""
         feats = self._require_features()
-        region = mask_to_box(previous) if previous.any() else None
+        if region is None:
+            region = mask_to_box(previous) if previous.any() else None
         centre, scale = zoom_window(region, points)
         crop = crop_window(feats.pyramid, centre, scale, size=CROP)
         taps = self.model.trunk(

@@ -111,15 +111,20 @@ def click_samples(
 
 
 def collect_samples(
-    predictor: MaskPredictor, dataset: CocoInstances, config: QualityTrainConfig
+    predictor: MaskPredictor,
+    dataset: CocoInstances,
+    config: QualityTrainConfig,
+    on_image: Callable[[], None] | None = None,
 ) -> QualitySamples:
     """Every training click's candidates (see the module docstring), the trunk, DeepMask and SharpMask
-    frozen."""
+    frozen; ``on_image()`` after each image. ``ValueError`` when no instance qualifies."""
     rng = np.random.default_rng(config.seed)
     rows: list[tuple[torch.Tensor, torch.Tensor, np.ndarray, int]] = []
     indices = sorted(range(len(dataset)), key=lambda i: dataset.images[i]["id"])[: config.max_images]
     for index in tqdm(indices, desc="quality samples", unit="image", dynamic_ncols=True):
         instances = [i for i in dataset.instances_by_image[index] if i.has_mask and i.area > config.min_area]
+        if on_image is not None:
+            on_image()
         if not instances:
             continue
         image = dataset.image(index)
@@ -151,12 +156,15 @@ def fit_quality_head(
     samples: QualitySamples,
     config: QualityTrainConfig,
     on_step: Callable[[float], None] | None = None,
+    standardise: bool = True,
 ) -> list[float]:
-    """Standardise and train ``head`` in place for ``config.steps`` steps (see the module docstring);
-    ``on_step(loss)`` after each. Returns the loss of every step."""
+    """Train ``head`` in place for ``config.steps`` steps (see the module docstring), after fitting its input
+    standardisation to ``samples`` when ``standardise`` (a head that continues training keeps its own);
+    ``on_step(loss)`` after each step. Returns the loss of every step."""
     device = next(head.parameters()).device
     valid = samples.valid
-    head.standardise(samples.embeddings[valid].to(device), samples.features[valid].to(device))
+    if standardise:
+        head.standardise(samples.embeddings[valid].to(device), samples.features[valid].to(device))
     rng = np.random.default_rng(config.seed)
     by_instance = samples.clicks_by_instance
     optimiser = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)

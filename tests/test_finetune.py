@@ -27,6 +27,7 @@ TINY = FinetuneConfig(
     deepmask_steps=2,
     sharpmask_steps=2,
     click_steps=2,
+    quality_steps=2,
     multipathnet_steps=3,
     batch_size=4,
     device="cpu",
@@ -144,12 +145,13 @@ def test_finetune_writes_a_checkpoint_of_the_datasets_classes(tuned, project: Pa
         "deepmask",
         "sharpmask",
         "clicks",
+        "quality",
         "multipathnet",
     ]
-    assert record["steps"] == {"deepmask": 2, "sharpmask": 2, "clicks": 2, "multipathnet": 3}
+    assert record["steps"] == {"deepmask": 2, "sharpmask": 2, "clicks": 2, "quality": 2, "multipathnet": 3}
     assert record["classes"] == {"kept": ["Person"], "new": ["widget", "gadget"]}
     assert record["data"] == str(project.resolve()) and record["seconds"]["total"] > 0
-    assert meta["stages"] == ["deepmask", "sharpmask", "clicks", "multipathnet"]
+    assert meta["stages"] == ["deepmask", "sharpmask", "clicks", "quality", "multipathnet"]
     assert "deepmask" in meta["training"] and "version" not in meta
 
 
@@ -164,6 +166,16 @@ def test_finetune_trains_the_click_head(tuned):
         if v.is_floating_point()
     ]
     assert any(changed)
+
+
+@pytest.mark.slow
+def test_finetune_trains_the_quality_head_on_its_own_standardisation(tuned):
+    out, _ = tuned
+    before, _ = load_checkpoint(DEFAULT_CHECKPOINT)
+    after, _ = load_checkpoint(out)
+    old, new = before.quality_head.state_dict(), after.quality_head.state_dict()
+    assert torch.equal(new["shift"], old["shift"]) and torch.equal(new["scale"], old["scale"])
+    assert any(not torch.equal(new[k], old[k]) for k in old if k.startswith("mlp."))
 
 
 @pytest.mark.slow
@@ -185,7 +197,17 @@ def test_finetune_reports_progress_up_to_one(tuned):
     fractions = [f for _, f in calls]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and 0.0 <= fractions[0] < 0.1
     stages = list(dict.fromkeys(s for s, _ in calls))
-    assert stages == ["loading", "deepmask", "sharpmask", "clicks", "proposals", "multipathnet", "saving"]
+    assert stages == [
+        "loading",
+        "deepmask",
+        "sharpmask",
+        "clicks",
+        "quality_samples",
+        "quality",
+        "proposals",
+        "multipathnet",
+        "saving",
+    ]
 
 
 def test_a_failure_midway_leaves_nothing_at_out(project: Path, tmp_path: Path):
