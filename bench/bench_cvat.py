@@ -37,6 +37,7 @@ from nuclio_sdk.test import Platform
 from backend.jobs import Runtime
 from backend.settings import Settings
 from segmodels.annotator import click_point
+from segmodels.data import in_split
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "cvat.json"
@@ -108,7 +109,7 @@ def main() -> None:
     os.environ.setdefault("SEGMASK_DEVICE", "cpu")
 
     coco = json.loads((DATA / "instances.json").read_text())
-    images = [im for im in sorted(coco["images"], key=lambda im: im["id"]) if im["id"] % 5 == 0]
+    images = [im for im in sorted(coco["images"], key=lambda im: im["id"]) if in_split(im["id"], "val")]
     images = [im for im in images if objects_of(im, coco)][: args.images]
 
     nuclio, handler = Platform(), load_interactor()

@@ -30,7 +30,9 @@ from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
+from backend.cli import ALLOCATOR_ENV
 from backend.settings import DEFAULT_DATA_DIR
+from segmodels.data import in_split
 from segmodels.finetune import FinetuneConfig, compare, finetune
 from segmodels.predictor import DEFAULT_CHECKPOINT
 
@@ -38,7 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = DEFAULT_DATA_DIR
 OUT = REPO / "bench" / "results" / "finetune.json"
 PROJECT = {"person": "person", "car": "car", "chair": "chair", "cup": "cup", "dog": "puppy"}
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 
 
 def project_dataset(root: Path, n_images: int) -> tuple[Path, list[int], list[int]]:
@@ -50,8 +51,8 @@ def project_dataset(root: Path, n_images: int) -> tuple[Path, list[int], list[in
     for a in anns:
         a["category_id"] = labels.index(PROJECT[names[a["category_id"]]]) + 1
     counts = Counter(a["image_id"] for a in anns)
-    train = sorted((i for i in counts if i % 5), key=lambda i: (-counts[i], i))[:n_images]
-    heldout = sorted(i for i in counts if i % 5 == 0)
+    train = sorted((i for i in counts if in_split(i, "train")), key=lambda i: (-counts[i], i))[:n_images]
+    heldout = sorted(i for i in counts if in_split(i, "val"))
     keep = set(train) | set(heldout)
     subset = {
         "images": [im for im in coco["images"] if im["id"] in keep],

@@ -38,9 +38,11 @@ import redis
 import requests
 from rq import Queue, Worker
 
+from backend.cli import ALLOCATOR_ENV
 from backend.jobs import Runtime
 from backend.settings import DEFAULT_DATA_DIR, Settings
 from segmodels.annotator import click_point
+from segmodels.data import in_split
 from segmodels.evaluate import grabcut_mask
 from segmodels.geometry import coco_segmentation_to_mask, mask_to_box
 
@@ -48,7 +50,6 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = DEFAULT_DATA_DIR
 LS_REQUESTS = REPO / "tests" / "fixtures" / "label-studio-requests"  # recorded from Label Studio 1.23.2
 DEFAULT_OUT = REPO / "bench" / "results" / "http.json"
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 PATHS = ("in-process", "http embedded", "http + rq")
 
 log = logging.getLogger("bench_http")
@@ -216,7 +217,7 @@ def main() -> None:
 
     coco = json.loads((DATA / "instances.json").read_text())
     template = json.loads((LS_REQUESTS / "predict-interactive-keypoint.json").read_text())["json"]
-    images = [im for im in sorted(coco["images"], key=lambda im: im["id"]) if im["id"] % 5 == 0]
+    images = [im for im in sorted(coco["images"], key=lambda im: im["id"]) if in_split(im["id"], "val")]
     images = [im for im in images if objects_of(im, coco)][: args.images]
 
     logs = REPO / "bench" / "results" / "http-logs"

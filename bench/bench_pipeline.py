@@ -45,6 +45,7 @@ import cv2
 import numpy as np
 import torch
 
+from backend.cli import ALLOCATOR_ENV
 from backend.settings import DEFAULT_DATA_DIR
 from segmodels.geometry import coco_segmentation_to_mask, mask_iou, mask_to_box
 from segmodels.predictor import (
@@ -59,8 +60,6 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = DEFAULT_DATA_DIR
 DEFAULT_OUT = REPO / "bench" / "results" / "pipeline.json"
 IMAGE_SIZE = (640, 480)  # width, height
-# glibc malloc tuning (docs/targets.md: 1.5-3x on large inputs); glibc reads these only at process start.
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 REEXEC_MARK = "SEGMASK_BENCH_REEXEC"
 RECORDED_ENV_PREFIXES = ("MALLOC_", "LD_PRELOAD", "OMP_", "MKL_", "KMP_", "GOMP_", "ONEDNN_", "DNNL_")
 
