@@ -31,7 +31,6 @@ at most two minutes, proposals included: 72-91 s measured (bench/README.md, benc
 
 from __future__ import annotations
 
-import copy
 import logging
 import platform
 import shutil
@@ -284,8 +283,7 @@ def train_label_stage(
     and the label head's fit (empty when no image has an instance)."""
     device = resolve_device(cfg.device)
     labels = {cid: n + 1 for n, cid in enumerate(model.config.class_ids)}
-    # The predictor folds the trunk's BatchNorm in place: it gets a copy.
-    proposer = MaskPredictor(copy.deepcopy(model), {"stages": ["sharpmask"] if refined else []}, device)
+    proposer = MaskPredictor(model, {"stages": ["sharpmask"] if refined else []}, device)
     job.start("proposals")
     rois = []
     for index in range(len(dataset)):
@@ -334,8 +332,7 @@ def train_quality_stage(
         seed=cfg.seed,
         device=cfg.device,
     )
-    # The predictor folds the trunk's BatchNorm in place: it gets a copy.
-    predictor = MaskPredictor(copy.deepcopy(model), {"stages": ["sharpmask"] if refined else []}, device)
+    predictor = MaskPredictor(model, {"stages": ["sharpmask"] if refined else []}, device)
     job.start("quality_samples")
     try:
         samples = collect_samples(predictor, dataset, quality_cfg, job.advance)

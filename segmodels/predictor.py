@@ -10,6 +10,7 @@ embedding. Each pyramid level is padded by ``PAD`` grey pixels so windows can be
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
@@ -285,8 +286,9 @@ def _logit_box(logits: np.ndarray, box: np.ndarray) -> np.ndarray | None:
 class MaskPredictor:
     """DeepMask proposals refined by SharpMask, with a prompt-driven choice of window for interactive use.
 
-    The predictor takes ownership of ``model``: its trunk's BatchNorm is folded into the convolutions and
-    it is switched to channels-last. SharpMask refines masks when the checkpoint metadata lists that stage.
+    The predictor works on its own copy of ``model`` (the caller's is left as it was): the copy's trunk
+    BatchNorm is folded into the convolutions and it is switched to channels-last. SharpMask refines masks
+    when the checkpoint metadata lists that stage.
     """
 
     def __init__(
@@ -303,7 +305,7 @@ class MaskPredictor:
         refine_box: bool = True,
     ) -> None:
         self.device = torch.device(device)
-        self.model = model.eval().to(self.device)
+        self.model = copy.deepcopy(model).eval().to(self.device)
         fold_batchnorm(self.model.trunk)
         mpn = self.model.multipathnet
         if mpn is not None and mpn.label_head is not None:

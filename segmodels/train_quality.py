@@ -16,7 +16,6 @@ over every candidate of the drawn clicks.
 
 from __future__ import annotations
 
-import copy
 import logging
 import platform
 import time
@@ -199,8 +198,7 @@ def train_quality_head(config: QualityTrainConfig) -> Path:
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     model, meta = load_checkpoint(config.init, device)
-    # The predictor folds the trunk's BatchNorm in place; the saved model keeps its own.
-    predictor = MaskPredictor(copy.deepcopy(model), meta, device)
+    predictor = MaskPredictor(model, meta, device)
     dataset = CocoInstances(config.data, config.split)
     start = time.perf_counter()
     samples = collect_samples(predictor, dataset, config)

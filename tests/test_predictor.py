@@ -29,6 +29,15 @@ def test_segment_before_set_image_is_an_error():
         predictor.segment([[10, 10]], [1])
 
 
+def test_a_predictor_leaves_the_callers_model_as_it_was():
+    torch.manual_seed(0)
+    model = SegmentationModel(ModelConfig())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    MaskPredictor(model, scales=(1.0,))
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_non_rgb_images_are_refused(untrained):
     with pytest.raises(ValueError, match="uint8 RGB"):
         untrained.set_image(np.zeros((10, 10), np.uint8))
