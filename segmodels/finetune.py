@@ -341,8 +341,7 @@ def train_quality_stage(
         return {}
     finally:
         del predictor
-    # The mask stages freeze what they do not train; the head trains here.
-    model.quality_head.to(device).requires_grad_(True)
+    model.quality_head.to(device)
     job.start("quality")
     curve = fit_quality_head(
         model.quality_head, samples, quality_cfg, lambda loss: job.advance(loss), standardise=False

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,10 +30,11 @@ from tqdm import tqdm
 
 from segmodels.annotator import boundary_distance, deepest_point, next_click
 from segmodels.backbones import fold_batchnorm
-from segmodels.checkpoint import load_checkpoint, save_checkpoint
+from segmodels.checkpoint import load_checkpoint
 from segmodels.click_head import CROP, OBJECT_SHARE, ClickHead, click_maps
 from segmodels.data import CocoInstances, Instance, crop_mask, crop_window, photometric_jitter, to_tensor
 from segmodels.device import resolve_device, to_device
+from segmodels.train_common import fit_head, save_with_head
 
 log = logging.getLogger(__name__)
 
@@ -172,24 +172,15 @@ def fit_click_head(
     device = next(head.parameters()).device
     frozen = fold_batchnorm(copy.deepcopy(trunk)).eval().to(device, memory_format=torch.channels_last)
     frozen.requires_grad_(False)
-    head.requires_grad_(True)
     sampler = ClickSampler(dataset, config.min_area, config.paste_probability, config.seed)
-    optimiser = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=config.lr, total_steps=config.steps, pct_start=0.05
+    return fit_head(
+        head,
+        lambda: _step(head, frozen, sampler, config, device),
+        config.steps,
+        config.lr,
+        config.weight_decay,
+        on_step,
     )
-    curve: list[float] = []
-    for _ in range(config.steps):
-        loss = _step(head, frozen, sampler, config, device)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        curve.append(loss.item())
-        if on_step is not None:
-            on_step(curve[-1])
-    head.eval()
-    return curve
 
 
 def train_click_head(config: ClickTrainConfig) -> Path:
@@ -211,20 +202,8 @@ def train_click_head(config: ClickTrainConfig) -> Path:
         curve = fit_click_head(model.click_head, model.trunk, dataset, config, advance)
     seconds = time.perf_counter() - start
     log.info("click head: %d steps in %.0f s, final loss %.3f", config.steps, seconds, np.mean(curve[-100:]))
-    training = dict(meta.get("training", {}))
-    training["clicks"] = {
-        **asdict(config),
-        "seconds": round(seconds, 1),
-        "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "loss_every_100": [round(float(np.mean(curve[i : i + 100])), 4) for i in range(0, len(curve), 100)],
-    }
-    stages = [s for s in meta.get("stages", []) if s != "clicks"] + ["clicks"]
-    kept = {k: v for k, v in meta.items() if k not in ("format", "format_version", "config", "created")}
-    return save_checkpoint(
-        model.cpu(), config.out, {**kept, "training": training, "stages": stages}, compact=True
-    )
+    record = {**asdict(config), "seconds": round(seconds, 1)}
+    return save_with_head(model, meta, "clicks", record, curve, device, config.out)
 
 
 def _step(

@@ -14,6 +14,7 @@ import logging
 import math
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -169,3 +170,57 @@ def save_final(model: SegmentationModel, cfg: TrainConfig, init_meta: dict, hist
         "metrics": init_meta.get("metrics", {}),
     }
     return save_checkpoint(model, cfg.out, meta, compact=cfg.compact)
+
+
+def fit_head(
+    head: torch.nn.Module,
+    step_loss: Callable[[], torch.Tensor],
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    on_step: Callable[[float], None] | None = None,
+) -> list[float]:
+    """Train ``head`` in place (everything else frozen): ``steps`` AdamW steps under a one-cycle schedule
+    (5% warm-up) on ``step_loss()``, the loss of a freshly drawn batch; ``on_step(loss)`` after each step.
+    Leaves ``head`` in eval mode; returns the loss of every step."""
+    head.requires_grad_(True)
+    optimiser = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.05)
+    head.train()
+    curve: list[float] = []
+    for _ in range(steps):
+        loss = step_loss()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        curve.append(loss.item())
+        if on_step is not None:
+            on_step(curve[-1])
+    head.eval()
+    return curve
+
+
+def save_with_head(
+    model: SegmentationModel,
+    meta: dict,
+    stage: str,
+    record: dict,
+    curve: list[float],
+    device: torch.device,
+    out: str | Path,
+) -> Path:
+    """Write ``model`` (``meta``'s checkpoint with a newly trained head) compactly to ``out``: ``meta``'s
+    training records plus ``training[stage]`` (``record``, the hardware and the loss per 100 steps of
+    ``curve``), and ``stage`` last among its stages."""
+    training = dict(meta.get("training", {}))
+    training[stage] = {
+        **record,
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "loss_every_100": [round(float(np.mean(curve[i : i + 100])), 4) for i in range(0, len(curve), 100)],
+    }
+    stages = [s for s in meta.get("stages", []) if s != stage] + [stage]
+    kept = {k: v for k, v in meta.items() if k not in ("format", "format_version", "config", "created")}
+    return save_checkpoint(model.cpu(), out, {**kept, "training": training, "stages": stages}, compact=True)

@@ -17,7 +17,6 @@ over every candidate of the drawn clicks.
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -29,11 +28,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from segmodels.annotator import boundary_distance, click_point
-from segmodels.checkpoint import load_checkpoint, save_checkpoint
+from segmodels.checkpoint import load_checkpoint
 from segmodels.data import CocoInstances
 from segmodels.device import resolve_device
 from segmodels.predictor import MaskPredictor, paste_window
 from segmodels.quality_head import FEATURES, QualityHead
+from segmodels.train_common import fit_head, save_with_head
 
 log = logging.getLogger(__name__)
 
@@ -166,29 +166,17 @@ def fit_quality_head(
         head.standardise(samples.embeddings[valid].to(device), samples.features[valid].to(device))
     rng = np.random.default_rng(config.seed)
     by_instance = samples.clicks_by_instance
-    optimiser = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=config.lr, total_steps=config.steps, pct_start=0.05
-    )
-    head.train()
-    curve: list[float] = []
-    for _ in range(config.steps):
+
+    def step_loss() -> torch.Tensor:
         drawn = rng.integers(len(by_instance), size=config.batch_size)
         clicks = torch.from_numpy(np.array([rng.choice(by_instance[i]) for i in drawn]))
         keep = valid[clicks]
         logits = head.logits(
             samples.embeddings[clicks][keep].to(device), samples.features[clicks][keep].to(device)
         )
-        loss = F.binary_cross_entropy_with_logits(logits, samples.targets[clicks][keep].to(device))
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        curve.append(loss.item())
-        if on_step is not None:
-            on_step(curve[-1])
-    head.eval()
-    return curve
+        return F.binary_cross_entropy_with_logits(logits, samples.targets[clicks][keep].to(device))
+
+    return fit_head(head, step_loss, config.steps, config.lr, config.weight_decay, on_step)
 
 
 def train_quality_head(config: QualityTrainConfig) -> Path:
@@ -222,21 +210,12 @@ def train_quality_head(config: QualityTrainConfig) -> Path:
         seconds,
         np.mean(curve[-100:]),
     )
-    training = dict(meta.get("training", {}))
-    training["quality"] = {
+    record = {
         **asdict(config),
         "clicks": len(samples.instance),
         "instances": len(samples.clicks_by_instance),
         "windows": int(samples.valid.sum()),
         "seconds_collecting": round(collected, 1),
         "seconds": round(seconds, 1),
-        "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "loss_every_100": [round(float(np.mean(curve[i : i + 100])), 4) for i in range(0, len(curve), 100)],
     }
-    stages = [s for s in meta.get("stages", []) if s != "quality"] + ["quality"]
-    kept = {k: v for k, v in meta.items() if k not in ("format", "format_version", "config", "created")}
-    return save_checkpoint(
-        model.cpu(), config.out, {**kept, "training": training, "stages": stages}, compact=True
-    )
+    return save_with_head(model, meta, "quality", record, curve, device, config.out)
