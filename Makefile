@@ -28,11 +28,13 @@ worker: setup
 test: setup
 	$(VENV)/bin/pytest
 
-# The docs' Python blocks too (ruff formats Markdown in preview mode only).
+# The docs' Python blocks too (ruff formats Markdown in preview mode only); mypy reads [tool.mypy] in
+# pyproject.toml.
 lint: setup
 	$(VENV)/bin/ruff check segmodels backend tests bench
 	$(VENV)/bin/ruff format --check segmodels backend tests bench
 	$(VENV)/bin/ruff format --check --preview README.md bench/README.md backend/cvat/README.md
+	$(VENV)/bin/mypy segmodels
 
 bench: setup
 	$(PY) bench/bench_pipeline.py

@@ -30,7 +30,7 @@ from backend.settings import Settings
 log = logging.getLogger(__name__)
 #: Seconds Redis keeps a project's /setup information after Label Studio last sent it or the server last
 #: used it (Label Studio sends /setup as often as /health while a project is open). Twelve hours cover a
-#: training request's queued follow-up and its rescore (at most 6 h each, backend.training.LOCK_SECONDS).
+#: training request's queued follow-up and its rescore (<= 6 h each, backend.training_scheduler.LOCK_SECONDS).
 SETUP_TTL_S = 12 * 3600
 #: Projects whose /setup information a process keeps in memory (the most recently set up), and the longest
 #: hostname and token kept: /setup is unauthenticated unless Basic auth is set.

@@ -26,8 +26,10 @@ from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
 from backend.labelstudio import ProjectConfig
-from segmodels.checkpoint import atomic_write_json
-from segmodels.geometry import mask_to_box, mask_to_rle, polygon_to_mask, rotated_rect_bounds
+from backend.ls_geometry import percent_to_points, rectangle_pixel_box
+from segmodels.checkpoint_files import atomic_write_json
+from segmodels.geometry import box_iou_xyxy, mask_to_box, mask_to_rle, polygon_to_mask
+from segmodels.splits import in_split
 
 MASK_TYPES = ("polygonlabels", "brushlabels")
 
@@ -62,7 +64,7 @@ def region_instance(region: dict, width: int, height: int) -> dict | None:
         points = np.asarray(value.get("points") or [], dtype=np.float64).reshape(-1, 2)
         if len(points) < 3:
             return None
-        mask = polygon_to_mask(points * np.array([width, height]) / 100.0, height, width)
+        mask = polygon_to_mask(percent_to_points(points, width, height), height, width)
     elif kind == "brushlabels":
         rgba = decode_rle(value["rle"]).reshape(region["original_height"], region["original_width"], 4)
         mask = _resized(rgba[:, :, 3] > 0, width, height)
@@ -76,15 +78,16 @@ def region_instance(region: dict, width: int, height: int) -> dict | None:
 
 
 def _rectangle_box(value: dict, width: int, height: int) -> list[float]:
-    """``[x, y, w, h]`` pixels around a (possibly rotated, about its top-left corner) percent rectangle."""
-    x1, y1, x2, y2 = rotated_rect_bounds(
-        value["x"] * width / 100,
-        value["y"] * height / 100,
-        value["width"] * width / 100,
-        value["height"] * height / 100,
+    """``[x, y, w, h]`` pixels around a (possibly rotated) percent rectangle, clipped to the image."""
+    x1, y1, x2, y2 = rectangle_pixel_box(
+        value["x"],
+        value["y"],
+        value["width"],
+        value["height"],
         float(value.get("rotation") or 0.0),
+        width,
+        height,
     )
-    x1, y1, x2, y2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))
     return [x1, y1, max(x2 - x1, 0.0), max(y2 - y1, 0.0)]
 
 
@@ -94,12 +97,10 @@ def _resized(mask: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height))) > 127
 
 
-def _box_iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    return inter / union if union > 0 else 0.0
+def _xyxy(box: list[float]) -> list[float]:
+    """COCO ``[x, y, w, h]`` -> ``[x1, y1, x2, y2]``, same units."""
+    x, y, w, h = box
+    return [x, y, x + w, y + h]
 
 
 def annotation_instances(annotation: dict, width: int, height: int) -> list[dict]:
@@ -110,7 +111,9 @@ def annotation_instances(annotation: dict, width: int, height: int) -> list[dict
         i
         for i in found
         if i["mask"] is None
-        and not any(m["label"] == i["label"] and _box_iou(m["box"], i["box"]) >= 0.5 for m in masks)
+        and not any(
+            m["label"] == i["label"] and box_iou_xyxy(_xyxy(m["box"]), _xyxy(i["box"])) >= 0.5 for m in masks
+        )
     ]
 
 
@@ -130,8 +133,9 @@ class DatasetSummary:
 
 
 def is_heldout(task_id: int) -> bool:
-    """The held-out slice of a project: every task whose id is a multiple of 5 (stable across versions)."""
-    return task_id % 5 == 0
+    """The held-out slice of a project: the tasks whose ids (the dataset's image ids) fall in the val split of
+    ``segmodels.splits.in_split``, every multiple of 5 (stable across versions)."""
+    return in_split(task_id, "val")
 
 
 def write_dataset(

@@ -24,14 +24,13 @@ import redis
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from backend.access import LabelStudioAccess, SetupRegistry
+from backend.dispatcher import Dispatcher, build_dispatcher
 from backend.errors import ServiceError, bad_request
 from backend.metrics import READY_AT, Metrics
 from backend.predict import PredictService
-from backend.queue import Dispatcher, EmbeddedDispatcher, RQDispatcher
-from backend.rescore import rescore
 from backend.settings import Settings
-from backend.training import JobBoard, TrainingScheduler
+from backend.training_board import JobBoard
+from backend.training_scheduler import TrainingScheduler
 from backend.versions import open_store, versions_json
 from backend.webhooks import KnownProjects, WebhookHandler, action_label, project_id, setup_project_id
 
@@ -43,45 +42,17 @@ WEBHOOK_TOKEN_HEADER = "X-Segmask-Webhook-Token"
 MAX_JSON_DEPTH = 100
 
 
-def build_dispatcher(settings: Settings) -> Dispatcher:
-    """RQ when a Redis URL is configured, else a warm in-process runtime (embedded mode)."""
-    if settings.embedded:
-        from backend.jobs import Runtime
-
-        return EmbeddedDispatcher(Runtime(settings))
-    return RQDispatcher(
-        settings.redis_url, settings.queue_prefix, max(settings.interactive_timeout, settings.batch_timeout)
-    )
-
-
-def build_scheduler(settings: Settings, dispatcher: Dispatcher) -> TrainingScheduler:
-    """Training bookkeeping in Redis with RQ; in this process (jobs in threads) in embedded mode."""
-    if isinstance(dispatcher, RQDispatcher):
-        return TrainingScheduler(settings, dispatcher.connection)
-    runtime = dispatcher.runtime
-    return TrainingScheduler(
-        settings, None, rescore_inline=lambda req: rescore(runtime, req), access=runtime.access
-    )
-
-
-def build_access(settings: Settings, dispatcher: Dispatcher) -> LabelStudioAccess:
-    """With RQ, /setup information goes to Redis, where workers read it; embedded, to the runtime's own."""
-    if isinstance(dispatcher, RQDispatcher):
-        return LabelStudioAccess(settings, SetupRegistry(dispatcher.connection, settings.queue_prefix))
-    return dispatcher.runtime.access
-
-
 def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None = None) -> Flask:
     """The backend as a WSGI app; ``dispatcher`` overrides the one the settings choose (tests, benches)."""
     settings = settings or Settings.from_env()
     dispatcher = dispatcher or build_dispatcher(settings)
     app = Flask("segmask")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    connection = dispatcher.connection if isinstance(dispatcher, RQDispatcher) else None
-    service = PredictService(settings, dispatcher, build_access(settings, dispatcher))
+    connection = dispatcher.connection
+    service = PredictService(settings, dispatcher, dispatcher.access)
     store = open_store(settings)
     metrics = Metrics(dispatcher.queue_depths if connection is not None else None, store.current_version)
-    scheduler = build_scheduler(settings, dispatcher)
+    scheduler = TrainingScheduler(settings, connection, dispatcher.rescore_in_process, dispatcher.access)
     known = KnownProjects(connection, settings.queue_prefix)
     webhooks = WebhookHandler(scheduler, service, known)
     events: deque[dict] = deque(maxlen=200)
@@ -111,13 +82,12 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
 
     @app.post("/predict")
     def predict():
-        mode, response, outcomes = service.predict(_json_body())
-        g.mode = mode
+        kind, response, outcomes = service.predict(_json_body())
+        g.mode = kind.queue
         for outcome in outcomes:
-            kind = "segment" if mode == "interactive" else "detect"
-            metrics.job_queued.labels(kind).observe(outcome.queued)
-            metrics.job_running.labels(kind).observe(outcome.running)
-        metrics.predicted_regions.labels(mode).inc(sum(len(r["result"]) for r in response["results"]))
+            metrics.job_queued.labels(kind.name).observe(outcome.queued)
+            metrics.job_running.labels(kind.name).observe(outcome.running)
+        metrics.predicted_regions.labels(kind.queue).inc(sum(len(r["result"]) for r in response["results"]))
         return jsonify(response)
 
     @app.post("/webhook")

@@ -4,30 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
+from backend.allocator import ensure_allocator_env
 from backend.settings import DEFAULT_DATA_DIR as DEFAULT_DATA
-
-# glibc returns freed activations to the OS and faults them back in on every pass; keeping them mapped is
-# worth 1.5-3x on CPU (docs/targets.md). Memory kept that way stays in the arena of the thread that freed it,
-# and glibc makes up to 8 arenas per core for a server's many threads: two arenas bound that (25 annotators on
-# embedded mode: 3.6 GB instead of 5.3 GB, bench/bench_load.py). The variables only act at process start,
-# hence the re-exec below.
-ALLOCATOR_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": "4294967296",
-    "MALLOC_TRIM_THRESHOLD_": "100000000000",
-    "MALLOC_ARENA_MAX": "2",
-}
-
-
-def ensure_allocator_env(argv: list[str]) -> None:
-    """Re-exec this command once with :data:`ALLOCATOR_ENV` set, unless it already is."""
-    if all(k in os.environ for k in ALLOCATOR_ENV):
-        return
-    env = {**os.environ, **ALLOCATOR_ENV}
-    os.execve(sys.executable, [sys.executable, "-m", "backend.cli", *argv], env)
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -187,7 +168,8 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from segmodels.evaluate import PARTS, evaluate, format_tables
+    from segmodels.eval_report import format_tables
+    from segmodels.evaluate import PARTS, evaluate
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if skip - set(PARTS):
@@ -213,6 +195,37 @@ def run_evaluate(args: argparse.Namespace) -> None:
     print(f"report: {out / 'report.md'}")
 
 
+def add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="fit the detection score's calibration (probability of being right) on the training images",
+    )
+    p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the shipped model)")
+    p.add_argument("--out", type=Path, help="where to write the calibrated checkpoint (default: in place)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="COCO-format directory")
+    p.add_argument("--max-images", type=int, help="only the first N training images, by id")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+
+def run_calibrate(args: argparse.Namespace) -> None:
+    from segmodels.data import CocoInstances
+    from segmodels.fit_calibration import calibrate, write_calibration
+    from segmodels.predictor import DEFAULT_CHECKPOINT, load_predictor
+
+    checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
+    predictor = load_predictor(checkpoint, args.device)
+    if predictor.model.multipathnet is None:
+        raise SystemExit(f"segmask calibrate: {checkpoint} has no MultiPathNet (labels) to calibrate")
+    dataset = CocoInstances(args.data, "train")
+    indices = sorted(range(len(dataset)), key=lambda i: dataset.images[i]["id"])[: args.max_images]
+    calibration = calibrate(predictor, dataset, indices)
+    out = write_calibration(checkpoint, args.out or checkpoint, calibration)
+    for name, row in calibration.fit["cross_validation"].items():
+        cells = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+        print(f"{name}: {cells}")
+    print(f"chose {calibration.fit['model']}; wrote {out / 'model.json'}")
+
+
 def add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict", help="labelled masks for image files: COCO predictions.json, results.json and overlays"
@@ -228,7 +241,10 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--score-threshold", type=float, default=0.5, help="minimum detection score (default 0.5)")
     p.add_argument(
-        "--max-detections", type=int, default=1, help="detections kept per image, best first (default 1)"
+        "--max-detections",
+        type=int,
+        default=0,
+        help="at most this many detections per image, best first (default 0: no cap)",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
@@ -237,8 +253,8 @@ def run_predict(args: argparse.Namespace) -> None:
     from segmodels.export import predict_files
     from segmodels.predictor import load_predictor
 
-    if args.max_detections < 1:
-        raise SystemExit("segmask predict: --max-detections must be at least 1")
+    if args.max_detections < 0:
+        raise SystemExit("segmask predict: --max-detections must be at least 0 (0: no cap)")
     if not 0.0 <= args.score_threshold <= 1.0:
         raise SystemExit("segmask predict: --score-threshold must be in [0, 1]")
     predictor = load_predictor(args.checkpoint, args.device)
@@ -269,7 +285,8 @@ def run_project_training(project: int) -> None:
 
     from backend.access import LabelStudioAccess, SetupRegistry
     from backend.settings import Settings
-    from backend.training import TrainingScheduler, TrainRequest, run_training
+    from backend.training import TrainRequest, run_training
+    from backend.training_scheduler import TrainingScheduler
 
     settings = Settings.from_env()
     if not settings.label_studio_url or not settings.label_studio_api_key:
@@ -329,8 +346,8 @@ def add_rescore(sub: argparse._SubParsersAction) -> None:
 
 
 def run_rescore(args: argparse.Namespace) -> None:
-    from backend.jobs import Runtime
     from backend.rescore import rescore
+    from backend.runtime import Runtime
     from backend.settings import Settings
     from backend.training import TrainRequest
 
@@ -401,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_train(sub)
     add_evaluate(sub)
+    add_calibrate(sub)
     add_predict(sub)
     add_serve(sub)
     add_worker(sub)
@@ -413,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "train": run_train,
     "evaluate": run_evaluate,
+    "calibrate": run_calibrate,
     "predict": run_predict,
     "serve": run_serve,
     "worker": run_worker,
@@ -425,7 +444,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    ensure_allocator_env(argv)
+    ensure_allocator_env(["-m", "backend.cli", *argv])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s"

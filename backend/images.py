@@ -42,7 +42,6 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -342,18 +341,13 @@ class ImageFetcher:
     ``settings`` fields used: ``label_studio_url``, ``max_image_bytes``, ``max_image_pixels``,
     ``image_timeout``, ``image_cache_mb``, ``local_files_root``, ``allowed_hosts``.
 
-    ``credentials_for(label_studio_url)`` returns the ``Authorization`` value for that Label Studio (e.g.
-    ``LabelStudioCredentials.authorization``); it is asked only when a request goes to Label Studio and the
-    caller passed no ``authorization``. Thread-safe: one fetcher serves all request threads. Downloaded bytes
-    are cached (LRU, ``image_cache_mb``) by absolute URL; ``hits``/``misses`` count cache lookups. Local files
-    are read from disk each time (cheap, and they may change).
+    Thread-safe: one fetcher serves all request threads. Downloaded bytes are cached (LRU, ``image_cache_mb``)
+    by absolute URL; ``hits``/``misses`` count cache lookups. Local files are read from disk each time (cheap,
+    and they may change).
     """
 
-    def __init__(
-        self, settings: Settings, credentials_for: Callable[[str], str | None] | None = None
-    ) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.credentials_for = credentials_for
         self.cache = ByteCache(settings.image_cache_mb * 1024 * 1024)
         self._allowed_hosts = frozenset(h.strip().lower() for h in settings.allowed_hosts if h.strip())
         self._local = threading.local()
@@ -382,7 +376,7 @@ class ImageFetcher:
         """The bytes of the image a task's ``url`` refers to (see the module docstring for what is accepted).
 
         ``label_studio_url`` (else ``settings.label_studio_url``) is Label Studio's base URL, which relative
-        URLs are resolved against and which alone receives ``authorization`` (else ``credentials_for``'s).
+        URLs are resolved against and which alone receives ``authorization``.
         Raises ServiceError: 400 ``unsupported_url``/``bad_request``/``no_label_studio_url``, 403
         ``private_address``/``path_traversal``, 404 ``image_not_found``, 413 ``image_too_large``, 422
         ``image_unreachable``/``image_forbidden``.
@@ -542,11 +536,7 @@ class ImageFetcher:
         """The Authorization value for ``url``: only for Label Studio's own origin."""
         if target.origin is None or origin(url) != target.origin:
             return None
-        if target.authorization is not None:
-            return target.authorization
-        if self.credentials_for is not None:
-            return self.credentials_for(target.label_studio_url)
-        return None
+        return target.authorization
 
     def _download(self, url: str, target: _Target) -> bytes:
         """GET ``url``, following at most ``MAX_REDIRECTS`` redirects by hand, all within ``image_timeout`` s

@@ -1,350 +1,27 @@
-"""The work a worker does: segment one prompt, pre-annotate one image. The same code runs in an RQ worker
-process and, in embedded mode, inside the server.
+"""The RQ entry points: what a ``segmask worker`` runs for the server's jobs, on the process's one warm
+:class:`~backend.runtime.Runtime`.
 
-Requests and results are plain JSON (RQ's JSON serializer; nothing is unpickled from Redis):
-
-- image: ``{"url", "project"}``: the task's image URL and the Label Studio project id. No credential travels
-  in a job: the worker finds Label Studio and the credential for it with ``backend.access`` (its own
-  settings, and the project's /setup information in Redis);
-- segment request: ``{"image", "prompt": {"points": [[x%, y%]], "positive": [bool], "box": [x1%, y1%, x2%,
-  y2%] | null}, "output": "polygon" | "brush"}``;
-- detect request: ``{"image", "output", "score_threshold", "max_detections", "classes"?: [str],
-  "uncertainty"?: bool}`` (``classes``: the model classes the project has a label for, so that the cap on
-  detections counts those alone; with ``uncertainty``, the result also has ``"uncertainty"`` and
-  ``"confidence"`` in [0, 1]);
-- result: ``{"model_version", "width", "height", "objects": [{"score", "label"?, "polygon": [[x%, y%]] |
-  "rle": [int]}], "seconds": {"image" (fetch), "features" (decode and trunk, when not cached), "model",
-  "encode"}}``, or ``{"error": {"status", "kind", "message"}}`` for a problem the client must see (a
-  ServiceError raised while serving). ``width``/``height`` are the original image's (Label Studio compares
-  them with its ``original_width``/``original_height``) and brush RLE is at that size.
-
-The model works on the image downscaled to ``SEGMASK_MAX_WORK_SIDE`` (backend.working_size): percent
-coordinates are converted to pixels with the working image's size, and polygons come back in percent, which
-no scaling changes.
-
-Only model work holds ``Runtime.lock``: a request downloads and decodes its image before taking it, so a
-slow image delays its own request only.
+RQ calls these functions by import path (:data:`backend.job_protocol.SEGMENT`'s and ``DETECT``'s
+``function``) with the request as JSON, and stores what they return: backend.job_protocol's envelope, so a
+ServiceError that stops a job reaches the server as that error, not as a failed job.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
 
-import numpy as np
-import torch
-from label_studio_sdk.converter.brush import mask2rle
 from rq import get_current_job
 from rq.utils import now as utcnow
 
-from backend.access import LabelStudioAccess
-from backend.errors import ServiceError, bad_request
-from backend.images import ImageFetcher, content_key
-from backend.model_lock import ModelLock
+from backend.affinity import AffinityMap
+from backend.errors import ServiceError
+from backend.job_protocol import DETECT, SEGMENT, WARM, JobKind, encode_job_result
+from backend.runtime import Runtime
 from backend.settings import Settings
-from backend.versions import open_store
-from backend.working_size import WorkingFeatures, working_image
-from segmodels.device import resolve_device
-from segmodels.geometry import mask_to_polygon, points_to_percent
-from segmodels.predictor import MaskPredictor, load_predictor
-from segmodels.uncertainty import detect_with_uncertainty
 
 log = logging.getLogger(__name__)
-
-
-class Measured(Protocol):
-    """What a :class:`FeatureCache` keeps: anything that knows the bytes it holds."""
-
-    @property
-    def nbytes(self) -> int: ...
-
-
-T = TypeVar("T", bound=Measured)
-
-
-class FeatureCache(Generic[T]):
-    """LRU of per-image features keyed by the image's content hash, bounded in bytes (thread-safe).
-
-    Features grow after they are cached (memoised prompt masks and cells, a detection's dense heads), so every
-    access measures the entries again before evicting. An entry larger than the whole budget is returned but
-    not kept. Entries must not change while :meth:`get` runs (the runtimes call it, and change features, only
-    under their lock).
-    """
-
-    def __init__(self, capacity_bytes: int) -> None:
-        self.capacity_bytes = max(int(capacity_bytes), 0)
-        self._items: OrderedDict[str, T] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def __contains__(self, key: str) -> bool:
-        with self._lock:
-            return key in self._items
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the cached entries hold now."""
-        with self._lock:
-            return sum(item.nbytes for item in self._items.values())
-
-    def get(self, key: str, compute: Callable[[], T]) -> tuple[T, bool]:
-        """The cached entry of ``key`` (and True), or ``compute()``'s, cached if it fits (and False)."""
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                self.hits += 1
-                value = self._items[key]
-                self._evict()
-                return value, True
-            self.misses += 1
-        value = compute()
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            self._evict()
-        return value, False
-
-    def _evict(self) -> None:
-        """Drop every entry that alone exceeds the budget (not the others for its sake), then least recently
-        used ones until the rest fit."""
-        sizes = {key: item.nbytes for key, item in self._items.items()}
-        for key in [key for key, size in sizes.items() if size > self.capacity_bytes]:
-            del self._items[key], sizes[key]
-        total = sum(sizes.values())
-        while total > self.capacity_bytes:
-            key, _ = self._items.popitem(last=False)
-            total -= sizes.pop(key)
-
-
-@dataclass
-class FetchedImage:
-    """A request's image file: its content ``key`` (the feature cache's), the seconds spent on it so far,
-    and either ``decoded``: ``(pixels (h, w, 3) uint8 at working size, original width, original height)``
-    or, when its features were cached at fetch time, the file's bytes ``data`` (for a decode should they be
-    evicted before the request gets the model). Not both: a request waiting for the model keeps only the
-    smaller."""
-
-    key: str
-    seconds: dict[str, float]
-    decoded: tuple[np.ndarray, int, int] | None = None
-    data: bytes | None = None
-
-
-class Runtime:
-    """What a worker process keeps warm: the predictor, the image fetcher and the feature cache, and how to
-    reach Label Studio (``access``; by default from the settings and Redis's /setup registry).
-
-    One predictor serves one request at a time (it holds the current image's features); ``lock``
-    serialises requests when several threads share a runtime (embedded mode).
-    """
-
-    def __init__(
-        self, settings: Settings, fetcher: ImageFetcher | None = None, access: LabelStudioAccess | None = None
-    ) -> None:
-        self.settings = settings
-        self.device = resolve_device(settings.device)
-        self.fetcher = fetcher or ImageFetcher(settings)
-        self.access = access or LabelStudioAccess.from_settings(settings)
-        self.lock = ModelLock()
-        # Decodes run one at a time, outside ``lock``: a full-size decode (up to SEGMASK_MAX_IMAGE_PIXELS x 3
-        # bytes, before downscaling) per server thread at once could take gigabytes.
-        self._decode_lock = threading.Lock()
-        self.store = open_store(settings)
-        self.model_version = ""
-        self._load_current()
-
-    def _load_current(self) -> None:
-        """Serve the store's current version, loading it if it is not the one loaded (no restart needed)."""
-        version = self.store.current_version()
-        if version == self.model_version:
-            return
-        started = time.perf_counter()
-        path = self.store.current_dir()
-        self.predictor: MaskPredictor = load_predictor(path, self.device)
-        self.features: FeatureCache[WorkingFeatures] = FeatureCache(self.settings.feature_cache_mb << 20)
-        self.model_version = version
-        log.info(
-            "model %s loaded from %s on %s in %.1f s",
-            version,
-            path,
-            self.device,
-            time.perf_counter() - started,
-        )
-
-    def segment(self, request: dict) -> dict:
-        """One object for a click/box prompt (see the module docstring for shapes)."""
-        prompt = request.get("prompt") or {}
-        image = self._fetch(request)
-        seconds = image.seconds
-        with self.lock:
-            scaled = self._set_features(image)
-            points, positive, box = _prompt_pixels(prompt, scaled.features.width, scaled.features.height)
-            started = time.perf_counter()
-            with torch.inference_mode():
-                mask = self.predictor.segment(points, positive.astype(int), box).mask
-            seconds["model"] = time.perf_counter() - started
-        obj = _encode(mask, _prompt_score(mask, points, positive), request.get("output"), scaled, seconds)
-        return self._result(scaled, [obj] if obj else [], seconds)
-
-    def detect(self, request: dict) -> dict:
-        """Labelled objects of one image (pre-annotation)."""
-        settings = self.settings
-        threshold = float(request.get("score_threshold", settings.score_threshold))
-        limit = int(request.get("max_detections", settings.max_detections))
-        classes = _classes(request.get("classes"))
-        image = self._fetch(request)
-        seconds = image.seconds
-        with self.lock:
-            scaled = self._set_features(image)
-            started = time.perf_counter()
-            with torch.inference_mode():
-                if request.get("uncertainty"):
-                    detections, measure = detect_with_uncertainty(
-                        self.predictor, threshold, limit, classes=classes
-                    )
-                else:
-                    detections = self.predictor.detect(threshold, limit, classes=classes)
-                    measure = {}
-            seconds["model"] = time.perf_counter() - started
-        objects = []
-        for det in detections:
-            obj = _encode(det.mask, det.score, request.get("output"), scaled, seconds)
-            if obj:
-                objects.append({**obj, "label": det.label})
-        result = self._result(scaled, objects, seconds)
-        if measure:
-            result.update(uncertainty=float(measure["uncertainty"]), confidence=float(measure["confidence"]))
-        return result
-
-    def _fetch(self, request: dict) -> FetchedImage:
-        """Download the request's image and, unless its features are cached, decode it to working size. Runs
-        without ``lock``: a slow download or decode delays this request only."""
-        ref = request.get("image") or {}
-        if not isinstance(ref.get("url"), str):
-            raise bad_request("the job names no image URL", "missing_image")
-        started = time.perf_counter()
-        project = ref.get("project")
-        access = self.access.for_project(project if isinstance(project, str) else "")
-        data = self.fetcher.fetch(ref["url"], access.url, access.authorization())
-        fetched = time.perf_counter()
-        key = content_key(data)
-        if key in self.features:
-            return FetchedImage(key, {"image": fetched - started, "features": 0.0}, data=data)
-        decoded = self._decode(data)
-        seconds = {"image": fetched - started, "features": time.perf_counter() - fetched}
-        return FetchedImage(key, seconds, decoded=decoded)
-
-    def _decode(self, data: bytes) -> tuple[np.ndarray, int, int]:
-        """Image file bytes -> ``(pixels (h, w, 3) uint8 at working size, original width, height)``."""
-        with self._decode_lock:
-            image = self.fetcher.decode(data)
-            height, width = image.shape[:2]
-            return working_image(image, self.settings.max_work_side), width, height
-
-    def _set_features(self, image: FetchedImage) -> WorkingFeatures:
-        """Set ``image``'s features on the predictor, from the cache or computed now (the caller holds
-        ``lock``); adds the seconds spent to ``image.seconds["features"]``."""
-        self._load_current()
-        started = time.perf_counter()
-
-        def compute() -> WorkingFeatures:
-            # Decoded here only when the features were evicted (or the model changed) since the fetch.
-            pixels, width, height = image.decoded or self._decode(image.data)
-            return WorkingFeatures(self.predictor.compute_features(pixels), width, height)
-
-        with torch.inference_mode():
-            scaled, _ = self.features.get(image.key, compute)
-        self.predictor.set_features(scaled.features)
-        image.seconds["features"] += time.perf_counter() - started
-        return scaled
-
-    def _result(self, scaled: WorkingFeatures, objects: list[dict], seconds: dict) -> dict:
-        """The job result; ``width``/``height`` are the original image's."""
-        return {
-            "model_version": self.model_version,
-            "width": scaled.width,
-            "height": scaled.height,
-            "objects": objects,
-            "seconds": {k: round(v, 4) for k, v in seconds.items()},
-        }
-
-
-def _classes(value: object) -> list[str] | None:
-    """A detect request's ``classes``: None (every class) or a list of class names."""
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
-        raise bad_request(f"classes must be a list of class names, got {value!r:.80}")
-    return value
-
-
-def _prompt_pixels(prompt: dict, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Percent prompt -> ``points (N, 2)`` pixel (x, y), ``positive (N,)`` bool, ``box`` xyxy pixels/None."""
-    points = np.asarray(prompt.get("points") or [], dtype=np.float64).reshape(-1, 2)
-    positive = np.asarray(prompt.get("positive") or [True] * len(points), dtype=bool).reshape(-1)
-    if len(positive) != len(points):
-        raise bad_request(f"{len(points)} points but {len(positive)} positive flags", "bad_context")
-    box = prompt.get("box")
-    pixel_box = None
-    if box is not None:
-        pixel_box = (
-            np.asarray(box, dtype=np.float64).reshape(4) * np.array([width, height, width, height]) / 100
-        )
-    if not positive.any() and pixel_box is None:
-        raise bad_request(
-            "the prompt needs a positive point or a rectangle (only negative points were sent)", "bad_context"
-        )
-    return points * np.array([width, height]) / 100.0, positive, pixel_box
-
-
-def _prompt_score(mask: np.ndarray, points: np.ndarray, positive: np.ndarray) -> float:
-    """Share of the prompt's points the mask agrees with (1.0 for a box alone): a plain, honest score."""
-    if not len(points):
-        return 1.0 if mask.any() else 0.0
-    h, w = mask.shape
-    xs = np.clip(points[:, 0].astype(int), 0, w - 1)
-    ys = np.clip(points[:, 1].astype(int), 0, h - 1)
-    return float(np.mean(mask[ys, xs] == positive))
-
-
-def _encode(
-    mask: np.ndarray, score: float, output: str | None, scaled: WorkingFeatures, seconds: dict
-) -> dict:
-    """A working-size bool ``(h, w)`` mask as ``{"score", "polygon": [[x%, y%]]}`` or ``{"score", "rle"}``
-    (Label Studio brush RLE at the original size); {} if empty."""
-    started = time.perf_counter()
-    try:
-        if not mask.any():
-            return {}
-        if output == "brush":
-            return {"score": float(score), "rle": brush_rle(scaled.mask_to_original(mask))}
-        polygon = mask_to_polygon(mask)
-        if polygon is None or len(polygon) < 3:
-            return {}
-        work = scaled.features
-        pct = np.clip(points_to_percent(polygon, work.width, work.height), 0.0, 100.0)
-        return {"score": float(score), "polygon": np.round(pct, 3).tolist()}
-    finally:
-        seconds["encode"] = seconds.get("encode", 0.0) + time.perf_counter() - started
-
-
-def brush_rle(mask: np.ndarray) -> list[int]:
-    """Label Studio's brush RLE (RGBA, alpha 255 inside) of a bool ``(H, W)`` mask."""
-    return [int(v) for v in mask2rle(mask.astype(np.uint8) * 255)]
-
-
-# ---- RQ entry points ---------------------------------------------------------------------------------------
-# A worker process holds exactly one warm Runtime; RQ calls these functions by import path.
+# A worker process holds exactly one warm Runtime.
 _runtime: Runtime | None = None
 
 
@@ -355,34 +32,44 @@ def install_runtime(runtime: Runtime) -> None:
 
 
 def current_runtime() -> Runtime:
+    """This process's runtime; built from the environment on first use when none was installed."""
     if _runtime is None:
         install_runtime(Runtime(Settings.from_env()))
     return _runtime
 
 
-def run_job(kind: str, request: dict) -> dict:
-    """Run ``kind`` ("segment" or "detect") on ``request``; a ServiceError becomes ``{"error": ...}``."""
-    runtime = current_runtime()
-    try:
-        handler = {"segment": runtime.segment, "detect": runtime.detect}[kind]
-    except KeyError:
-        raise ValueError(f"unknown job kind {kind!r}") from None
-    started = time.perf_counter()
-    job = get_current_job()
-    queued = (utcnow() - job.enqueued_at).total_seconds() if job and job.enqueued_at else 0.0
-    try:
-        result = handler(request)
-    except ServiceError as exc:
-        log.warning("%s job refused: %s (%s)", kind, exc.message, exc.kind)
-        result = {"error": {"status": exc.status, "kind": exc.kind, "message": exc.message}}
-    # Read by the server (backend.queue) for /metrics, so it needs no extra Redis round trip for them.
-    result["timing"] = {"queued": queued, "running": time.perf_counter() - started}
-    return result
-
-
 def segment_job(request: dict) -> dict:
-    return run_job("segment", request)
+    """RQ entry point of :data:`~backend.job_protocol.SEGMENT` jobs (interactive queue)."""
+    return _run(SEGMENT, request)
 
 
 def detect_job(request: dict) -> dict:
-    return run_job("detect", request)
+    """RQ entry point of :data:`~backend.job_protocol.DETECT` jobs (batch queue)."""
+    return _run(DETECT, request)
+
+
+def warm_job(request: dict) -> dict:
+    """RQ entry point of :data:`~backend.job_protocol.WARM` jobs (batch queue)."""
+    return _run(WARM, request)
+
+
+def _run(kind: JobKind, request: dict) -> dict:
+    """Run ``kind`` on ``request`` and encode its result, or the ServiceError that stopped it, with the
+    seconds the job waited in its queue and ran. Records first that this worker is working on the image, so
+    the clicks on it come here (backend.affinity)."""
+    runtime = current_runtime()
+    started = time.perf_counter()
+    job = get_current_job()
+    queued = (utcnow() - job.enqueued_at).total_seconds() if job and job.enqueued_at else 0.0
+    image = request.get("image")
+    if job and job.worker_name and isinstance(image, dict) and runtime.settings.affinity_ttl > 0:
+        settings = runtime.settings
+        AffinityMap(job.connection, settings.queue_prefix, settings.affinity_ttl).remember(
+            image, job.worker_name
+        )
+    try:
+        value: dict | ServiceError = runtime.run(kind, request)
+    except ServiceError as exc:
+        log.warning("%s job refused: %s (%s)", kind.name, exc.message, exc.kind)
+        value = exc
+    return encode_job_result(value, queued, time.perf_counter() - started)

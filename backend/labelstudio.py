@@ -3,7 +3,8 @@
 Coordinates: Label Studio regions and contexts are in percent of the original image width/height
 (``x`` right, ``y`` down, top-left origin); prompts leave this module in percent too and become pixels only
 once the worker knows the decoded image's size. Rectangles are ``x, y, width, height`` in percent with a
-rotation in degrees about their top-left corner; prompts carry boxes as ``[x1, y1, x2, y2]`` percent.
+rotation in degrees about their top-left corner (backend.ls_geometry); prompts carry the axis-aligned boxes
+around them as ``[x1, y1, x2, y2]`` percent.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from label_studio_sdk.label_interface import LabelInterface
 
 from backend.errors import bad_request
 from backend.label_mapping import class_to_label
+from backend.ls_geometry import rectangle_percent_box
 from backend.prompt_limits import MAX_PROMPT_POINTS, check_prompt_size
-from segmodels.geometry import rotated_rect_bounds
 
 OUTPUT_TYPES = ("PolygonLabels", "BrushLabels")
 SMART_TYPES = {"keypointlabels": "KeyPointLabels", "rectanglelabels": "RectangleLabels"}
@@ -204,7 +205,7 @@ def _smart_item(item: object, n: int) -> dict | None:
         out["point"] = (_percent(value, "x", where), _percent(value, "y", where))
         out["positive"] = item.get("is_positive", True) is not False
     else:
-        out["box"] = _rectangle_box(value, where)
+        out["box"] = _rectangle_box(item, value, where)
     return out
 
 
@@ -229,16 +230,27 @@ def _percent(value: dict, key: str, where: str, low: float = -1.0, high: float =
     return number
 
 
-def _rectangle_box(value: dict, where: str) -> tuple[float, float, float, float]:
-    """Axis-aligned ``[x1, y1, x2, y2]`` percent around a (possibly rotated) rectangle."""
+def _rectangle_box(item: dict, value: dict, where: str) -> tuple[float, float, float, float]:
+    """Axis-aligned ``[x1, y1, x2, y2]`` percent around a (possibly rotated) rectangle context item."""
     x, y = _percent(value, "x", where), _percent(value, "y", where)
     w, h = _percent(value, "width", where, 0.0), _percent(value, "height", where, 0.0)
     if w <= 0 or h <= 0:
         raise bad_request(f"{where}: the rectangle has no area", "bad_context")
-    # Percent units differ in x and y, so rotating in percent is what Label Studio draws only for small
-    # angles; exact for 0, and the pixel size is not known here.
-    x1, y1, x2, y2 = rotated_rect_bounds(x, y, w, h, _rotation(value, where))
-    return (max(x1, 0.0), max(y1, 0.0), min(x2, 100.0), min(y2, 100.0))
+    rotation = _rotation(value, where)
+    size = _image_size(item, where) if rotation else None
+    return rectangle_percent_box(x, y, w, h, rotation, size)
+
+
+def _image_size(item: dict, where: str) -> tuple[float, float]:
+    """``(original_width, original_height)`` of a context item, pixels; a 400 unless both are positive."""
+    width, height = _finite(item.get("original_width")), _finite(item.get("original_height"))
+    if width is None or height is None or width <= 0 or height <= 0:
+        raise bad_request(
+            f"{where}.original_width and original_height must be positive numbers of pixels for a rotated "
+            "rectangle",
+            "bad_context",
+        )
+    return width, height
 
 
 def _rotation(value: dict, where: str) -> float:
@@ -265,7 +277,7 @@ def polygon_region(
 def brush_region(
     output: OutputControl, label: str, rle: list[int], size: tuple[int, int], score: float
 ) -> dict:
-    """A ``brushlabels`` result carrying Label Studio's RLE of the mask (see backend.jobs.brush_rle)."""
+    """A ``brushlabels`` result carrying Label Studio's RLE of the mask (backend.mask_encoding.brush_rle)."""
     return {
         **_region_head(output, size, score),
         "value": {"format": "rle", "rle": rle, "brushlabels": [label]},

@@ -1,4 +1,4 @@
-"""The model lock of a :class:`backend.jobs.Runtime`, with an optional deadline for whoever waits for it.
+"""The model lock of a :class:`backend.runtime.Runtime`, with an optional deadline for whoever waits for it.
 
 A runtime serves one request at a time (its predictor holds the current image's features). In embedded
 mode many server threads share it, and each request has a time limit (SEGMASK_INTERACTIVE_TIMEOUT or

@@ -12,8 +12,11 @@ import logging
 from dataclasses import dataclass
 
 from backend.access import MAX_SETUP_FIELD_CHARS, LabelStudioAccess
+from backend.dispatcher import Dispatcher
 from backend.errors import ServiceError, bad_request
+from backend.job_protocol import DETECT, SEGMENT, WARM, JobKind, JobOutcome
 from backend.labelstudio import (
+    OutputControl,
     ProjectConfig,
     detections_prediction,
     object_region,
@@ -21,7 +24,6 @@ from backend.labelstudio import (
     prediction,
     prompt_from_context,
 )
-from backend.queue import Dispatcher, JobOutcome, unwrap
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,9 @@ class PredictService:
             _project_id(body.get("project")), _setup_field(hostname), _setup_field(token)
         )
 
-    def predict(self, body: object) -> tuple[str, dict, list[JobOutcome]]:
-        """``(mode, response, finished jobs)`` for a ``/predict`` body; mode is "interactive" or "batch"."""
+    def predict(self, body: object) -> tuple[JobKind, dict, list[JobOutcome]]:
+        """``(kind of its jobs, response, finished jobs)`` for a ``/predict`` body: SEGMENT for an
+        interactive request, DETECT for a batch (WARM when pre-annotation is off)."""
         if not isinstance(body, dict):
             raise bad_request("the body must be a JSON object with 'tasks' and 'label_config'")
         tasks = body.get("tasks")
@@ -56,8 +59,8 @@ class PredictService:
         image = self._image_ref(body)
         context = params.get("context")
         if context is None:
-            return "batch", *self._batch(tasks, config, image)
-        return "interactive", *self._interactive(tasks[0], config, context, image)
+            return self._batch(tasks, config, image)
+        return SEGMENT, *self._interactive(tasks[0], config, context, image)
 
     # ---- interactive -------------------------------------------------------------------------------------
     def _interactive(
@@ -72,22 +75,27 @@ class PredictService:
             "prompt": prompt.to_json(),
             "output": "brush" if output.type == "BrushLabels" else "polygon",
         }
-        [outcome] = self.dispatcher.run("segment", [request], self.settings.interactive_timeout)
-        if isinstance(outcome, ServiceError):
-            raise outcome
-        result = unwrap(outcome)
+        [outcome] = self.dispatcher.run(SEGMENT, [request], self.settings.interactive_timeout)
+        result = outcome.result()
         size = (result["width"], result["height"])
         regions = [r for r in (object_region(output, prompt.label, o, size) for o in result["objects"]) if r]
         return {"results": [prediction(regions, result["model_version"])]}, [outcome]
 
     # ---- batch -------------------------------------------------------------------------------------------
-    def _batch(self, tasks: list[dict], config: ProjectConfig, image: dict) -> tuple[dict, list]:
+    def _batch(
+        self, tasks: list[dict], config: ProjectConfig, image: dict
+    ) -> tuple[JobKind, dict, list[JobOutcome]]:
         if not config.outputs:
             raise bad_request(
                 "the labelling config has no PolygonLabels or BrushLabels control on an Image",
                 "unsupported_config",
             )
         to_name, output = next(iter(config.outputs.items()))
+        if not self.settings.preannotate:
+            requests = [{"image": {**image, "url": config.image_url(task, to_name)}} for task in tasks]
+            return WARM, *self._collect(
+                tasks, self.dispatcher.run(WARM, requests, self.settings.batch_timeout)
+            )
         requests = [
             {
                 "image": {**image, "url": config.image_url(task, to_name)},
@@ -98,13 +106,24 @@ class PredictService:
             }
             for task in tasks
         ]
-        outcomes = self.dispatcher.run("detect", requests, self.settings.batch_timeout)
+        return DETECT, *self._collect(
+            tasks, self.dispatcher.run(DETECT, requests, self.settings.batch_timeout), output
+        )
+
+    def _collect(
+        self, tasks: list[dict], outcomes: list[JobOutcome], output: OutputControl | None = None
+    ) -> tuple[dict, list[JobOutcome]]:
+        """One prediction per task from its job's outcome: the detections on ``output``, or none (a warm
+        job's). A failed task is logged and gets an empty prediction, unless every task failed."""
         results, failures, done = [], [], []
         for task, outcome in zip(tasks, outcomes, strict=True):
             try:
-                if isinstance(outcome, ServiceError):
-                    raise outcome
-                results.append(detections_prediction(unwrap(outcome), output))
+                result = outcome.result()
+                results.append(
+                    detections_prediction(result, output)
+                    if output
+                    else prediction([], result["model_version"])
+                )
                 done.append(outcome)
             except ServiceError as exc:
                 log.error("pre-annotation of task %s failed: %s (%s)", task.get("id"), exc.message, exc.kind)

@@ -1,10 +1,12 @@
 """Active learning: after a new version, predict every unlabelled task and rank tasks by how informative
 labelling them would be.
 
-Each prediction's ``score`` is the model's *confidence* in its pre-annotation of that image (1 minus the
-uncertainty of :func:`segmodels.uncertainty.image_uncertainty`, in [0, 1]). Sorting by *Prediction score*
-**ascending** in Label Studio's Data Manager therefore serves the most uncertain (most useful) task first;
-a Data Manager tab "segmask: most uncertain first" with that ordering is created once per project.
+Each prediction's ``score`` is the model's *confidence* in its pre-annotation of that image: 1 minus the
+uncertainty of :func:`segmodels.uncertainty.image_uncertainty` for the project's classes (the model classes
+its first output control has a label for), in [0, 1]: the expected label error on the objects the project
+labels, so images full of objects it does not label rank low. Sorting by *Prediction score* **ascending** in
+Label Studio's Data Manager therefore serves the most uncertain (most useful) task first; a Data Manager tab
+"segmask: most uncertain first" with that ordering is created once per project.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ from __future__ import annotations
 import logging
 import time
 
-from backend.jobs import Runtime, current_runtime
-from backend.labelstudio import detections_prediction, parse_config
-from backend.training import JobBoard, TrainRequest, now
+from backend.jobs import current_runtime
+from backend.labelstudio import detections_prediction
+from backend.labelstudio_api import project_config, project_tasks
+from backend.runtime import Runtime
+from backend.training import TrainRequest
+from backend.training_board import JobBoard, now
 from backend.versions import open_store
 
 log = logging.getLogger(__name__)
@@ -30,13 +35,11 @@ def rescore(runtime: Runtime, req: TrainRequest) -> dict:
     """Write a ranked prediction for every task of ``req.project`` that has no annotation yet (Label Studio
     reached through ``runtime.access``)."""
     client = runtime.access.for_project(str(req.project)).client()
-    project = client.projects.get(id=req.project)
-    config = parse_config(project.label_config)
+    config = project_config(client, req.project)
     to_name, output = next(iter(config.outputs.items()))
     board = JobBoard(open_store(runtime.settings))
     started, done = time.monotonic(), 0
-    for task in client.tasks.list(project=req.project, fields="all", page_size=100):
-        task = task.model_dump() if hasattr(task, "model_dump") else dict(task)
+    for task in project_tasks(client, req.project):
         if any(not a.get("was_cancelled") for a in task.get("annotations") or []):
             continue
         result = runtime.detect(

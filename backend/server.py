@@ -28,7 +28,6 @@ from prometheus_client.multiprocess import mark_process_dead
 from backend.app import create_app, predict_request_limit
 from backend.metrics import READY_AT, share_between_processes
 from backend.settings import Settings
-from backend.worker import apply_torch_threads
 
 log = logging.getLogger(__name__)
 # The ready time of the connection the current thread serves (see TimedThreadWorker).
@@ -80,6 +79,9 @@ class _Gunicorn(BaseApplication):
 def _build_app(settings: Settings):
     """The app; in embedded mode, with this process's PyTorch threads sized before the model loads."""
     if settings.embedded:
+        # Imported here: a server with Redis holds no model and must not load PyTorch.
+        from backend.torch_threads import apply_torch_threads
+
         apply_torch_threads(settings)
     return create_app(settings)
 

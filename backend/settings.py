@@ -108,6 +108,27 @@ class Settings:
         "threads). A request over it gets a 429; an automatic trigger is skipped and logged.",
     )
     device: str = _setting("SEGMASK_DEVICE", "auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
+    trunk_engine: str = _setting(
+        "SEGMASK_TRUNK_ENGINE",
+        "auto",
+        "What runs the image trunk (segmodels.trunk_engine): auto (ONNX Runtime on a CPU, PyTorch on a "
+        "GPU), torch, or onnxruntime (CPU only). Same masks to float32 rounding; ONNX Runtime computes a "
+        "new image's features about 1.7x faster on a CPU (bench/bench_pipeline.py).",
+    )
+    affinity_ttl: int = _setting(
+        "SEGMASK_AFFINITY_TTL",
+        600,
+        "With Redis: seconds after a worker's last job on an image during which clicks on that image go to "
+        "that worker first, where its features are cached (backend.affinity; unless it is gone or busy with "
+        "a batch). 0: every click takes the shared queue.",
+    )
+    preannotate: bool = _setting(
+        "SEGMASK_PREANNOTATE",
+        True,
+        "Whether /predict without a prompt (Label Studio opening a task, or Retrieve predictions) returns "
+        "detections. false: it returns empty predictions, but still computes and keeps each task's image "
+        "features for the clicks that follow.",
+    )
     interactive_timeout: float = _setting(
         "SEGMASK_INTERACTIVE_TIMEOUT",
         20.0,
@@ -122,10 +143,15 @@ class Settings:
     score_threshold: float = _setting(
         "SEGMASK_SCORE_THRESHOLD",
         0.5,
-        "Pre-annotation keeps detections scoring at least this (0..1; `predictor.detection_scores`).",
+        "Pre-annotation keeps every detection scoring at least this (0..1). With a calibrated checkpoint "
+        "(`segmask calibrate`; the shipped one is) the score is the probability that the detection is right "
+        "(mask IoU >= 0.5 with an object of its label); else `predictor.detection_scores`.",
     )
     max_detections: int = _setting(
-        "SEGMASK_MAX_DETECTIONS", 1, "Pre-annotation keeps at most this many per image, best first."
+        "SEGMASK_MAX_DETECTIONS",
+        0,
+        "Pre-annotation keeps at most this many per image, best first; 0: no cap (every one above "
+        "SEGMASK_SCORE_THRESHOLD).",
     )
     max_body_bytes: int = _setting(
         "SEGMASK_MAX_BODY_BYTES", 16 * 1024 * 1024, "Largest request body accepted (413 above)."

@@ -18,7 +18,8 @@ import redis
 
 from backend.errors import ServiceError, bad_request
 from backend.predict import PredictService
-from backend.training import TrainingScheduler, TrainRequest
+from backend.training import TrainRequest
+from backend.training_scheduler import TrainingScheduler
 
 log = logging.getLogger(__name__)
 # The actions Label Studio sends (webhooks, and START_TRAINING from the Train button); any other is counted in

@@ -5,106 +5,71 @@ forked child would either load the model again (about 1 s) or inherit a copy of 
 cache dies with the child, so every click would pay for the trunk again; and forking a process that has
 started PyTorch's thread pools is not safe. A crash in a job still only fails that job: RQ records it and
 the server answers 500 for it; if the whole process dies, the server answers 503 until a worker is back.
-Several workers may run, on one or many machines; each takes queues in priority order.
-
-Each process that runs the model sizes PyTorch's thread pools at its start (:func:`apply_torch_threads`):
-PyTorch's default, a thread per core in every process, makes workers sharing a machine fight over its
-cores, and their throughput falls several times over.
+Several workers may run, on one or many machines; each takes queues in priority order. Each sizes
+PyTorch's thread pools at its start (backend.torch_threads).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import signal
 import socket
 import time
 import uuid
-from pathlib import Path
 
 import redis
-import torch
 from rq import Queue, SimpleWorker, worker_registration
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from backend.jobs import Runtime, install_runtime
-from backend.queue import PRIORITIES, queue_names
+from backend.affinity import own_queue, working_key
+from backend.job_protocol import PRIORITIES, queue_names
+from backend.jobs import install_runtime
+from backend.runtime import Runtime
 from backend.settings import Settings
+from backend.torch_threads import apply_torch_threads
 
 log = logging.getLogger(__name__)
 # Seconds: an idle worker blocks on its queues for WORKER_TTL - 15 s between heartbeats.
 WORKER_TTL = 20
-# cgroup v2's CPU limit of this process's group ("<quota> <period>" in microseconds, or "max <period>").
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
-
-
-def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
-    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container
-    started with ``--cpus 2`` still has every core of the machine in its affinity)."""
-    cores = len(os.sched_getaffinity(0))
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-        return max(1, min(cores, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):  # no cgroup v2 file, or no quota ("max")
-        return cores
-
-
-def torch_thread_count(settings: Settings, cores: int, omp_num_threads: str = "") -> int:
-    """PyTorch threads for one model process: SEGMASK_TORCH_THREADS when set; else OMP_NUM_THREADS (what
-    PyTorch itself obeys) when set; else an equal share of ``cores`` for each of SEGMASK_WORKERS_PER_HOST."""
-    if settings.torch_threads > 0:
-        return settings.torch_threads
-    if omp_num_threads.strip().isdigit() and int(omp_num_threads) > 0:
-        return int(omp_num_threads)
-    return max(1, cores // max(1, settings.workers_per_host))
-
-
-def apply_torch_threads(settings: Settings) -> int:
-    """Size this process's PyTorch intra- and inter-op thread pools by :func:`torch_thread_count`, log it,
-    and return the count. Call it before the model does any work: PyTorch fixes the inter-op pool then."""
-    cores = usable_cores()
-    threads = torch_thread_count(settings, cores, os.environ.get("OMP_NUM_THREADS", ""))
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(threads)
-    except RuntimeError as exc:  # PyTorch takes it once, before any inter-op work; serve anyway
-        log.warning("PyTorch's inter-op threads stay at %d: %s", torch.get_num_interop_threads(), exc)
-    log.info(
-        "PyTorch threads: %d intra-op, %d inter-op (SEGMASK_TORCH_THREADS=%d, OMP_NUM_THREADS=%s, "
-        "%d usable cores, SEGMASK_WORKERS_PER_HOST=%d)",
-        torch.get_num_threads(),
-        torch.get_num_interop_threads(),
-        settings.torch_threads,
-        os.environ.get("OMP_NUM_THREADS", "unset"),
-        cores,
-        settings.workers_per_host,
-    )
-    return threads
 
 
 class WarmWorker(SimpleWorker):
-    """A SimpleWorker that registers itself again when Redis has forgotten it.
+    """A SimpleWorker that registers itself again when Redis has forgotten it, and tells the server what it
+    is running (backend.affinity: a click is not sent to a worker busy with a batch).
 
     A Redis restarted without persistence loses the worker registry; RQ's worker reconnects but stays
     unregistered, and the server, which checks for a registered worker before enqueueing (to answer 503
     at once instead of after a timeout), would refuse requests this live worker could serve.
     """
 
+    def __init__(self, *args, queue_prefix: str = "segmask", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue_prefix = queue_prefix
+
     def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
         # An idle worker beats every dequeue_timeout (WORKER_TTL - 15 s); RQ keeps its key for
         # WORKER_TTL + 60 s after a beat. One missed beat plus 10 s (connection_timeout) is enough: a killed
-        # worker then stops counting as a live one (backend.queue.live_workers) ~15 s after it died, not
-        # 80 s (480 s with RQ's default TTL). Beats during a job pass their own, job-length timeout.
+        # worker then stops counting as a live one (backend.rq_dispatcher.live_workers) ~15 s after it died,
+        # not 80 s (480 s with RQ's default TTL). Beats during a job pass their own, job-length timeout.
         super().heartbeat(timeout or self.connection_timeout, pipeline)
         if pipeline is None and not self.connection.sismember(self.redis_workers_keys, self.key):
             log.warning("worker %s was not registered in Redis (restarted?); registering again", self.name)
             self.connection.hset(self.key, mapping=self.serialize())
             worker_registration.register(self)
 
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        working = working_key(self.queue_prefix, self.name)
+        self.connection.set(working, queue.name, ex=(job.timeout or 180) + 60)
+        try:
+            super().execute_job(job, queue)
+        finally:
+            self.connection.delete(working)
+
 
 def build_worker(settings: Settings, queues: tuple[str, ...] = PRIORITIES) -> WarmWorker:
-    """A worker listening on ``queues`` (names from :data:`backend.queue.PRIORITIES`, in that priority)."""
+    """A worker listening on ``queues`` (names from :data:`backend.job_protocol.PRIORITIES`), in that
+    priority."""
     if settings.embedded:
         raise SystemExit("segmask worker needs SEGMASK_REDIS_URL (embedded mode runs jobs in the server)")
     unknown = set(queues) - set(PRIORITIES)
@@ -115,13 +80,18 @@ def build_worker(settings: Settings, queues: tuple[str, ...] = PRIORITIES) -> Wa
     names = [
         n for n, short in zip(queue_names(settings.queue_prefix), PRIORITIES, strict=True) if short in ordered
     ]
-    rq_queues = [Queue(name, connection=connection, serializer=JSONSerializer) for name in names]
+    name = f"segmask-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    if "interactive" in ordered:
+        # Clicks on images whose features this worker holds come here first (backend.affinity).
+        names.insert(0, own_queue(settings.queue_prefix, name))
+    rq_queues = [Queue(n, connection=connection, serializer=JSONSerializer) for n in names]
     return WarmWorker(
         rq_queues,
         connection=connection,
         serializer=JSONSerializer,
-        name=f"segmask-{socket.gethostname()}-{uuid.uuid4().hex[:8]}",
+        name=name,
         worker_ttl=WORKER_TTL,
+        queue_prefix=settings.queue_prefix,
     )
 
 

@@ -8,7 +8,7 @@ interior point farthest from its boundary.
 - ``nuclio interactor``: ``backend/cvat/nuclio/interactor/main.py``'s handler run by nuclio-sdk's test
   platform on CVAT's request body (``{"image": base64, "pos_points", "neg_points", "obj_bbox"}``), response
   JSON-encoded (what the function does per request; nuclio's HTTP hop is not included);
-- ``label studio in-process``: ``backend.jobs.Runtime.segment`` on the same click (local-files image).
+- ``label studio in-process``: ``backend.runtime.Runtime.segment`` on the same click (local-files image).
 
 Prints a table (p50/p95/min ms) and writes JSON. A benchmark, never a pass/fail test::
 
@@ -34,10 +34,10 @@ from bench_http import DATA, objects_of, percentile
 from nuclio_sdk import Event
 from nuclio_sdk.test import Platform
 
-from backend.jobs import Runtime
+from backend.runtime import Runtime
 from backend.settings import Settings
 from segmodels.annotator import click_point
-from segmodels.data import in_split
+from segmodels.splits import in_split
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "cvat.json"

@@ -23,18 +23,17 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
-from backend.cli import ALLOCATOR_ENV
+from backend.allocator import ensure_allocator_env
 from backend.settings import DEFAULT_DATA_DIR
-from segmodels.data import in_split
 from segmodels.finetune import FinetuneConfig, compare, finetune
 from segmodels.predictor import DEFAULT_CHECKPOINT
+from segmodels.splits import in_split
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = DEFAULT_DATA_DIR
@@ -102,6 +101,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if any(k not in os.environ for k in ALLOCATOR_ENV):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
+    ensure_allocator_env()
     main()

@@ -1,20 +1,27 @@
 """Click -> polygon latency as Label Studio sees it: in-process, through HTTP (embedded mode) and through
-HTTP + Redis/RQ + a worker, with GrabCut-from-box on the same objects in the same run.
+HTTP + Redis/RQ with 1 and 3 workers, with GrabCut-from-box on the same objects in the same run.
 
-For each of ``--images`` held-out COCO128 images (image_id % 5 == 0), the first click (a new image: image
-read + trunk) and then ``--repeats`` further clicks on the same image (cached features), one per annotated
-object in turn (interior point farthest from its boundary, docs/targets.md). Every path sees the same requests
-in the same order; paths are interleaved image by image so background load hits them alike.
+For each of ``--images`` held-out COCO128 images (image_id % 5 == 0): first the task-open request (Label
+Studio's ``/predict`` of one task without a prompt, when "Retrieve predictions when loading a task
+automatically" is on; ``open``), then the first click on the image (``first``), then ``--repeats`` further
+clicks (``repeated``), one per annotated object in turn (interior point farthest from its boundary,
+docs/targets.md). With ``--no-open`` the first click finds nothing cached (image read + trunk). Every path
+sees the same requests in the same order; paths are interleaved image by image so background load hits them
+alike.
 
-- ``in-process``: ``backend.jobs.Runtime.segment`` called directly (the work without HTTP or queue);
+- ``in-process``: ``backend.runtime.Runtime`` called directly (the work without HTTP or queue);
 - ``http embedded``: ``segmask serve`` (gunicorn) in embedded mode, real HTTP from this process;
-- ``http + rq``: ``segmask serve`` with SEGMASK_REDIS_URL and one ``segmask worker`` process;
+- ``http + rq, N workers``: ``segmask serve`` with SEGMASK_REDIS_URL and N ``segmask worker`` processes
+  (SEGMASK_WORKERS_PER_HOST=N: they share the cores), for each N of ``--workers``; clicks find the worker
+  that holds their image's features through backend.affinity;
 - ``grabcut box``: OpenCV GrabCut (5 iterations) from each object's tight box (docs/targets.md's baseline).
 
 Images are read by the servers from ``/data/local-files/?d=`` (SEGMASK_LOCAL_FILES_ROOT), as with Label
-Studio's local storage. Prints a table (p50/p95 ms) and writes JSON. A benchmark, never a pass/fail test::
+Studio's local storage. Prints a table (p50/p95 ms, ratios to in-process and first vs repeated click) and
+writes JSON. A benchmark, never a pass/fail test::
 
-    .venv/bin/python bench/bench_http.py [--images 8] [--repeats 10] [--redis-url redis://127.0.0.1:6379/15]
+    .venv/bin/python bench/bench_http.py [--images 8] [--repeats 10] [--workers 1,3] [--no-open]
+        [--redis-url redis://127.0.0.1:6379/15]
 """
 
 from __future__ import annotations
@@ -38,19 +45,18 @@ import redis
 import requests
 from rq import Queue, Worker
 
-from backend.cli import ALLOCATOR_ENV
-from backend.jobs import Runtime
+from backend.allocator import ALLOCATOR_ENV, ensure_allocator_env
+from backend.runtime import Runtime
 from backend.settings import DEFAULT_DATA_DIR, Settings
 from segmodels.annotator import click_point
-from segmodels.data import in_split
-from segmodels.evaluate import grabcut_mask
+from segmodels.baselines import grabcut_mask
 from segmodels.geometry import coco_segmentation_to_mask, mask_to_box
+from segmodels.splits import in_split
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = DEFAULT_DATA_DIR
 LS_REQUESTS = REPO / "tests" / "fixtures" / "label-studio-requests"  # recorded from Label Studio 1.23.2
 DEFAULT_OUT = REPO / "bench" / "results" / "http.json"
-PATHS = ("in-process", "http embedded", "http + rq")
 
 log = logging.getLogger("bench_http")
 
@@ -90,10 +96,19 @@ def click_body(template: dict, image: dict, mask: np.ndarray, nudge: float = 0.0
     return body
 
 
-class Server:
-    """A ``segmask serve`` (and optionally ``segmask worker``) process group on a free port."""
+def open_body(template: dict, image: dict) -> dict:
+    """The captured batch request cut to one task showing ``image``: what Label Studio sends when an
+    annotator opens a task ("Retrieve predictions when loading a task automatically")."""
+    body = json.loads(json.dumps(template))
+    body["tasks"] = body["tasks"][:1]
+    body["tasks"][0]["data"]["image"] = f"/data/local-files/?d={image['file_name']}"
+    return body
 
-    def __init__(self, env: dict[str, str], logs: Path, worker: bool) -> None:
+
+class Server:
+    """A ``segmask serve`` process (and ``workers`` ``segmask worker`` processes) on a free port."""
+
+    def __init__(self, env: dict[str, str], logs: Path, workers: int = 0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
@@ -105,8 +120,9 @@ class Server:
         }
         cli = [sys.executable, "-m", "backend.cli"]
         self.procs = []
-        if worker:
-            self.procs.append(self._start([*cli, "worker"], env, logs / "worker.log"))
+        for n in range(workers):
+            worker_env = {**env, "SEGMASK_WORKERS_PER_HOST": str(workers)}
+            self.procs.append(self._start([*cli, "worker"], worker_env, logs / f"worker-{self.port}-{n}.log"))
         self.procs.append(self._start([*cli, "serve"], env, logs / f"serve-{self.port}.log"))
         self._wait_ready(env)
 
@@ -115,7 +131,7 @@ class Server:
         return subprocess.Popen(cmd, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
 
     def _wait_ready(self, env: dict[str, str], timeout: float = 120) -> None:
-        """Until /health answers and, with Redis, a worker has registered on the interactive queue."""
+        """Until /health answers and, with Redis, every worker has registered on the interactive queue."""
         queue = None
         if env.get("SEGMASK_REDIS_URL"):
             connection = redis.Redis.from_url(env["SEGMASK_REDIS_URL"])
@@ -126,7 +142,10 @@ class Server:
                 healthy = requests.get(f"{self.url}/health", timeout=1).ok
             except requests.RequestException:
                 healthy = False
-            if healthy and (queue is None or Worker.count(connection=queue.connection, queue=queue)):
+            workers = len(self.procs) - 1
+            if healthy and (
+                queue is None or Worker.count(connection=queue.connection, queue=queue) >= workers
+            ):
                 return
             time.sleep(0.3)
         raise RuntimeError(f"server on {self.url} did not become ready in {timeout} s")
@@ -174,17 +193,16 @@ def summarise(samples: dict[str, dict[str, list[float]]]) -> dict:
             }
             for kind, v in kinds.items()
         }
-    base = out["in-process"]["repeated"]["p50_ms"]
-    for path in ("http embedded", "http + rq"):
-        if path in out:
-            out[path]["repeated_overhead_vs_in_process"] = out[path]["repeated"]["p50_ms"] / base
-            out[path]["first_overhead_vs_in_process"] = (
-                out[path]["first"]["p50_ms"] / out["in-process"]["first"]["p50_ms"]
-            )
+    base = out["in-process"]
+    for path, kinds in out.items():
+        kinds["first_vs_repeated"] = kinds["first"]["p50_ms"] / kinds["repeated"]["p50_ms"]
+        if path != "in-process":
+            for kind in ("first", "repeated"):
+                kinds[f"{kind}_overhead_vs_in_process"] = kinds[kind]["p50_ms"] / base[kind]["p50_ms"]
     return out
 
 
-WIDTHS = (16, 9, 4, 9, 9, 9, 20)
+WIDTHS = (20, 9, 4, 9, 9, 9, 20, 18)
 
 
 def _line(cells: list[str]) -> str:
@@ -194,14 +212,24 @@ def _line(cells: list[str]) -> str:
 
 
 def print_table(summary: dict) -> None:
-    print("\n" + _line(["path", "clicks", "n", "p50 ms", "p95 ms", "min ms", "p50 vs in-process"]))
+    header = ["path", "request", "n", "p50 ms", "p95 ms", "min ms", "p50 vs in-process", "first vs repeated"]
+    print("\n" + _line(header))
     for path, kinds in summary.items():
         for kind, row in kinds.items():
             if not isinstance(row, dict):
                 continue
             ratio = kinds.get(f"{kind}_overhead_vs_in_process")
+            first = kinds.get("first_vs_repeated") if kind == "first" else None
             stats = [f"{row[k]:.1f}" for k in ("p50_ms", "p95_ms", "min_ms")]
-            print(_line([path, kind, str(row["n"]), *stats, f"{ratio:.2f}x" if ratio else ""]))
+            cells = [
+                path,
+                kind,
+                str(row["n"]),
+                *stats,
+                f"{ratio:.2f}x" if ratio else "",
+                f"{first:.2f}x" if first else "",
+            ]
+            print(_line(cells))
 
 
 def main() -> None:
@@ -211,12 +239,24 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8, help="held-out images (first by id)")
     parser.add_argument("--repeats", type=int, default=10, help="repeated clicks per image")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
+    parser.add_argument(
+        "--workers",
+        default="1,3",
+        help="comma-separated worker counts, one http + rq path each (default 1,3)",
+    )
+    parser.add_argument(
+        "--no-open",
+        action="store_true",
+        help="click a new image cold, without Label Studio's task-open /predict first",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     coco = json.loads((DATA / "instances.json").read_text())
     template = json.loads((LS_REQUESTS / "predict-interactive-keypoint.json").read_text())["json"]
+    batch_template = json.loads((LS_REQUESTS / "predict-batch.json").read_text())["json"]
+    worker_counts = [int(n) for n in args.workers.split(",") if n]
     images = [im for im in sorted(coco["images"], key=lambda im: im["id"]) if in_split(im["id"], "val")]
     images = [im for im in images if objects_of(im, coco)][: args.images]
 
@@ -225,14 +265,14 @@ def main() -> None:
     common = {"SEGMASK_LOCAL_FILES_ROOT": str(DATA / "images"), "SEGMASK_LOG_LEVEL": "WARNING"}
     prefix = f"bench-{uuid.uuid4().hex[:6]}"
     redis.Redis.from_url(args.redis_url).ping()
-    servers = {
-        "http embedded": Server(common, logs, worker=False),
-        "http + rq": Server(
-            {**common, "SEGMASK_REDIS_URL": args.redis_url, "SEGMASK_QUEUE_PREFIX": prefix}, logs, True
-        ),
-    }
+    servers = {"http embedded": Server(common, logs)}
+    for n in worker_counts:
+        env = {**common, "SEGMASK_REDIS_URL": args.redis_url, "SEGMASK_QUEUE_PREFIX": f"{prefix}-{n}"}
+        servers[f"http + rq, {n} worker{'s' if n > 1 else ''}"] = Server(env, logs, workers=n)
+    paths = ["in-process", *servers]
     runtime = Runtime(Settings.from_env({}, local_files_root=str(DATA / "images")))
-    samples: dict[str, dict[str, list[float]]] = {p: {"first": [], "repeated": []} for p in PATHS}
+    kinds = ["first", "repeated"] if args.no_open else ["open", "first", "repeated"]
+    samples: dict[str, dict[str, list[float]]] = {p: {k: [] for k in kinds} for p in paths}
     samples["grabcut box"] = {"per object": []}
     try:
         for n, image in enumerate(images):
@@ -241,7 +281,16 @@ def main() -> None:
                 click_body(template, image, masks[k % len(masks)], k * NUDGE_PX)
                 for k in range(args.repeats + 1)
             ]
-            for path in PATHS:
+            for path in paths:
+                if not args.no_open:
+                    opened = open_body(batch_template, image)
+                    if path == "in-process":
+                        started = time.perf_counter()
+                        ref = {"url": opened["tasks"][0]["data"]["image"], "project": ""}
+                        runtime.detect({"image": ref, "output": "polygon"})
+                        samples[path]["open"].append(time.perf_counter() - started)
+                    else:
+                        samples[path]["open"].append(servers[path].predict(opened)[0])
                 for k, body in enumerate(bodies):
                     kind = "first" if k == 0 else "repeated"
                     if path == "in-process":
@@ -264,7 +313,7 @@ def main() -> None:
         for server in servers.values():
             server.stop()
 
-    summary = summarise({p: samples[p] for p in PATHS})
+    summary = summarise({p: samples[p] for p in paths})
     summary["grabcut box"] = {
         "per object": {
             "n": len(samples["grabcut box"]["per object"]),
@@ -279,6 +328,8 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "images": [im["file_name"] for im in images],
         "repeats": args.repeats,
+        "workers": worker_counts,
+        "opened_first": not args.no_open,
         "summary": summary,
         "samples_s": samples,
     }
@@ -288,6 +339,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if any(k not in os.environ for k in ALLOCATOR_ENV):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
+    ensure_allocator_env()
     main()

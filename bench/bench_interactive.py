@@ -37,7 +37,8 @@ import torch
 
 from backend.settings import DEFAULT_DATA_DIR
 from segmodels.data import CocoInstances
-from segmodels.evaluate import convergence, evaluate_instances, format_table, summarise
+from segmodels.eval_interactive import convergence, evaluate_instances, summarise
+from segmodels.eval_report import format_table
 from segmodels.predictor import DEFAULT_CHECKPOINT, load_predictor
 
 REPO = Path(__file__).resolve().parents[1]

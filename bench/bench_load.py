@@ -10,7 +10,7 @@ a batch /predict of 4 tasks (Label Studio's pre-annotation of imported tasks). R
 captured 1.23.2 bodies.
 
 The backend runs as deployed (``segmask serve``, ``segmask worker``, with the allocator settings they give
-themselves, backend.cli.ALLOCATOR_ENV), with
+themselves, backend.allocator.ALLOCATOR_ENV), with
 SEGMASK_FEATURE_CACHE_MB set to ``--cache-mb-per-annotator`` times the largest N of the run (the sizing the
 README advises: every annotator's image stays cached, in each worker).
 
@@ -49,9 +49,10 @@ import cv2
 import numpy as np
 import redis
 import requests
-from bench_http import ALLOCATOR_ENV, DATA, LS_REQUESTS, REPO, free_port, objects_of
+from bench_http import DATA, LS_REQUESTS, REPO, free_port, objects_of
 from rq import Queue, Worker
 
+from backend.allocator import ensure_allocator_env
 from segmodels.annotator import click_point, next_click
 
 DEFAULT_OUT = REPO / "bench" / "results" / "load.json"
@@ -521,6 +522,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if any(k not in os.environ for k in ALLOCATOR_ENV):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
+    ensure_allocator_env()
     main()

@@ -11,16 +11,20 @@ Cases, run interleaved (one run of every case per repeat, so background load hit
   forgotten first (a new prompt costs that much).
 - ``C box``: ``segment`` of the tight box of the same object on the cached features + polygon.
 - ``D pre-annotation``: ``detect()`` on a new image (checkpoints with a MultiPathNet; skipped with a note
-  otherwise), stage by stage: ``features``, ``proposals`` (``propose``: top_windows + refinement + paste),
-  ``classify`` (MultiPathNet on the proposals' boxes), ``scoring+NMS`` (class scores, mask NMS, threshold),
-  ``polygons`` of the kept detections; ``detect`` (what ``detect()`` costs on cached features) and ``total``.
+  otherwise), stage by stage (``detection_candidates``' own timings, then ``label_candidates``):
+  ``features``, ``proposals`` (``propose``: top_windows + refinement + paste), ``classify`` (MultiPathNet
+  on the proposals' boxes), ``scoring+NMS`` (detection scores, mask NMS, threshold), ``polygons`` of the
+  kept detections; ``detect`` (what ``detect()`` costs on cached features) and ``total``.
+
+Every case runs once per trunk engine of ``--trunk-engines`` (``segmodels.trunk_engine``: PyTorch and
+ONNX Runtime by default), interleaved, so the engines are compared side by side in one run.
 
 The click is the interior point farthest from the boundary of the image's largest annotated object
 (docs/targets.md). Medians, p90 and minima in ms after warm-up runs; a table is printed and JSON written.
 A benchmark, never a pass/fail test. Usage::
 
     .venv/bin/python bench/bench_pipeline.py [--checkpoint DIR] [--repeats N] [--out FILE] [--threads N]
-        [--score-threshold F]
+        [--score-threshold F] [--trunk-engines torch,onnxruntime]
 """
 
 from __future__ import annotations
@@ -43,24 +47,20 @@ from typing import Any
 
 import cv2
 import numpy as np
+import onnxruntime
 import torch
 
-from backend.cli import ALLOCATOR_ENV
+from backend.allocator import ALLOCATOR_ENV, ensure_allocator_env
 from backend.settings import DEFAULT_DATA_DIR
+from segmodels.device import resolve_device
 from segmodels.geometry import coco_segmentation_to_mask, mask_iou, mask_to_box
-from segmodels.predictor import (
-    DEFAULT_CHECKPOINT,
-    Detection,
-    MaskPredictor,
-    detection_scores,
-    load_predictor,
-)
+from segmodels.predictor import DEFAULT_CHECKPOINT, MaskPredictor, load_predictor
+from segmodels.trunk_engine import ENGINES
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = DEFAULT_DATA_DIR
 DEFAULT_OUT = REPO / "bench" / "results" / "pipeline.json"
 IMAGE_SIZE = (640, 480)  # width, height
-REEXEC_MARK = "SEGMASK_BENCH_REEXEC"
 RECORDED_ENV_PREFIXES = ("MALLOC_", "LD_PRELOAD", "OMP_", "MKL_", "KMP_", "GOMP_", "ONEDNN_", "DNNL_")
 
 log = logging.getLogger("bench_pipeline")
@@ -75,6 +75,7 @@ class TimingRow:
     Warm-up times are kept apart (JSON only) to show how long the process takes to reach steady state.
     """
 
+    engine: str
     case: str
     stage: str
     samples_ms: list[float] = field(default_factory=list)
@@ -95,6 +96,7 @@ class TimingRow:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "engine": self.engine,
             "case": self.case,
             "stage": self.stage,
             "median_ms": self.median,
@@ -137,28 +139,22 @@ DETECT_DEFAULTS = {
     for name, p in inspect.signature(MaskPredictor.detect).parameters.items()
     if p.default is not inspect.Parameter.empty
 }
+# The speed issue's CPU targets (2 cores): proposals 0.35 s, pre-annotation 0.5 s, a cold first click 180 ms.
 TARGETS = (
-    Target("full-image SharpMask proposals, top-100, 7 scales", CASE_SHARP, "total", 760.0),
-    Target(
-        "proposals + polygons (pre-annotation without labels)",
-        CASE_SHARP,
-        "total+polygons",
-        1000.0,
-        "the 1.0 s pre-annotation target also includes labels: case D",
-    ),
+    Target("full-image SharpMask proposals, top-100, 7 scales", CASE_SHARP, "total", 350.0),
     Target(
         "full pre-annotation (proposals + labels + polygons)",
         CASE_DETECT,
         "total",
-        1000.0,
+        500.0,
         "detect() with its defaults on a new image, polygons of the kept detections",
     ),
     Target(
-        "click -> polygon p50, new image",
+        "cold first click -> polygon p50 (nothing cached), in-process",
         CASE_FIRST,
         "total",
-        100.0,
-        "target is through HTTP + Redis/RQ + worker; this is the in-process lower bound",
+        180.0,
+        "features of the new image + segment + polygon",
     ),
     Target(
         "click -> polygon p50, cached features",
@@ -178,29 +174,6 @@ TARGETS = (
 
 
 # ---- process setup -----------------------------------------------------------------------------------
-def ensure_allocator_env(use: bool) -> bool:
-    """Re-exec this script with the allocator variables set (``use``) or removed; True when re-executed.
-
-    Values already in the environment are kept, so other settings can be tried from the shell.
-    """
-    present = [k for k in ALLOCATOR_ENV if k in os.environ]
-    if (use and len(present) == len(ALLOCATOR_ENV)) or (not use and not present):
-        return os.environ.get(REEXEC_MARK) == "1"
-    if os.environ.get(REEXEC_MARK) == "1":
-        raise RuntimeError("allocator environment still wrong after re-exec")
-    env = dict(os.environ, **{REEXEC_MARK: "1"})
-    for key, value in ALLOCATOR_ENV.items():
-        if use:
-            env.setdefault(key, value)
-        else:
-            env.pop(key, None)
-    log.info("re-executing with allocator variables %s", "set" if use else "removed")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-    raise AssertionError("unreachable")
-
-
 def machine_info() -> dict[str, Any]:
     """CPU, core counts, library versions and threads, and the allocator/threading environment."""
     cpuinfo = Path("/proc/cpuinfo")
@@ -222,6 +195,8 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "onnxruntime": onnxruntime.__version__,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "numpy": np.__version__,
@@ -290,21 +265,21 @@ def load_scene(name: str) -> Scene:
 
 # ---- cases -------------------------------------------------------------------------------------------
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """``fn()`` and its wall time in ms."""
+    """``fn()`` and its wall time in ms (on a GPU, until its kernels have finished)."""
     start = time.perf_counter()
     out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return out, (time.perf_counter() - start) * 1e3
 
 
 def run_proposals(pred: MaskPredictor, image: np.ndarray, k: int, refine: bool) -> Stages:
-    """One full-image proposal pass timed stage by stage: ``propose`` plus features and polygons."""
+    """One full-image proposal pass timed stage by stage: features, ``propose`` (its own stage timings)
+    and polygons."""
     t: Stages = {}
     feats, t["features"] = timed(lambda: pred.compute_features(image))
     pred.set_features(feats)
-    cands, t["top_windows"] = timed(lambda: pred.top_windows(k))
-    logits, t["window_logits"] = timed(lambda: pred.window_logits(cands, refine=refine))
-    windows = [pred._window(c, lg) for c, lg in zip(cands, logits, strict=True)]
-    masks, t["paste"] = timed(lambda: [pred._to_mask(w) for w in windows])
+    masks = pred.propose(k, refine=refine, timings=t)
     _, t["polygons"] = timed(lambda: [m.polygon for m in masks])
     t["total"] = t["features"] + t["top_windows"] + t["window_logits"] + t["paste"]
     t["total+polygons"] = t["total"] + t["polygons"]
@@ -319,36 +294,22 @@ def run_prompt(pred: MaskPredictor, scene: Scene, click: bool, image: np.ndarray
         pred.set_features(feats)
     # A new prompt each time, as an annotator's next click is: nothing from the memo of the last prompts.
     pred.features.prompt_masks.clear()
-    prompt = {"points": [scene.click], "labels": [1]} if click else {"box": scene.box}
+    prompt = {"points": [scene.click], "point_labels": [1]} if click else {"box": scene.box}
     mask, t["segment"] = timed(lambda: pred.segment(**prompt))
     _, t["polygon"] = timed(lambda: mask.polygon)
     t["total"] = sum(t.values())
     return t
 
 
-def staged_detect(pred: MaskPredictor, k: int, threshold: float) -> tuple[list[Detection], Stages]:
-    """``detect(score_threshold=threshold, proposals=k)`` on the current features, timed by stage."""
-    t: Stages = {}
-    masks, t["proposals"] = timed(lambda: [m for m in pred.propose(k) if m.mask.any()])
-    if masks:
-        (probs, boxes), t["classify"] = timed(
-            lambda: pred.classify(np.stack([m.box for m in masks]), [m.mask for m in masks])
-        )
-        detections, t["scoring+NMS"] = timed(
-            lambda: pred.label_masks(masks, probs, boxes, detection_scores(masks), threshold)
-        )
-    else:
-        detections, t["classify"], t["scoring+NMS"] = [], 0.0, 0.0
-    return detections, t
-
-
 def run_detect(pred: MaskPredictor, image: np.ndarray, k: int, threshold: float) -> Stages:
-    """One pre-annotation pass on a new image: features, ``detect`` by stage, polygons of the detections."""
+    """One pre-annotation pass on a new image: features, ``detect(score_threshold=threshold, proposals=k)``
+    by stage, polygons of the detections."""
     t: Stages = {}
     feats, t["features"] = timed(lambda: pred.compute_features(image))
     pred.set_features(feats)
-    detections, stages = staged_detect(pred, k, threshold)
-    t.update(stages)
+    candidates = pred.detection_candidates(k, timings=t)
+    detections, labelling = timed(lambda: pred.label_candidates(candidates, threshold))
+    t["scoring+NMS"] = t.pop("scoring") + labelling
     _, t["polygons"] = timed(lambda: [d.polygon for d in detections])
     t["detect"] = t["proposals"] + t["classify"] + t["scoring+NMS"]
     t["total"] = t["features"] + t["detect"] + t["polygons"]
@@ -383,18 +344,18 @@ def make_cases(
     return cases
 
 
-def measure(cases: dict[str, Callable[[], Stages]], warmup: int, repeats: int) -> list[TimingRow]:
-    """Warm-up, then ``repeats`` rounds of every case in turn; one row per (case, stage)."""
-    rows: dict[tuple[str, str], TimingRow] = {}
+def measure(cases: dict[tuple[str, str], Callable[[], Stages]], warmup: int, repeats: int) -> list[TimingRow]:
+    """Warm-up, then ``repeats`` rounds of every (engine, case) in turn; one row per (engine, case, stage)."""
+    rows: dict[tuple[str, str, str], TimingRow] = {}
     for i in range(warmup + repeats):
         if i < warmup:
             log.info("warm-up %d/%d", i + 1, warmup)
         else:
             log.info("repeat %d/%d", i - warmup + 1, repeats)
-        for name, run in cases.items():
+        for (engine, name), run in cases.items():
             gc.collect()
             for stage, ms in run().items():
-                row = rows.setdefault((name, stage), TimingRow(name, stage))
+                row = rows.setdefault((engine, name, stage), TimingRow(engine, name, stage))
                 (row.warmup_ms if i < warmup else row.samples_ms).append(ms)
     return list(rows.values())
 
@@ -404,10 +365,10 @@ def sanity(
 ) -> dict[str, Any]:
     """Untimed checks that the outputs are plausible: prompt IoUs with the object, non-empty proposals,
     how the top-k windows spread over the pyramid levels (refinement is batched per level) and, with a
-    MultiPathNet, case D's detections and whether its staged pipeline gives what ``detect()`` gives."""
+    MultiPathNet, case D's detections."""
     pred.set_image(scene.image)
     levels = np.bincount([c.level for c in pred.top_windows(k)], minlength=len(pred.scales))
-    click = pred.segment(points=[scene.click], labels=[1])
+    click = pred.segment(points=[scene.click], point_labels=[1])
     box = pred.segment(box=scene.box)
     props = pred.propose(k, refine=True)
     return {
@@ -422,66 +383,71 @@ def sanity(
 
 
 def detect_sanity(pred: MaskPredictor, k: int, threshold: float) -> dict[str, Any]:
-    """Case D's detections on the current image, and whether they equal ``detect()``'s."""
-    staged, _ = staged_detect(pred, k, threshold)
-    direct = pred.detect(score_threshold=threshold, proposals=k)
-    same = len(staged) == len(direct) and all(
-        a.class_id == b.class_id and abs(a.score - b.score) < 1e-6 and np.array_equal(a.mask, b.mask)
-        for a, b in zip(staged, direct, strict=True)
-    )
-    if not same:
-        log.warning("case D's staged pipeline differs from detect(): update the staged case D")
+    """Case D's detections on the current image."""
+    detections = pred.detect(score_threshold=threshold, proposals=k)
     return {
-        "detections": len(direct),
-        "detection_labels": [d.label for d in direct],
-        "detection_scores": [d.score for d in direct],
-        "staged_detect_matches_detect": same,
+        "detections": len(detections),
+        "detection_labels": [d.label for d in detections],
+        "detection_scores": [d.score for d in detections],
     }
 
 
 # ---- report ------------------------------------------------------------------------------------------
-def target_report(rows: list[TimingRow]) -> list[dict[str, Any]]:
-    """Each target next to the measured median of its stage, with the ratio measured / target."""
-    by_key = {(r.case, r.stage): r for r in rows}
+def target_report(rows: list[TimingRow], engines: list[str]) -> list[dict[str, Any]]:
+    """Each target next to the measured median of its stage on each engine, with the ratio measured /
+    target."""
+    by_key = {(r.engine, r.case, r.stage): r for r in rows}
     out = []
-    for t in TARGETS:
-        row = by_key.get((t.case, t.stage))
-        measured = row.median if row else None
-        out.append(
-            {
-                "what": t.what,
-                "case": t.case,
-                "stage": t.stage,
-                "target_ms": t.target_ms,
-                "measured_median_ms": measured,
-                "ratio": measured / t.target_ms if measured else None,
-                "note": t.note if row else f"not measured: case {t.case!r} was skipped",
-            }
-        )
+    for engine in engines:
+        for t in TARGETS:
+            row = by_key.get((engine, t.case, t.stage))
+            measured = row.median if row else None
+            out.append(
+                {
+                    "engine": engine,
+                    "what": t.what,
+                    "case": t.case,
+                    "stage": t.stage,
+                    "target_ms": t.target_ms,
+                    "measured_median_ms": measured,
+                    "ratio": measured / t.target_ms if measured else None,
+                    "note": t.note if row else f"not measured: case {t.case!r} was skipped",
+                }
+            )
     return out
 
 
-def side_by_side(rows: list[TimingRow]) -> dict[str, float]:
-    """Ratios of medians measured in this run: SharpMask vs DeepMask proposals, new vs cached click."""
-    med = {(r.case, r.stage): r.median for r in rows}
-    return {
-        "sharpmask/deepmask proposals total": med[CASE_SHARP, "total"] / med[CASE_DEEP, "total"],
-        "first/repeated click total": med[CASE_FIRST, "total"] / med[CASE_REPEAT, "total"],
-        **(
-            {"pre-annotation/SharpMask proposals total": med[CASE_DETECT, "total"] / med[CASE_SHARP, "total"]}
-            if (CASE_DETECT, "total") in med
-            else {}
-        ),
-    }
+def side_by_side(rows: list[TimingRow], engines: list[str]) -> dict[str, float]:
+    """Ratios of medians measured in this run: SharpMask vs DeepMask proposals, new vs cached click (per
+    engine), and each engine's total over the first engine's, case by case."""
+    med = {(r.engine, r.case, r.stage): r.median for r in rows}
+    ratios = {}
+    for e in engines:
+        ratios[f"{e}: sharpmask/deepmask proposals total"] = (
+            med[e, CASE_SHARP, "total"] / med[e, CASE_DEEP, "total"]
+        )
+        ratios[f"{e}: first/repeated click total"] = (
+            med[e, CASE_FIRST, "total"] / med[e, CASE_REPEAT, "total"]
+        )
+        if (e, CASE_DETECT, "total") in med:
+            ratios[f"{e}: pre-annotation/SharpMask proposals total"] = (
+                med[e, CASE_DETECT, "total"] / med[e, CASE_SHARP, "total"]
+            )
+    base = engines[0]
+    for e in engines[1:]:
+        for case in (CASE_SHARP, CASE_DEEP, CASE_FIRST, CASE_REPEAT, CASE_BOX, CASE_DETECT):
+            if (base, case, "total") in med:
+                ratios[f"{case} total: {e}/{base}"] = med[e, case, "total"] / med[base, case, "total"]
+    return ratios
 
 
 def format_table(header: list[str], lines: list[list[str]]) -> str:
-    """Aligned text table; the first two columns left-aligned, the others right-aligned."""
+    """Aligned text table; the first three columns left-aligned, the others right-aligned."""
     widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
 
     def fmt(cells: list[str]) -> str:
         pairs = enumerate(zip(cells, widths, strict=True))
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in pairs)
+        return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in pairs)
 
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)])
 
@@ -489,16 +455,17 @@ def format_table(header: list[str], lines: list[list[str]]) -> str:
 def print_report(rows: list[TimingRow], targets: list[dict[str, Any]], ratios: dict[str, float]) -> None:
     """Stage table, targets table and side-by-side ratios on stdout."""
     stage_lines = [
-        [r.case, r.stage, *(f"{v:.1f}" for v in (r.median, r.p90, r.min)), str(len(r.samples_ms))]
+        [r.engine, r.case, r.stage, *(f"{v:.1f}" for v in (r.median, r.p90, r.min)), str(len(r.samples_ms))]
         for r in rows
     ]
-    print(format_table(["case", "stage", "median ms", "p90 ms", "min ms", "n"], stage_lines))
+    print(format_table(["engine", "case", "stage", "median ms", "p90 ms", "min ms", "n"], stage_lines))
     print()
     print(
         format_table(
-            ["target", "stage", "median ms", "target ms", "ratio"],
+            ["engine", "target", "stage", "median ms", "target ms", "ratio"],
             [
                 [
+                    t["engine"],
                     t["what"],
                     t["stage"],
                     "skipped" if t["measured_median_ms"] is None else f"{t['measured_median_ms']:.1f}",
@@ -525,6 +492,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--image", default="000000000009.jpg", help="coco128 image file name")
     p.add_argument("--top-k", type=int, default=100, help="proposals kept (default 100)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--trunk-engines",
+        default="torch,onnxruntime",
+        help="comma-separated trunk engines to compare (segmodels.trunk_engine; default torch,onnxruntime)",
+    )
     p.add_argument(
         "--score-threshold",
         type=float,
@@ -546,6 +519,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.warmup < 2 or args.repeats < 1:
         p.error("need --warmup >= 2 and --repeats >= 1")
+    args.device = resolve_device(args.device)
+    args.trunk_engines = args.trunk_engines.split(",")
+    if unknown := set(args.trunk_engines) - set(ENGINES):
+        p.error(f"unknown trunk engines {sorted(unknown)}: expected some of {', '.join(ENGINES)}")
+    if args.device.type != "cpu":
+        # ONNX Runtime runs the trunk on the CPU only (segmodels.trunk_engine): on a GPU, PyTorch alone.
+        args.trunk_engines = ["torch"]
     if args.out is None:
         plain = DEFAULT_OUT.with_name("pipeline-no-allocator-env.json")
         args.out = plain if args.no_allocator_env else DEFAULT_OUT
@@ -555,14 +535,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    reexecuted = ensure_allocator_env(not args.no_allocator_env)
+    reexecuted = ensure_allocator_env(use=not args.no_allocator_env)
     torch.set_num_threads(args.threads)
     scene = load_scene(args.image)
     log.info("image %s, click %s, box %s", scene.path.name, scene.click.tolist(), scene.box.tolist())
-    pred = load_predictor(args.checkpoint)
+    engines = args.trunk_engines
+    preds = {engine: load_predictor(args.checkpoint, args.device, trunk_engine=engine) for engine in engines}
+    pred = preds[engines[0]]
     machine = machine_info()
-    rows = measure(make_cases(pred, scene, args.top_k, args.score_threshold), args.warmup, args.repeats)
-    targets, ratios = target_report(rows), side_by_side(rows)
+    cases = {
+        (engine, name): run
+        for engine, p in preds.items()
+        for name, run in make_cases(p, scene, args.top_k, args.score_threshold).items()
+    }
+    rows = measure(cases, args.warmup, args.repeats)
+    targets, ratios = target_report(rows, engines), side_by_side(rows, engines)
     print_report(rows, targets, ratios)
     skipped = (
         {} if pred.model.multipathnet is not None else {CASE_DETECT: "the checkpoint has no MultiPathNet"}
@@ -593,6 +580,8 @@ def main(argv: list[str] | None = None) -> None:
             "repeats": args.repeats,
             "warmup": args.warmup,
             "threads": args.threads,
+            "device": str(args.device),
+            "trunk_engines": engines,
             "top_k": args.top_k,
             "detect": {**DETECT_DEFAULTS, "score_threshold": args.score_threshold, "proposals": args.top_k},
             "scales": list(pred.scales),
@@ -602,7 +591,7 @@ def main(argv: list[str] | None = None) -> None:
         "targets": targets,
         "ratios": ratios,
         "skipped": skipped,
-        "sanity": sanity(pred, scene, args.top_k, args.score_threshold),
+        "sanity": {e: sanity(p, scene, args.top_k, args.score_threshold) for e, p in preds.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -18,7 +18,7 @@ Rankings (each followed by mask NMS at IoU 0.5 on its own score):
 
 Per ranking: segm AP (COCOeval with categories, the whole ranked list) and, per cap on detections per image
 among those scoring at least ``detect()``'s threshold, what an annotator sees
-(``segmodels.evaluate.precision_recall``: precision, the same whatever the label, that of the detections
+(``segmodels.eval_detection.precision_recall``: precision, the same whatever the label, that of the detections
 each cap adds, recall of instances > 32^2).
 Prints tables and writes ``bench/results/preannotation.json``::
 
@@ -33,6 +33,7 @@ import logging
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -42,25 +43,19 @@ from tqdm import tqdm
 
 from backend.settings import DEFAULT_DATA_DIR
 from segmodels.checkpoint import load_checkpoint
+from segmodels.coco_scoring import coco_ground_truth, detection_ap
 from segmodels.data import CocoInstances
-from segmodels.evaluate import (
-    MIN_AREA,
-    PRECISION_CAPS,
-    cap_rows,
-    coco_ground_truth,
-    count_caps,
-    detection_ap,
-    format_table,
-)
+from segmodels.eval_detection import PRECISION_CAPS, cap_rows, count_caps
+from segmodels.eval_interactive import MIN_AREA
+from segmodels.eval_report import format_table
 from segmodels.export import detections_to_coco
 from segmodels.model import SegmentationModel
 from segmodels.predictor import (
     DEFAULT_CHECKPOINT,
     PREANNOTATION_THRESHOLD,
     Detection,
-    Mask,
+    DetectionCandidates,
     MaskPredictor,
-    detection_scores,
 )
 from segmodels.train_common import TrainConfig
 from segmodels.train_multipathnet import (
@@ -80,11 +75,12 @@ FOLDS = 4
 PROPOSALS = 100
 # The shipped MultiPathNet's recipe (README, "Training"): batch 64 = 4 images per step, weight decay 0.1.
 RECIPE = {"batch_size": 64, "weight_decay": 0.1, "lr": 1e-3}
-# Each ranking: (masks, objectness (R,), MultiPathNet's probability of the chosen class (R,)) -> (R,).
-RANKINGS: dict[str, Callable[[list[Mask], np.ndarray, np.ndarray], np.ndarray]] = {
-    "detection score (shipped)": lambda masks, objectness, p_class: detection_scores(masks),
-    "objectness": lambda masks, objectness, p_class: objectness,
-    "sqrt(objectness * p_class)": lambda masks, objectness, p_class: np.sqrt(objectness * p_class),
+# Each ranking: an image's candidates -> their scores (R,). p_class: MultiPathNet's probability of the
+# chosen (most probable foreground) class.
+RANKINGS: dict[str, Callable[[DetectionCandidates], np.ndarray]] = {
+    "detection score (shipped)": lambda c: c.scores,
+    "objectness": lambda c: c.objectness,
+    "sqrt(objectness * p_class)": lambda c: np.sqrt(c.objectness * c.probs[:, 1:].max(axis=1)),
 }
 
 
@@ -115,30 +111,19 @@ def train_fold(
     return model.eval()
 
 
-def ranked(
-    predictor: MaskPredictor, masks: list[Mask], probs: np.ndarray, boxes: np.ndarray, threshold: float
-) -> dict[str, tuple[list[Detection], list[Detection]]]:
-    """Per ranking, one image's detections best first: all of them (for AP), and those scoring at least
-    ``threshold`` (what pre-annotation chooses from; the caps cut this list)."""
-    objectness = np.array([m.score for m in masks])
-    p_class = probs[:, 1:].max(axis=1)
-    out = {}
-    for name, rank in RANKINGS.items():
-        every = predictor.label_masks(masks, probs, boxes, rank(masks, objectness, p_class), 0.0, len(masks))
-        out[name] = (every, [d for d in every if d.score >= threshold])
-    return out
-
-
 def image_detections(
     predictor: MaskPredictor, image: np.ndarray, threshold: float
 ) -> dict[str, tuple[list[Detection], list[Detection]]]:
-    """:func:`ranked` of ``image``'s top-:data:`PROPOSALS` non-empty proposals."""
+    """Per ranking, the detections of ``image``'s top-:data:`PROPOSALS` non-empty proposals (``detect()``'s
+    pass) best first: all of them (for AP), and those scoring at least ``threshold`` (what pre-annotation
+    chooses from; the caps cut this list)."""
     predictor.set_image(image)
-    masks = [m for m in predictor.propose(PROPOSALS) if m.mask.any()]
-    if not masks:
-        return {name: ([], []) for name in RANKINGS}
-    probs, boxes = predictor.classify(np.stack([m.box for m in masks]), [m.mask for m in masks])
-    return ranked(predictor, masks, probs, boxes, threshold)
+    candidates = predictor.detection_candidates(PROPOSALS)
+    out = {}
+    for name, rank in RANKINGS.items():
+        every = predictor.label_candidates(replace(candidates, scores=rank(candidates)), 0.0, len(candidates))
+        out[name] = (every, [d for d in every if d.score >= threshold])
+    return out
 
 
 def summarise(dataset: CocoInstances, detections: dict[int, dict]) -> dict:

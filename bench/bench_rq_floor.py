@@ -1,6 +1,6 @@
 """What RQ itself costs a click: the round trip of a job that does nothing, from ``enqueue`` to its result,
 through the same Redis and the same kind of worker as ``segmask worker`` (an RQ SimpleWorker, JSON
-serializer, results read with ``job.latest_result``, as ``backend.queue.RQDispatcher`` does).
+serializer, results read with ``job.latest_result``, as ``backend.rq_dispatcher.RQDispatcher`` does).
 
 The floor under the ``http + rq`` path of ``bench_http.py``: whatever that path costs above this and above
 ``http embedded`` is the model's work competing with the worker process for the cores. A benchmark, never a

@@ -18,6 +18,7 @@ from torchvision.models import mobilenet_v2, resnet50
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 TAPS = ("s2", "s4", "s8", "s16")
+TAP_STRIDES = {tap: int(tap[1:]) for tap in TAPS}  # taps are named by their stride
 MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
 MOBILENET_V2_SHA256_PREFIX = "b03531047ffa"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -26,6 +27,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class Trunk(nn.Module):
     """A sequence of stages; the output of stage ``i`` is the tap ``TAPS[i]``."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, stages: list[nn.Module], tap_channels: dict[str, int], name: str) -> None:
         super().__init__()
@@ -160,19 +164,26 @@ def _fold(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> nn.Conv2d:
     fused = nn.Conv2d(
         conv.in_channels,
         conv.out_channels,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
+        _pair(conv.kernel_size),
+        _pair(conv.stride),
+        conv.padding if isinstance(conv.padding, str) else _pair(conv.padding),
+        _pair(conv.dilation),
         conv.groups,
         bias=True,
         padding_mode=conv.padding_mode,
     ).to(conv.weight.device)
+    assert fused.bias is not None  # bias=True
     with torch.no_grad():
         fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
     return fused
+
+
+def _pair(values: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's ``(h, w)`` setting (torch types the attributes of every ConvNd as ``tuple[int, ...]``)."""
+    h, w = values
+    return h, w
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:
@@ -185,8 +196,9 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
         fold_batchnorm(child)
     if isinstance(module, nn.Sequential):
         for a, b in zip(range(len(module) - 1), range(1, len(module)), strict=True):
-            if isinstance(module[a], nn.Conv2d) and isinstance(module[b], FrozenBatchNorm2d):
-                module[a] = _fold(module[a], module[b])
+            first, second = module[a], module[b]
+            if isinstance(first, nn.Conv2d) and isinstance(second, FrozenBatchNorm2d):
+                module[a] = _fold(first, second)
                 module[b] = nn.Identity()
     for name, conv in list(module.named_children()):
         bn_name = name.replace("conv", "bn")

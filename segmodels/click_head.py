@@ -68,7 +68,8 @@ class ClickHead(nn.Module):
 
 def _pool_to(prompts: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Click disks max-pooled (never lost), the previous mask average-pooled, to ``like``'s size."""
-    size = like.shape[-2:]
+    h, w = like.shape[-2:]
+    size = (h, w)
     clicks = F.adaptive_max_pool2d(prompts[:, :2], size)
     previous = F.adaptive_avg_pool2d(prompts[:, 2:], size)
     return torch.cat([clicks, previous], 1)

@@ -4,8 +4,8 @@ Images are ``(H, W, 3) uint8 RGB``; instance masks ``bool (H, W)``; boxes COCO `
 Training inputs are ``(B, 3, 192, 192) float32 in [0, 1]``; mask targets ``(B, 160, 160)`` in {0, 1}
 covering the central window.
 
-The fixed validation split: an image is held out when ``image_id % 5 == 0`` (21 of the 104 COCO128
-images); every reported number uses it.
+The fixed validation split (segmodels.splits): an image is held out when ``image_id % 5 == 0`` (21 of the
+104 COCO128 images); every reported number uses it.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 
 from segmodels.deepmask import INPUT, OBJECT, WINDOW
 from segmodels.geometry import coco_segmentation_to_mask
+from segmodels.splits import in_split
 
-SPLITS = ("train", "val", "all", "tune", "fit")
 # Grey used outside the image: the ImageNet mean, so padding normalises to ~0.
 PAD_VALUE = (124, 116, 104)
 MIN_AREA = 100
@@ -33,16 +33,6 @@ SCALE_JITTER = 0.25
 NEG_MIN_OFFSET = 48
 NEG_SCALE_OCTAVES = (1.0, 2.0)
 RANDOM_NEG_SCALES = (-3.0, 1.0)
-
-
-def in_split(image_id: int, split: str) -> bool:
-    """The documented split by image id: ``val`` (the test split) holds ``image_id % 5 == 0`` and ``train``
-    the rest; ``train`` divides into ``tune`` (``image_id % 5 == 1``, where settings and models are chosen)
-    and ``fit`` (what a model is trained on while they are being chosen)."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    fold = image_id % 5
-    return {"all": True, "val": fold == 0, "train": fold != 0, "tune": fold == 1, "fit": fold > 1}[split]
 
 
 def has_segmentation(segmentation: list | dict | None) -> bool:

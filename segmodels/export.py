@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from segmodels.checkpoint import atomic_write_json
+from segmodels.checkpoint_files import atomic_write_json
 from segmodels.geometry import mask_to_rle
 from segmodels.predictor import PREANNOTATION_MAX, PREANNOTATION_THRESHOLD, Detection
 
@@ -52,7 +52,7 @@ def detections_to_coco(detections: Sequence[Detection], image_id: int) -> list[d
 
     ``COCO.loadRes`` takes its ``area`` from ``bbox`` when both are present: to evaluate masks with the
     masks' areas (COCO's size ranges), drop ``bbox`` from copies of the entries (see
-    ``evaluate.detection_ap``).
+    ``coco_scoring.detection_ap``).
     """
     out = []
     for d in detections:

@@ -43,17 +43,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from segmodels.checkpoint import (
-    METADATA_FILE,
-    WEIGHTS_FILE,
-    checkpoint_version,
-    load_checkpoint,
-    read_metadata,
-    save_checkpoint,
-)
+from segmodels.checkpoint import load_checkpoint, save_checkpoint
+from segmodels.checkpoint_files import METADATA_FILE, WEIGHTS_FILE, checkpoint_version, read_metadata
 from segmodels.data import CocoInstances, Instance, WindowSampler
 from segmodels.device import resolve_device
-from segmodels.evaluate import MIN_AREA, evaluate_clicks
+from segmodels.eval_interactive import MIN_AREA, evaluate_clicks
 from segmodels.model import SegmentationModel
 from segmodels.predictor import MaskPredictor, load_predictor
 from segmodels.train import parameter_groups, train_step
@@ -221,10 +215,10 @@ def remap_classes(model: SegmentationModel, names: Sequence[str], ids: Sequence[
     model.set_classes(list(names), list(ids))
     if old is None:
         return []
-    new = model.multipathnet
+    new = model.require_multipathnet()
     for part in ("mix", "towers", "shared"):
         getattr(new, part).load_state_dict(getattr(old, part).state_dict())
-    old_row = {}
+    old_row: dict[str, int] = {}
     for row, name in enumerate(old_names, start=1):
         old_row.setdefault(name.lower(), row)
     kept = [(row, old_row[n.lower()]) for row, n in enumerate(names, start=1) if n.lower() in old_row]
@@ -232,6 +226,7 @@ def remap_classes(model: SegmentationModel, names: Sequence[str], ids: Sequence[
     src = torch.tensor([0] + [s for _, s in kept])
     with torch.no_grad():
         for new_head, old_head in zip(new.classifiers, old.classifiers, strict=True):
+            assert isinstance(new_head, torch.nn.Linear) and isinstance(old_head, torch.nn.Linear)
             new_head.weight[dst] = old_head.weight[src]
             new_head.bias[dst] = old_head.bias[src]
         box_w = new.box_head.weight.view(new.num_classes + 1, 4, -1)
@@ -258,7 +253,7 @@ def train_mask_stage(
     """``cfg.total_steps`` steps of the ``deepmask`` or ``sharpmask`` stage (``train.train_step``) on
     ``dataset``'s instances; returns the mean of each loss over the last quarter of the steps."""
     device = resolve_device(cfg.device)
-    model.to(device, memory_format=torch.channels_last).train()
+    model.to(device).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = WindowSampler(dataset, seed=cfg.seed, augment=cfg.augment)
     losses: dict[str, list[float]] = {}
@@ -341,10 +336,13 @@ def train_quality_stage(
         return {}
     finally:
         del predictor
-    model.quality_head.to(device)
+    quality_head = model.quality_head
+    if quality_head is None:
+        raise ValueError("the checkpoint lists the quality stage but has no quality head")
+    quality_head.to(device)
     job.start("quality")
     curve = fit_quality_head(
-        model.quality_head, samples, quality_cfg, lambda loss: job.advance(loss), standardise=False
+        quality_head, samples, quality_cfg, lambda loss: job.advance(loss), standardise=False
     )
     return tail_means({"quality_loss": curve})
 
@@ -489,11 +487,12 @@ def run_stages(
             seed=cfg.seed,
             device=cfg.device,
         )
-        model.click_head.to(resolve_device(cfg.device)).train()
+        click_head = model.click_head
+        if click_head is None:
+            raise ValueError("the checkpoint lists the clicks stage but has no click head")
+        click_head.to(resolve_device(cfg.device)).train()
         job.start("clicks")
-        curve = fit_click_head(
-            model.click_head, model.trunk, dataset, click_cfg, lambda loss: job.advance(loss)
-        )
+        curve = fit_click_head(click_head, model.trunk, dataset, click_cfg, lambda loss: job.advance(loss))
         losses["clicks"] = tail_means({"click_loss": curve})
         seconds["clicks"] = time.monotonic() - t0
     if "quality" in plan:
@@ -535,7 +534,7 @@ def evaluate_checkpoint(path: Path, dataset: CocoInstances, device: str = "auto"
     """Click mIoU and label top-1 of the checkpoint ``path`` on ``dataset``'s :func:`heldout_instances`.
 
     - click mIoU: one positive click at the interior point farthest from the boundary of each instance with
-      a mask (``evaluate.evaluate_clicks``), IoU of the returned mask with the ground truth;
+      a mask (``eval_interactive.evaluate_clicks``), IoU of the returned mask with the ground truth;
     - label top-1: MultiPathNet's argmax over its foreground classes on each instance's mask (or annotated
       box) and its tight box, right when its class NAME equals the instance's category name
       case-insensitively (the two checkpoints' label sets differ). A checkpoint without MultiPathNet, or whose

@@ -16,7 +16,6 @@ Conventions used throughout:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import cv2
@@ -24,7 +23,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 __all__ = [
-    "box_xywh_percent_to_xyxy_pixels",
+    "box_iou_xyxy",
     "coco_segmentation_to_mask",
     "mask_iou",
     "mask_to_box",
@@ -32,8 +31,6 @@ __all__ = [
     "mask_to_polygons",
     "mask_to_rle",
     "masks_iou_matrix",
-    "percent_to_points",
-    "points_to_percent",
     "polygon_to_mask",
     "polygons_to_mask",
     "rle_to_mask",
@@ -170,6 +167,16 @@ def mask_to_box(mask: np.ndarray) -> np.ndarray:
     return np.array([columns[0], rows[0], columns[-1] + 1, rows[-1] + 1], dtype=np.float32)
 
 
+def box_iou_xyxy(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
+    """Intersection over union of two ``[x1, y1, x2, y2]`` boxes (any one unit, e.g. pixels); 0.0 when the
+    union is empty. COCO's ``[x, y, w, h]`` boxes need converting first."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def mask_to_rle(mask: np.ndarray) -> dict:
     """COCO compressed RLE ``{"size": [H, W], "counts": str}`` of a bool mask, ready for JSON."""
     rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
@@ -199,35 +206,3 @@ def coco_segmentation_to_mask(segmentation: list | dict, height: int, width: int
     if isinstance(segmentation, dict):
         return rle_to_mask(segmentation)
     return polygons_to_mask(segmentation, height, width)
-
-
-def points_to_percent(points_xy: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Pixel ``(N, 2)`` points to Label Studio percentages of the image width and height."""
-    return np.asarray(points_xy, dtype=np.float64) / np.array([width, height]) * 100.0
-
-
-def percent_to_points(points_percent: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Label Studio ``(N, 2)`` percentage points to pixels; the inverse of :func:`points_to_percent`."""
-    return np.asarray(points_percent, dtype=np.float64) * np.array([width, height]) / 100.0
-
-
-def rotated_rect_bounds(
-    x: float, y: float, w: float, h: float, degrees: float
-) -> tuple[float, float, float, float]:
-    """``(x1, y1, x2, y2)`` around a ``w`` x ``h`` rectangle at top-left ``(x, y)`` rotated by ``degrees``
-    about that corner (Label Studio's rectangles), in the units of the arguments; not clipped."""
-    angle = math.radians(degrees)
-    cos, sin = math.cos(angle), math.sin(angle)
-    corners = [
-        (x + dx * cos - dy * sin, y + dx * sin + dy * cos) for dx, dy in ((0, 0), (w, 0), (0, h), (w, h))
-    ]
-    xs, ys = [c[0] for c in corners], [c[1] for c in corners]
-    return min(xs), min(ys), max(xs), max(ys)
-
-
-def box_xywh_percent_to_xyxy_pixels(
-    x: float, y: float, w: float, h: float, width: int, height: int
-) -> np.ndarray:
-    """Label Studio rectangle (top-left and size in percent) to a float32 pixel box ``[x1, y1, x2, y2]``."""
-    scale = np.array([width, height, width, height], dtype=np.float64) / 100.0
-    return (np.array([x, y, x + w, y + h]) * scale).astype(np.float32)

@@ -57,7 +57,7 @@ class SegmentationModel(nn.Module):
         self.sharpmask = SharpMask(self.trunk.tap_channels, config.embed_dim, config.sharpmask_k)
         self.click_head = ClickHead(self.trunk.tap_channels) if config.click_head else None
         self.quality_head = QualityHead(config.embed_dim) if config.quality_head else None
-        self.multipathnet = None
+        self.multipathnet: MultiPathNet | None = None
         if config.classes:
             tail = (
                 build_imagenet_tail(config.backbone, pretrained_trunk, trunk_weights)
@@ -80,7 +80,13 @@ class SegmentationModel(nn.Module):
         self.config.classes, self.config.class_ids = list(names), list(ids)
         tail = None
         if self.config.label_head:
-            has_tail = old is not None and old.label_head is not None
-            tail = old.label_head.tail if has_tail else build_imagenet_tail(self.config.backbone)
+            old_head = old.label_head if old is not None else None
+            tail = old_head.tail if old_head is not None else build_imagenet_tail(self.config.backbone)
         device = next(self.trunk.parameters()).device
         self.multipathnet = self._new_multipathnet(tail).to(device)
+
+    def require_multipathnet(self) -> MultiPathNet:
+        """``multipathnet``; RuntimeError for a model without a label set (train one: set_classes)."""
+        if self.multipathnet is None:
+            raise RuntimeError("this model has no MultiPathNet stage (no label set)")
+        return self.multipathnet

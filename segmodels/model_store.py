@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from segmodels.checkpoint import METADATA_FILE, atomic_write_json, checkpoint_version
+from segmodels.checkpoint_files import METADATA_FILE, atomic_write_json, checkpoint_version
 
+VERSIONS = "versions"
 CURRENT = "current"
 HISTORY = "history.jsonl"
 
@@ -59,7 +60,6 @@ class ModelStore:
         """``root`` None: a read-only store that only ever serves ``fallback``."""
         self.root = Path(root) if root else None
         self.fallback = Path(fallback)
-        self.versions_dir = self.root / "versions" if self.root else None
 
     @property
     def writable(self) -> bool:
@@ -78,7 +78,7 @@ class ModelStore:
     def current_dir(self) -> Path:
         """Directory of the checkpoint to serve now."""
         name = self.current_name()
-        return self.versions_dir / name if name else self.fallback
+        return self.root / VERSIONS / name if self.root and name else self.fallback
 
     def current_version(self) -> str:
         """The version string predictions carry (cheap: reads two small files)."""
@@ -111,8 +111,8 @@ class ModelStore:
         """The directory of version ``name`` (``v3``, or the fallback's version string); KeyError if none."""
         if name == checkpoint_version(self.fallback):
             return self.fallback
-        path = self.versions_dir / name
-        if not (path / METADATA_FILE).exists():
+        path = self.root / VERSIONS / name if self.root else None
+        if path is None or not (path / METADATA_FILE).exists():
             known = ", ".join(v.name for v in self.versions())
             raise KeyError(f"no model version {name!r} (known: {known})")
         return path
@@ -123,59 +123,64 @@ class ModelStore:
         """A staging directory to build a version in; on a clean exit it becomes ``versions/vN`` (the next
         number) in one rename, with ``"version": "vN"`` in its model.json. On an exception, or if the
         process dies, nothing appears in ``versions/`` (stale staging directories are removed later)."""
-        self._require_writable()
-        staging_root = self.root / "staging"
+        root = self._writable_root()
+        staging_root = root / "staging"
         staging_root.mkdir(parents=True, exist_ok=True)
         self._remove_stale_staging(staging_root)
         staging = Path(tempfile.mkdtemp(prefix=f"{socket.gethostname()}-{os.getpid()}-", dir=staging_root))
         staged = StagedVersion(staging)
         try:
             yield staged
-            with self._lock():
+            with self._lock(root):
                 name = f"v{self._next_number()}"
                 meta = json.loads((staging / METADATA_FILE).read_text())
                 atomic_write_json(staging / METADATA_FILE, {**meta, "version": name})
-                self.versions_dir.mkdir(parents=True, exist_ok=True)
-                os.rename(staging, self.versions_dir / name)
+                (root / VERSIONS).mkdir(parents=True, exist_ok=True)
+                os.rename(staging, root / VERSIONS / name)
             staged.name = name
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
     def publish(self, name: str, reason: str) -> None:
         """Make ``name`` the served version (atomic pointer switch), recording why."""
-        self._require_writable()
+        root = self._writable_root()
         self.get(name)
         record = {"version": name, "switched_at": _now(), "reason": reason}
-        with self._lock():
-            atomic_write_json(self.root / CURRENT, record)
-            self._append_history(record)
+        with self._lock(root):
+            atomic_write_json(root / CURRENT, record)
+            self._append_history(root, record)
 
     def rollback(self, name: str) -> None:
         """Serve ``name`` again (any stored version, or the fallback's version string)."""
+        root = self._writable_root()
         if name == checkpoint_version(self.fallback):
-            with self._lock():
-                (self.root / CURRENT).unlink(missing_ok=True)
+            with self._lock(root):
+                (root / CURRENT).unlink(missing_ok=True)
                 self._append_history(
-                    {"version": None, "switched_at": _now(), "reason": "rollback to the fallback"}
+                    root, {"version": None, "switched_at": _now(), "reason": "rollback to the fallback"}
                 )
             return
         self.publish(name, "rollback")
 
     # ---- internals ----------------------------------------------------------------------------------------
-    def _require_writable(self) -> None:
+    def _writable_root(self) -> Path:
+        """``root``; PermissionError on a read-only store (no root)."""
         if self.root is None:
             raise PermissionError(
                 "no model store is configured (SEGMASK_MODEL_STORE); only the fallback is served"
             )
+        return self.root
 
-    def _append_history(self, record: dict) -> None:
-        with open(self.root / HISTORY, "a") as fh:
+    @staticmethod
+    def _append_history(root: Path, record: dict) -> None:
+        with open(root / HISTORY, "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
     def _version_dirs(self) -> list[Path]:
-        if self.versions_dir is None or not self.versions_dir.exists():
+        versions = self.root / VERSIONS if self.root else None
+        if versions is None or not versions.exists():
             return []
-        return [p for p in self.versions_dir.iterdir() if p.name.startswith("v") and p.name[1:].isdigit()]
+        return [p for p in versions.iterdir() if p.name.startswith("v") and p.name[1:].isdigit()]
 
     def _next_number(self) -> int:
         return max((_number(p) for p in self._version_dirs()), default=0) + 1
@@ -188,10 +193,11 @@ class ModelStore:
             None
         }
 
+    @staticmethod
     @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "w") as fh:
+    def _lock(root: Path) -> Iterator[None]:
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / ".lock", "w") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield
@@ -205,7 +211,7 @@ class ModelStore:
         for path in staging_root.iterdir():
             owner, _, rest = path.name.partition("-")
             pid = rest.split("-", 1)[0]
-            if owner == host and pid.isdigit() and not _alive(int(pid)):
+            if owner == host and pid.isdigit() and not process_alive(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
 
 
@@ -217,7 +223,8 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one of another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou, roi_align
 
-from segmodels.backbones import TAPS, ImageNetTail
+from segmodels.backbones import TAP_STRIDES, ImageNetTail
 from segmodels.imagenet_labels import PRIOR_FLOOR, imagenet_prior
 
 REGIONS = ("x1", "x1.5", "x2", "x4")
@@ -46,7 +46,6 @@ REGION_TAPS: dict[str, tuple[str, ...]] = {
     "x4": ("s16",),
 }
 POOLED_TAPS = ("s16", "s8", "s4")
-TAP_STRIDES = {tap: int(tap[1:]) for tap in TAPS}  # taps are named by their stride
 BOX_REGION = "x1.5"
 IOU_THRESHOLDS = (0.50, 0.55, 0.60, 0.65, 0.70, 0.75)
 BOX_CODER_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
@@ -135,7 +134,7 @@ def mask_coverage(
     for i, mask in enumerate(masks):
         h, w = mask.shape
         rw, rh = round(w * scale[0]), round(h * scale[1])
-        m = mask.astype(np.uint8) * 255
+        m: np.ndarray = mask.astype(np.uint8) * 255
         if (rw, rh) != (w, h):
             m = cv2.resize(m, (rw, rh), interpolation=cv2.INTER_NEAREST)
         canvas[:] = 0
@@ -276,10 +275,11 @@ class MultiPathNet(nn.Module):
         self.shared = nn.Sequential(
             nn.Linear(len(REGIONS) * tower_dim, hidden_dim), nn.ReLU(inplace=True), nn.Dropout(dropout)
         )
-        self.classifiers = nn.ModuleList(nn.Linear(hidden_dim, num_classes + 1) for _ in self.iou_thresholds)
+        classifiers = [nn.Linear(hidden_dim, num_classes + 1) for _ in self.iou_thresholds]
+        self.classifiers = nn.ModuleList(classifiers)
         self.box_head = nn.Linear(tower_dim, (num_classes + 1) * 4)
         # Fast R-CNN init (the original's classAndBBoxLinear): near-uniform softmax, near-zero deltas.
-        for head in self.classifiers:
+        for head in classifiers:
             nn.init.normal_(head.weight, std=0.01)
             nn.init.zeros_(head.bias)
         nn.init.normal_(self.box_head.weight, std=0.001)
@@ -290,6 +290,8 @@ class MultiPathNet(nn.Module):
         cached them there, else computed from the s8 tap."""
         if "imagenet" in taps:
             return taps["imagenet"]
+        if self.label_head is None:
+            raise RuntimeError("this MultiPathNet has no label head")
         return self.label_head.tail(taps["s8"])
 
     def forward(
@@ -341,12 +343,13 @@ class MultiPathNet(nn.Module):
         logits = [head(shared) for head in self.classifiers]
         probs = torch.stack([x.softmax(dim=1) for x in logits]).mean(dim=0)
         if self.label_head is not None:
-            probs = self._with_labels(probs, taps, rois, coverage)
+            probs = self._with_labels(self.label_head, probs, taps, rois, coverage)
         deltas = self.box_head(towers[REGIONS.index(BOX_REGION)]).view(n, self.num_classes + 1, 4)
         return {"logits": logits, "probs": probs, "deltas": deltas}
 
     def _with_labels(
         self,
+        label_head: LabelHead,
         probs: torch.Tensor,
         taps: dict[str, torch.Tensor],
         rois: torch.Tensor,
@@ -354,9 +357,10 @@ class MultiPathNet(nn.Module):
     ) -> torch.Tensor:
         features = self.imagenet_features(taps)
         if coverage is None:
-            coverage = box_coverage(rois[:, 1:], features.shape[-2:])
-        pooled = self.label_head.pool(features, coverage.to(features.device), rois[:, 0].long())
-        fg = self.label_head(pooled).softmax(dim=1).to(probs.dtype)
+            gh, gw = features.shape[-2:]
+            coverage = box_coverage(rois[:, 1:], (gh, gw))
+        pooled = label_head.pool(features, coverage.to(features.device), rois[:, 0].long())
+        fg = label_head(pooled).softmax(dim=1).to(probs.dtype)
         background = probs[:, :1]
         return torch.cat([background, (1 - background) * fg], dim=1)
 

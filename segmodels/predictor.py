@@ -1,4 +1,4 @@
-"""The small public API: ``set_image`` once, then ``segment`` (points and/or box) or ``propose``.
+"""The small public API: ``set_image`` once, then ``segment`` (points and/or box), ``propose`` or ``detect``.
 
 Coordinates: images ``(H, W, 3) uint8 RGB``; points ``(x, y)`` in pixels (edge coordinates, see geometry.py);
 boxes ``xyxy`` in pixels; returned masks ``bool (H, W)`` of the image.
@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections import OrderedDict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -24,26 +27,33 @@ import torch
 
 from segmodels.annotator import click_point
 from segmodels.backbones import fold_batchnorm
+from segmodels.calibration import METADATA_KEY, Calibration, candidate_features
 from segmodels.checkpoint import load_checkpoint
 from segmodels.click_head import CROP, click_maps, crop_points, zoom_window
 from segmodels.data import PAD_VALUE, crop_mask, crop_window, image_pyramid, to_tensor
 from segmodels.deepmask import CELLS, INPUT, OBJECT, STRIDE, WINDOW
-from segmodels.geometry import mask_to_box, mask_to_polygon, masks_iou_matrix
+from segmodels.geometry import box_iou_xyxy, mask_to_box, mask_to_polygon
 from segmodels.model import SegmentationModel
 from segmodels.multipathnet import decode_boxes, mask_coverage
 from segmodels.quality_head import window_features
 from segmodels.sharpmask import window_skips
+from segmodels.trunk_engine import build_trunk_engine
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "default"
 PAPER_SCALES = tuple(float(2.0**e) for e in np.arange(-2.5, 0.51, 0.5))
 PAD = 64
 # Logit of the mask threshold used where the window ends (pixels outside it are background).
 OUTSIDE_LOGIT = -30.0
-# Pre-annotation defaults (detect()), chosen with bench/bench_preannotation.py: show a detection when it is
-# more likely right than wrong. An image's best one held an object (mask IoU >= 0.5, any label) 83% of the
-# time in cross-validation and 48% held out; its second-best 42% and 6%: so one per image.
+# Pre-annotation defaults (detect()): show every detection more likely right than wrong. With a calibrated
+# checkpoint (segmask calibrate) a score is the probability of being right, so no cap is needed (0 = none);
+# without one, cap the list yourself (bench/bench_preannotation.py measured one per image worth showing).
 PREANNOTATION_THRESHOLD = 0.5
-PREANNOTATION_MAX = 1
+PREANNOTATION_MAX = 0
+# A candidate with more than this share of its mask inside a detection already kept is a part of that
+# object, not another one: dropped (whole objects over fragments). Chosen by cross-validation on the training
+# images (segmask calibrate's folds; 0.5, 0.7, 0.9, off): 0.7 had the best precision and recall at the default
+# threshold, by a little; 0.5 also drops tight masks of an object inside a kept mask that spills over it.
+FRAGMENT_SHARE = 0.7
 # Interactive settings, chosen on the tune split (bench/bench_interactive.py, one run): masks from a box are
 # thresholded at BOX_THRESHOLD (the original release thresholds DeepMask at 0.2; box mIoU 0.665 vs 0.628 at
 # 0.5), from a click at the predictor's mask_threshold. A box's windows are tried at BOX_ZOOMS of the
@@ -96,6 +106,36 @@ class Detection:
     def polygon(self) -> np.ndarray | None:
         """Largest part as an editable polygon ``(N, 2)`` float32 pixel (x, y), or None for an empty mask."""
         return mask_to_polygon(self.mask)
+
+
+@dataclass
+class DetectionCandidates:
+    """What one detection pass (:meth:`MaskPredictor.detection_candidates`) makes of an image: ``R``
+    non-empty proposals, for a model of ``K`` classes.
+
+    - ``masks``: ``R`` :class:`Mask` (bool ``(H, W)``; ``score`` = the window's objectness probability),
+      highest objectness first;
+    - ``probs (R, K+1)``: MultiPathNet's class probabilities (column 0 = background, column i =
+      ``classes[i-1]``);
+    - ``boxes (R, K+1, 4)``: MultiPathNet's regressed box for every class, xyxy image pixels;
+    - ``scores (R,)`` in [0, 1], what :meth:`MaskPredictor.label_candidates` ranks by: the calibrated
+      probability that the detection is right (mask IoU >= 0.5 with an object of its label) when the
+      checkpoint has a calibration (calibration.py), else :func:`detection_scores` (``dataclasses.replace``
+      them to rank by something else).
+    """
+
+    masks: list[Mask]
+    probs: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    @property
+    def objectness(self) -> np.ndarray:
+        """``(R,)`` float64: each window's objectness probability."""
+        return np.array([m.score for m in self.masks])
 
 
 @dataclass
@@ -253,17 +293,9 @@ def sample_window(logits: np.ndarray, box: np.ndarray, points: np.ndarray) -> np
     return out
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _mask_box_fit(mask: np.ndarray, box: np.ndarray) -> float:
     """IoU of ``mask``'s tight box with ``box`` (xyxy pixels); -1 for an empty mask."""
-    return _box_iou(mask_to_box(mask), box) if mask.any() else -1.0
+    return box_iou_xyxy(mask_to_box(mask), box) if mask.any() else -1.0
 
 
 def _logit_box(logits: np.ndarray, box: np.ndarray) -> np.ndarray | None:
@@ -283,12 +315,35 @@ def _logit_box(logits: np.ndarray, box: np.ndarray) -> np.ndarray | None:
     )
 
 
+@contextmanager
+def _stage(timings: dict[str, float] | None, name: str) -> Iterator[None]:
+    """Record the wall time of the block, in ms, as ``timings[name]`` (nothing when ``timings`` is None)."""
+    start = time.perf_counter()
+    yield
+    if timings is not None:
+        timings[name] = (time.perf_counter() - start) * 1e3
+
+
 class MaskPredictor:
     """DeepMask proposals refined by SharpMask, with a prompt-driven choice of window for interactive use.
 
     The predictor works on its own copy of ``model`` (the caller's is left as it was): the copy's trunk
     BatchNorm is folded into the convolutions and it is switched to channels-last. SharpMask refines masks
-    when the checkpoint metadata lists that stage.
+    when the checkpoint metadata lists that stage. ``trunk_engine`` (:data:`segmodels.trunk_engine.ENGINES`)
+    says what runs the trunk: PyTorch (the default), ONNX Runtime (CPU; same taps to float32 rounding, about
+    twice as fast) or ``auto`` (ONNX Runtime on a CPU, PyTorch elsewhere).
+
+    The API: ``set_image`` (or ``compute_features`` + ``set_features`` for a cache), then ``segment``,
+    ``propose`` or ``detect``. ``detect`` is ``label_candidates(detection_candidates())``, the one
+    detection pass (propose -> classify -> score) and its last step (class filter, NMS, threshold, cap),
+    public for callers that need the candidates themselves (uncertainty.py, the benchmarks).
+
+    A lower-level API, for training, benchmarks and tests: windows (:class:`Candidate`) from
+    ``top_windows`` (whole image) or ``coarse_windows`` / ``point_windows`` (around points), their heads
+    (``dense_heads``, ``cell_heads``), mask logits (``window_logits``, ``box_window``) and image masks
+    (``window_mask``), the quality head's view of them (``quality_inputs``, ``predicted_iou``), MultiPathNet
+    on any boxes (``classify``), a click's or a box's first mask (``click_prompt_mask``,
+    ``box_prompt_mask``) and one click-head step (``correct``).
     """
 
     def __init__(
@@ -303,6 +358,7 @@ class MaskPredictor:
         box_min_fit: float = BOX_MIN_FIT,
         refine_first_click: bool = True,
         refine_box: bool = True,
+        trunk_engine: str = "torch",
     ) -> None:
         self.device = torch.device(device)
         self.model = copy.deepcopy(model).eval().to(self.device)
@@ -311,6 +367,7 @@ class MaskPredictor:
         if mpn is not None and mpn.label_head is not None:
             fold_batchnorm(mpn.label_head.tail)
         self.model.to(memory_format=torch.channels_last)
+        self.trunk = build_trunk_engine(self.model.trunk, trunk_engine, self.device)
         self.metadata = metadata or {}
         self.refine = "sharpmask" in self.metadata.get("stages", [])
         self.scales = tuple(scales)
@@ -319,6 +376,8 @@ class MaskPredictor:
         self.box_zooms, self.box_min_fit = tuple(box_zooms), box_min_fit
         self.refine_first_click = refine_first_click
         self.refine_box = refine_box
+        calibration = self.metadata.get(METADATA_KEY)
+        self.calibration = None if calibration is None else Calibration.from_json(calibration)
         self.features: ImageFeatures | None = None
 
     # ---- image features -------------------------------------------------------------------------------
@@ -331,16 +390,18 @@ class MaskPredictor:
         for scale in self.scales:
             padded, sx, sy = level_input(image, scale)
             x = to_tensor([padded]).to(self.device)
-            taps = self.model.trunk(x.contiguous(memory_format=torch.channels_last))
+            taps = self.trunk(x)
             feats.levels.append(PyramidLevel(scale, sx, sy, taps))
         return feats
 
     @torch.no_grad()
-    def dense_heads(self, level: PyramidLevel) -> None:
-        """Embedding and objectness of every window of ``level`` (for full-image proposals)."""
+    def dense_heads(self, level: PyramidLevel) -> torch.Tensor:
+        """Embedding and objectness of every window of ``level`` (for full-image proposals), kept on the
+        level; returns the objectness logits ``(rows, cols)``."""
         if level.scores is None:
             emb = self.model.deepmask.embedding(level.taps["s16"])
             level.embedding, level.scores = emb[0], self.model.deepmask.score(emb)[0]
+        return level.scores
 
     @torch.no_grad()
     def cell_heads(
@@ -349,7 +410,7 @@ class MaskPredictor:
         """Embeddings ``(N, 512)`` and objectness logits of windows ``(rows[n], cols[n])``. Without the dense
         pass, the heads run on the smallest block of the stride-16 map that covers them (same numbers: the
         heads are convolutions) and the results are memoised on the level."""
-        if level.scores is not None:
+        if level.embedding is not None and level.scores is not None:
             vec = level.embedding[:, rows, cols].T.contiguous()
             return vec, level.scores[rows, cols].tolist()
         if any((r, c) not in level.cells for r, c in zip(rows, cols, strict=True)):
@@ -383,7 +444,7 @@ class MaskPredictor:
         """Mask logits of each candidate window: ``(160, 160)`` refined, or ``(56, 56)`` DeepMask."""
         feats = self._require_features()
         refine = self.refine if refine is None else refine
-        out: list[np.ndarray | None] = [None] * len(cands)
+        out: dict[int, np.ndarray] = {}
         for li, level in enumerate(feats.levels):
             idx = [n for n, c in enumerate(cands) if c.level == li]
             if not idx:
@@ -398,7 +459,7 @@ class MaskPredictor:
                 logits = self.model.deepmask.mask(vec)
             for n, lg in zip(idx, logits.float().cpu().numpy(), strict=True):
                 out[n] = lg
-        return out
+        return [out[n] for n in range(len(cands))]
 
     def _window(self, cand: Candidate, logits: np.ndarray) -> WindowMask:
         level = self._require_features().levels[cand.level]
@@ -406,7 +467,9 @@ class MaskPredictor:
             level.window_box(np.array([cand.row]), np.array([cand.col]))[0], logits, cand.objectness
         )
 
-    def _to_mask(self, window: WindowMask, threshold_logit: float | None = None) -> Mask:
+    def window_mask(self, window: WindowMask, threshold_logit: float | None = None) -> Mask:
+        """``window``'s logits pasted onto the current image and thresholded at ``threshold_logit`` (default
+        the mask threshold's): a bool ``(H, W)`` mask scored by the window's objectness probability."""
         feats = self._require_features()
         region, (y0, y1, x0, x1) = paste_window(window.logits, window.box, feats.height, feats.width)
         mask = np.zeros((feats.height, feats.width), dtype=bool)
@@ -422,7 +485,7 @@ class MaskPredictor:
         centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
         scale = zoom * OBJECT / max(box[2] - box[0], box[3] - box[1], 1.0)
         x = to_tensor([crop_window(feats.pyramid, centre, scale)]).to(self.device)
-        taps = self.model.trunk(x.contiguous(memory_format=torch.channels_last))
+        taps = self.trunk(x)
         logits, score, vec = self.model.deepmask(taps["s16"])
         if self.refine:
             zero = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -437,8 +500,7 @@ class MaskPredictor:
         feats = self._require_features()
         cands = []
         for li, level in enumerate(feats.levels):
-            self.dense_heads(level)
-            scores = level.scores.float().cpu().numpy()
+            scores = self.dense_heads(level).float().cpu().numpy()
             flat = np.argsort(-scores, axis=None)[:k]
             rows, cols = np.unravel_index(flat, scores.shape)
             cands += [
@@ -447,11 +509,20 @@ class MaskPredictor:
         cands.sort(key=lambda c: -c.objectness)
         return cands[:k]
 
-    def propose(self, k: int = 100, refine: bool | None = None) -> list[Mask]:
-        """Top-``k`` object masks of the whole image, best first (scores are objectness probabilities)."""
-        cands = self.top_windows(k)
-        logits = self.window_logits(cands, refine)
-        return [self._to_mask(self._window(c, lg)) for c, lg in zip(cands, logits, strict=True)]
+    def propose(
+        self, k: int = 100, refine: bool | None = None, timings: dict[str, float] | None = None
+    ) -> list[Mask]:
+        """Top-``k`` object masks of the whole image, best first (scores are objectness probabilities).
+
+        ``refine``: SharpMask's 160x160 masks (default: when the checkpoint has SharpMask) or DeepMask's
+        56x56. ``timings``, when given, receives each stage's wall time in ms: ``top_windows`` (dense heads
+        and the best windows), ``window_logits`` and ``paste`` (logits to image masks)."""
+        with _stage(timings, "top_windows"):
+            cands = self.top_windows(k)
+        with _stage(timings, "window_logits"):
+            logits = self.window_logits(cands, refine)
+        with _stage(timings, "paste"):
+            return [self.window_mask(self._window(c, lg)) for c, lg in zip(cands, logits, strict=True)]
 
     # ---- labels ---------------------------------------------------------------------------------------
     @property
@@ -487,8 +558,8 @@ class MaskPredictor:
             if "imagenet" not in level.taps:
                 level.taps["imagenet"] = mpn.imagenet_features(level.taps)
             if masks is not None:
-                grid = tuple(level.taps["imagenet"].shape[-2:])
-                coverage = mask_coverage(masks, (level.sx, level.sy), PAD, grid)
+                gh, gw = level.taps["imagenet"].shape[-2:]
+                coverage = mask_coverage(masks, (level.sx, level.sy), PAD, (gh, gw))
         out = mpn(level.taps, rois.to(self.device), coverage)
         n, k = out["probs"].shape
         labels = torch.arange(k).repeat(n)
@@ -498,70 +569,122 @@ class MaskPredictor:
         decoded = (decoded.view(n, k, 4).numpy() - PAD) / scale
         return out["probs"].float().cpu().numpy(), decoded
 
+    @torch.no_grad()
+    def label_head_inputs(self, masks: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """What MultiPathNet's label head reads for R bool ``(H, W)`` image-pixel ``masks`` of the current
+        image: ImageNet features pooled over each mask ``(R, D)`` and their log ImageNet mass per class
+        ``(R, K)`` (``LabelHead.logits`` of both are the label logits). For refitting the head elsewhere."""
+        head = self.model.require_multipathnet().label_head
+        if head is None:
+            raise RuntimeError("this checkpoint's MultiPathNet has no label head")
+        level = self._classifier_level()
+        if "imagenet" not in level.taps:
+            level.taps["imagenet"] = self.model.require_multipathnet().imagenet_features(level.taps)
+        features = level.taps["imagenet"]
+        grid = (int(features.shape[-2]), int(features.shape[-1]))
+        coverage = mask_coverage(masks, (level.sx, level.sy), PAD, grid).to(features.device)
+        batch = torch.zeros(len(masks), dtype=torch.long, device=features.device)
+        pooled = head.pool(features, coverage, batch)
+        return pooled.float(), head.prior_logits(pooled).float()
+
+    def detection_candidates(
+        self, proposals: int = 100, timings: dict[str, float] | None = None
+    ) -> DetectionCandidates:
+        """The detection pass on the current image: the top ``proposals`` refined DeepMask windows
+        (:meth:`propose`) with a non-empty mask, labelled by MultiPathNet (:meth:`classify`) and scored by
+        the checkpoint's calibration (:meth:`detection_probability`), else by :func:`detection_scores`.
+        ``timings``, when given, receives each stage's wall time in ms:
+        ``proposals``, ``classify`` and ``scoring``."""
+        with _stage(timings, "proposals"):
+            masks = [m for m in self.propose(proposals) if m.mask.any()]
+        with _stage(timings, "classify"):
+            if masks:
+                probs, boxes = self.classify(np.stack([m.box for m in masks]), [m.mask for m in masks])
+            else:
+                k = len(self.classes) + 1
+                probs, boxes = np.zeros((0, k), np.float32), np.zeros((0, k, 4))
+        with _stage(timings, "scoring"):
+            if self.calibration is None:
+                scores = detection_scores(masks)
+            else:
+                scores = self.detection_probability(masks, probs)
+        return DetectionCandidates(masks, probs, boxes, scores)
+
+    def detection_probability(self, masks: Sequence[Mask], probs: np.ndarray) -> np.ndarray:
+        """The calibrated probability ``(R,)`` that each candidate (``masks`` with their class probabilities
+        ``probs (R, K+1)``) is a correct object of its most probable foreground class."""
+        if self.calibration is None:
+            raise RuntimeError("this checkpoint has no calibration (fit one: segmask calibrate)")
+        objectness = np.array([m.score for m in masks], np.float64)
+        area = np.array([m.mask.mean() for m in masks], np.float64)
+        return self.calibration.probability(candidate_features(objectness, area, probs))
+
+    def label_candidates(
+        self,
+        candidates: DetectionCandidates,
+        score_threshold: float = PREANNOTATION_THRESHOLD,
+        max_detections: int | None = PREANNOTATION_MAX,
+        nms_iou: float = 0.5,
+        classes: Collection[str] | None = None,
+    ) -> list[Detection]:
+        """The last step of :meth:`detect`: the ``classes`` filter, mask NMS and fragment suppression on
+        ``candidates.scores`` (:func:`mask_nms`), the threshold and the cap (arguments as in :meth:`detect`).
+        Each detection keeps its candidate's most probable foreground class, whatever MultiPathNet's
+        background probability, and that class's box."""
+        cfg = self.model.config
+        cls = candidates.probs[:, 1:].argmax(axis=1) + 1
+        kept: np.ndarray = np.arange(len(candidates))
+        if classes is not None:
+            wanted = {c.lower() for c in classes}
+            kept = np.array([i for i in kept if cfg.classes[cls[i] - 1].lower() in wanted], int)
+        if not len(kept):
+            return []
+        scores, masks = candidates.scores, candidates.masks
+        stack = np.stack([masks[i].mask for i in kept])
+        nms = [kept[j] for j in mask_nms(stack, scores[kept], nms_iou, fragment=FRAGMENT_SHARE)]
+        shown = [i for i in nms if scores[i] >= score_threshold][: max_detections or None]
+        return [
+            Detection(
+                cfg.classes[c - 1],
+                cfg.class_ids[c - 1],
+                float(scores[i]),
+                masks[i].mask,
+                candidates.boxes[i, c],
+            )
+            for i, c in ((i, cls[i]) for i in shown)
+        ]
+
     def detect(
         self,
         score_threshold: float = PREANNOTATION_THRESHOLD,
-        max_detections: int = PREANNOTATION_MAX,
+        max_detections: int | None = PREANNOTATION_MAX,
         proposals: int = 100,
         nms_iou: float = 0.5,
         classes: Collection[str] | None = None,
     ) -> list[Detection]:
         """Labelled objects of the current image, best first.
 
-        ``proposals`` refined DeepMask windows are labelled by MultiPathNet and scored by
-        :func:`detection_scores`; duplicates (mask IoU above ``nms_iou``, whatever their labels) are removed
-        greedily, best first; at most ``max_detections`` scoring at least ``score_threshold`` are kept. The
-        defaults are pre-annotation's (:data:`PREANNOTATION_MAX`). ``classes``: only masks labelled one of
-        these class names (case-insensitive; a project's label set) take part, so the cap counts them alone.
+        ``proposals`` refined DeepMask windows are labelled by MultiPathNet and scored
+        (:meth:`detection_candidates`: the calibrated probability of being right when the checkpoint has a
+        calibration, else :func:`detection_scores`); duplicates (mask IoU above ``nms_iou``, whatever their
+        labels) and fragments (more than :data:`FRAGMENT_SHARE` of the mask inside a kept one) are removed
+        greedily, best first; every one scoring at least ``score_threshold`` is kept, at most
+        ``max_detections`` when it is set (None or 0: no cap). The defaults are pre-annotation's.
+        ``classes``: only masks labelled one of these class names (case-insensitive; a project's label set)
+        take part, so the cap counts them alone.
         """
-        masks = [m for m in self.propose(proposals) if m.mask.any()]
-        if not masks:
-            return []
-        probs, boxes = self.classify(np.stack([m.box for m in masks]), [m.mask for m in masks])
-        scores = detection_scores(masks)
-        return self.label_masks(
-            masks, probs, boxes, scores, score_threshold, max_detections, nms_iou, classes
+        return self.label_candidates(
+            self.detection_candidates(proposals), score_threshold, max_detections, nms_iou, classes
         )
-
-    def label_masks(
-        self,
-        masks: list[Mask],
-        probs: np.ndarray,
-        boxes: np.ndarray,
-        scores: np.ndarray,
-        score_threshold: float = PREANNOTATION_THRESHOLD,
-        max_detections: int = PREANNOTATION_MAX,
-        nms_iou: float = 0.5,
-        classes: Collection[str] | None = None,
-    ) -> list[Detection]:
-        """The last step of :meth:`detect`: the ``classes`` filter, mask NMS on ``scores (R,)``, the threshold
-        and the cap, for non-empty ``masks``, their :meth:`classify` output ``probs (R, K+1)``, ``boxes (R,
-        K+1, 4)``, and their :func:`detection_scores` (or another ranking in [0, 1]). Each keeps the most
-        probable foreground class, whatever MultiPathNet's background probability."""
-        cfg = self.model.config
-        cls = probs[:, 1:].argmax(axis=1) + 1
-        candidates = np.arange(len(masks))
-        if classes is not None:
-            wanted = {c.lower() for c in classes}
-            candidates = np.array([i for i in candidates if cfg.classes[cls[i] - 1].lower() in wanted], int)
-            if not len(candidates):
-                return []
-        stack = np.stack([masks[i].mask for i in candidates])
-        nms = [candidates[j] for j in mask_nms(stack, scores[candidates], nms_iou)]
-        keep = [i for i in nms if scores[i] >= score_threshold][:max_detections]
-        return [
-            Detection(cfg.classes[c - 1], cfg.class_ids[c - 1], float(scores[i]), masks[i].mask, boxes[i, c])
-            for i, c in ((i, cls[i]) for i in keep)
-        ]
 
     # ---- interactive ----------------------------------------------------------------------------------
     def segment(
         self,
         points: np.ndarray | list | None = None,
-        labels: np.ndarray | list | None = None,
+        point_labels: np.ndarray | list | None = None,
         box: np.ndarray | list | None = None,
     ) -> Mask:
-        """One object for a prompt: ``points (N, 2)`` pixel (x, y) with ``labels (N,)`` 1 = positive,
+        """One object for a prompt: ``points (N, 2)`` pixel (x, y) with ``point_labels (N,)`` 1 = positive,
         0 = negative, in the order the annotator placed them, and/or ``box`` xyxy pixels.
 
         The box (else the first positive click) gives the first mask (:meth:`box_prompt_mask`,
@@ -571,25 +694,29 @@ class MaskPredictor:
         """
         self._require_features()
         pts = np.zeros((0, 2)) if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
-        lab = np.ones(len(pts), int) if labels is None else np.asarray(labels, dtype=int).reshape(-1)
+        lab = (
+            np.ones(len(pts), int)
+            if point_labels is None
+            else np.asarray(point_labels, dtype=int).reshape(-1)
+        )
         if len(lab) != len(pts):
-            raise ValueError(f"{len(pts)} points but {len(lab)} labels")
+            raise ValueError(f"{len(pts)} points but {len(lab)} point labels")
         bx = None if box is None else np.asarray(box, dtype=np.float64).reshape(4)
         positive = lab == 1
         if not positive.any() and bx is None:
             raise ValueError("segment needs at least one positive point or a box")
-        if self.model.click_head is None and len(pts):
-            result = self._window_segment(pts[positive], pts[~positive], bx)
-        elif self.model.click_head is None:
+        if self.model.click_head is not None:
+            result = self._click_sequence(pts, positive, bx)
+        elif bx is not None and not len(pts):
             result = self.box_prompt_mask(bx)
         else:
-            result = self._click_sequence(pts, positive, bx)
+            result = self._window_segment(pts[positive], pts[~positive], bx)
         return Mask(honour_prompt(result.mask, pts[positive], pts[~positive], bx), result.score)
 
     def _click_sequence(self, pts: np.ndarray, positive: np.ndarray, box: np.ndarray | None) -> Mask:
         """The first prompt's mask, then one :meth:`correct` per further click, each memoised on the image's
         features by the prompt so far (an annotator's next click costs one step, not a replay)."""
-        order = np.arange(len(pts))
+        order: np.ndarray = np.arange(len(pts))
         if box is None:
             first = int(np.argmax(positive))
             order = np.concatenate([[first], np.delete(order, first)])
@@ -616,8 +743,8 @@ class MaskPredictor:
         window around it, thresholded at the click threshold, then (with a click head) one step of the head
         in the zoom window of that mask, which keeps the window's mask as its previous mask."""
         point = np.asarray(point, np.float64).reshape(1, 2)
-        window = max(self._point_windows(point, None), key=lambda w: self._rank(w, point, point[:0], None))
-        first = self._to_mask(window)
+        window = max(self.point_windows(point, None), key=lambda w: self._rank(w, point, point[:0], None))
+        first = self.window_mask(window)
         if self.model.click_head is None or not self.refine_first_click:
             return first
         return self.correct(first.mask, point, np.ones(1, bool))
@@ -633,7 +760,7 @@ class MaskPredictor:
         inside = box_mask(box, feats.height, feats.width)
         best, fit = Mask(inside, 0.0), -1.0
         for zoom in self.box_zooms:
-            candidate = self._to_mask(self.box_window(box, zoom), self.box_threshold_logit)
+            candidate = self.window_mask(self.box_window(box, zoom), self.box_threshold_logit)
             candidate.mask &= inside
             score = _mask_box_fit(candidate.mask, box)
             if score > fit:
@@ -654,18 +781,19 @@ class MaskPredictor:
         pixel (x, y) with ``positive (N,)`` bool -> the new mask, scored by its pixels' mean probability.
         The head sees the zoom window of ``region`` (xyxy pixels; default: the previous mask's tight box)
         and the clicks (click_head.zoom_window); pixels outside it keep their previous value."""
+        if self.model.click_head is None:
+            raise RuntimeError("this checkpoint has no click head (train one: segmask train clicks)")
+        click_head = self.model.click_head
         feats = self._require_features()
         if region is None:
             region = mask_to_box(previous) if previous.any() else None
         centre, scale = zoom_window(region, points)
         crop = crop_window(feats.pyramid, centre, scale, size=CROP)
-        taps = self.model.trunk(
-            to_tensor([crop]).to(self.device).contiguous(memory_format=torch.channels_last)
-        )
+        taps = self.trunk(to_tensor([crop]).to(self.device))
         before = crop_mask(previous.astype(np.uint8) * 255, centre, scale, False, CROP)
         maps = click_maps(crop_points(points, centre, scale), positive.astype(int))
         prompts = torch.from_numpy(np.concatenate([maps, before[None]]))[None].to(self.device)
-        logits = self.model.click_head(taps, prompts)[0].float().cpu().numpy()
+        logits = click_head(taps, prompts)[0].float().cpu().numpy()
         half = CROP / 2 / scale
         window = np.array([centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half])
         region_logits, (y0, y1, x0, x1) = paste_window(logits, window, feats.height, feats.width)
@@ -681,16 +809,18 @@ class MaskPredictor:
         feats = self._require_features()
         options = [self.box_window(box)] if box is not None else []
         if len(pos):
-            options += self._point_windows(pos, box)
-        result = self._to_mask(max(options, key=lambda w: self._rank(w, pos, np.zeros((0, 2)), box)))
+            options += self.point_windows(pos, box)
+        result = self.window_mask(max(options, key=lambda w: self._rank(w, pos, np.zeros((0, 2)), box)))
         mask = result.mask
         for p in pos[~_inside(mask, pos)]:
             single = p[None]
-            mask |= self._to_mask(
-                max(self._point_windows(single, None), key=lambda w: self._rank(w, single, neg, None))
+            mask |= self.window_mask(
+                max(self.point_windows(single, None), key=lambda w: self._rank(w, single, neg, None))
             ).mask
         if len(neg) and _inside(mask, neg).any():
-            reference = pos if len(pos) else np.array([[(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]])
+            reference = pos
+            if not len(pos) and box is not None:  # a box alone: keep the side of its centre
+                reference = np.array([[(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]])
             mask &= nearer_to(reference, neg, feats.height, feats.width)
         return result
 
@@ -724,12 +854,13 @@ class MaskPredictor:
         rank = -100.0 * violations + (window.objectness if window.quality is None else window.quality)
         if box is not None:
             mbox = _logit_box(window.logits - t, window.box)
-            rank += 20.0 * (_box_iou(mbox, box) if mbox is not None else 0.0)
+            rank += 20.0 * (box_iou_xyxy(mbox, box) if mbox is not None else 0.0)
         return rank
 
-    def _point_windows(self, pos: np.ndarray, box: np.ndarray | None) -> list[WindowMask]:
-        """The 3 best-ranked dense windows around the positive points (and their centroid), refined. A lone
-        click without a box, the prompt the quality head was trained on, ranks by its predicted IoU."""
+    def point_windows(self, pos: np.ndarray, box: np.ndarray | None) -> list[WindowMask]:
+        """The 3 best-ranked dense windows around the positive points ``pos (N, 2)`` pixel (x, y) (and their
+        centroid), refined, best first; ``box`` (xyxy pixels, or None) counts in the ranking. A lone click
+        without a box, the prompt the quality head was trained on, ranks by its predicted IoU."""
         anchors = np.concatenate([pos, pos.mean(axis=0, keepdims=True)]) if len(pos) > 1 else pos
         cands, coarse = self.coarse_windows(anchors)
         if self.model.quality_head is not None and len(pos) == 1 and box is None:
@@ -777,6 +908,8 @@ class MaskPredictor:
     ) -> np.ndarray:
         """The quality head's predicted IoU ``(N,)`` of each candidate window's mask with the object under
         the click ``point`` (image pixel ``(x, y)``), from its coarse mask ``coarse[n]``."""
+        if self.model.quality_head is None:
+            raise RuntimeError("this checkpoint has no quality head (train one: segmask train quality)")
         return self.model.quality_head(*self.quality_inputs(cands, coarse, point)).float().cpu().numpy()
 
 
@@ -814,16 +947,45 @@ def detection_scores(masks: Sequence[Mask]) -> np.ndarray:
     return odds / (1.0 + odds)
 
 
-def mask_nms(masks: np.ndarray, scores: np.ndarray, iou: float, stride: int = 4) -> list[int]:
-    """Greedy non-maximum suppression of ``(N, H, W)`` bool masks: indices kept, best score first. IoUs are
-    computed on masks subsampled by ``stride`` (plenty to tell duplicates apart, 16x cheaper)."""
+def mask_overlaps(masks: np.ndarray, stride: int = 4) -> np.ndarray:
+    """Pairwise intersections ``(N, N)`` float64, in pixels of ``(N, H, W)`` bool masks subsampled by
+    ``stride`` (the diagonal holds the areas): plenty to tell duplicates and parts apart, 16x cheaper."""
+    flat = masks[:, ::stride, ::stride].reshape(len(masks), -1).astype(np.float32)
+    return (flat @ flat.T).astype(np.float64)
+
+
+def select_masks(overlaps: np.ndarray, scores: np.ndarray, iou: float, fragment: float = 1.0) -> list[int]:
+    """Greedy suppression, best score first, from pairwise mask intersections ``overlaps (N, N)``
+    (:func:`mask_overlaps`): a mask is dropped when its IoU with a kept one is above ``iou`` or when more
+    than ``fragment`` of it lies inside a kept one (1.0: never), and at the end, a kept mask with more than
+    ``fragment`` inside a larger kept one that ranked below it (whole objects over their parts). Returns the
+    indices kept, best first."""
     order = np.argsort(-scores)
-    ious = masks_iou_matrix(masks[order, ::stride, ::stride], masks[order, ::stride, ::stride])
+    area = np.diag(overlaps)
     kept: list[int] = []
-    for i in range(len(order)):
-        if all(ious[i, j] <= iou for j in kept):
-            kept.append(i)
-    return [int(order[i]) for i in kept]
+    for i in order:
+        inter = overlaps[i, kept]
+        union = area[i] + area[kept] - inter
+        ious = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        inside = inter / area[i] if area[i] > 0 else np.zeros_like(inter)
+        if not (ious > iou).any() and not (inside > fragment).any():
+            kept.append(int(i))
+    if fragment >= 1.0:
+        return kept
+    return [
+        i
+        for i in kept
+        if not any(overlaps[i, k] > fragment * area[i] and area[k] > area[i] for k in kept if k != i)
+    ]
+
+
+def mask_nms(
+    masks: np.ndarray, scores: np.ndarray, iou: float, stride: int = 4, fragment: float = 1.0
+) -> list[int]:
+    """Greedy non-maximum suppression of ``(N, H, W)`` bool masks (:func:`select_masks` on masks subsampled
+    by ``stride``): indices kept, best score first; ``fragment`` < 1 also drops masks mostly inside a kept
+    one."""
+    return select_masks(mask_overlaps(masks, stride), scores, iou, fragment)
 
 
 def _inside(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -859,8 +1021,9 @@ def box_mask(box: np.ndarray, height: int, width: int, margin: float = 0.02) -> 
 
 
 def load_predictor(
-    path: str | Path | None = None, device: str | torch.device = "cpu", **kwargs
+    path: str | Path | None = None, device: str | torch.device = "cpu", **kwargs: Any
 ) -> MaskPredictor:
-    """A predictor from a checkpoint directory (the shipped default when ``path`` is None)."""
+    """A predictor from a checkpoint directory (the shipped default when ``path`` is None); ``kwargs`` go to
+    :class:`MaskPredictor`."""
     model, meta = load_checkpoint(DEFAULT_CHECKPOINT if path is None else path, device)
     return MaskPredictor(model, meta, device, **kwargs)

@@ -39,6 +39,9 @@ class QualityHead(nn.Module):
     """A small MLP over ``(embedding, features)``; the inputs are standardised by the ``shift`` and ``scale``
     buffers, fitted on the training inputs (:meth:`standardise`) and stored with the weights."""
 
+    shift: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, embed_dim: int = 512, hidden: int = 128, dropout: float = 0.1) -> None:
         super().__init__()
         width = embed_dim + len(FEATURES)

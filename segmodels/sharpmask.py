@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segmodels.backbones import TAP_STRIDES
 from segmodels.deepmask import CELLS, WINDOW
 
 REFINE_TAPS = ("s16", "s8", "s4", "s2")
-TAP_STRIDES = {"s2": 2, "s4": 4, "s8": 8, "s16": 16}
 
 
 class RefinementModule(nn.Module):

@@ -180,17 +180,18 @@ def train(cfg: TrainConfig) -> Path | None:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model, init_meta = build_model(cfg)
-    model.to(device, memory_format=torch.channels_last).train()
+    model.to(device).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = WindowSampler(CocoInstances(cfg.data, "train"), seed=cfg.seed, augment=cfg.augment)
     validate = Validation(cfg, device)
-    step, history = 0, []
+    step = 0
+    history: list[dict] = []
     if (out / STATE_JSON).exists():
         step, history = load_state(out, model, optimizer, sampler.rng)
         log.info("resuming %s from step %d", out, step)
     started = time.monotonic()
     prior_seconds = history[-1]["seconds"] if history else 0.0
-    running = {"train_mask_loss": [], "train_score_loss": []}
+    running: dict[str, list[float]] = {"train_mask_loss": [], "train_score_loss": []}
     bar = tqdm(
         total=cfg.total_steps, initial=step, desc=f"train {cfg.stage}", unit="step", dynamic_ncols=True
     )

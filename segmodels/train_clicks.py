@@ -89,7 +89,7 @@ class ClickSampler:
         other = self.instances[self.rng.integers(len(self.instances))]
         patch, mask = self._crop(other, self.rng.uniform(0.2, 0.6) * CROP, 0.0)
         shift = self.rng.integers(-CROP // 2, CROP // 2, size=2)
-        m = np.float32([[1, 0, shift[0]], [0, 1, shift[1]]])
+        m = np.array([[1, 0, shift[0]], [0, 1, shift[1]]], np.float32)
         mask = cv2.warpAffine(mask.astype(np.uint8), m, (CROP, CROP), flags=cv2.INTER_NEAREST) > 0
         patch = cv2.warpAffine(patch, m, (CROP, CROP), flags=cv2.INTER_LINEAR)
         image[mask] = patch[mask]
@@ -116,7 +116,7 @@ class ClickSampler:
 
     def perturbed(self, target: np.ndarray) -> np.ndarray:
         """A plausible imperfect mask of the object: shifted by up to 10% and grown or shrunk."""
-        size = max(np.ptp(np.nonzero(target)[0]), np.ptp(np.nonzero(target)[1]), 8)
+        size = max(int(np.ptp(np.nonzero(target)[0])), int(np.ptp(np.nonzero(target)[1])), 8)
         dx, dy = (self.rng.uniform(-0.1, 0.1, size=2) * size).astype(int)
         moved = np.roll(target, (int(dy), int(dx)), axis=(0, 1)).astype(np.uint8)
         radius = int(self.rng.integers(1, max(2, size // 8)))
@@ -170,7 +170,7 @@ def fit_click_head(
     """Train ``head`` in place for ``config.steps`` steps on ``dataset``, reading a BatchNorm-folded copy of
     ``trunk`` (never changed); ``on_step(loss)`` after each step. Returns the loss of every step."""
     device = next(head.parameters()).device
-    frozen = fold_batchnorm(copy.deepcopy(trunk)).eval().to(device, memory_format=torch.channels_last)
+    frozen = fold_batchnorm(copy.deepcopy(trunk)).eval().to(device).to(memory_format=torch.channels_last)
     frozen.requires_grad_(False)
     sampler = ClickSampler(dataset, config.min_area, config.paste_probability, config.seed)
     return fit_head(

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segmodels.checkpoint import atomic_write_json, save_checkpoint, save_tensors
+from segmodels.checkpoint import save_checkpoint, save_tensors
+from segmodels.checkpoint_files import atomic_write_json
 from segmodels.model import SegmentationModel
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def record_epoch(
 ) -> dict[str, list[float]]:
     """Append an epoch's mean training losses and validation ``metrics`` to ``history``, log them, redraw
     ``out/curves.png``; returns emptied running lists for the next epoch."""
-    record = {"step": step, "seconds": seconds}
+    record: dict[str, float | None] = {"step": step, "seconds": seconds}
     record.update({k: float(np.mean(v)) if v else None for k, v in running.items()})
     record.update(metrics)
     history.append(record)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +26,15 @@ import torch
 from torchvision.ops import box_iou
 from tqdm import tqdm
 
-from segmodels.checkpoint import atomic_write_json, load_checkpoint
+from segmodels.checkpoint import load_checkpoint
+from segmodels.checkpoint_files import atomic_write_json
 from segmodels.data import CocoInstances, Instance, to_tensor
 from segmodels.device import resolve_device
 from segmodels.geometry import mask_to_box, masks_iou_matrix
 from segmodels.model import SegmentationModel
 from segmodels.multipathnet import (
     IOU_THRESHOLDS,
+    LabelHead,
     assign_targets,
     encode_boxes,
     fit_label_head,
@@ -92,9 +95,9 @@ def instance_region(dataset: CocoInstances, inst: Instance) -> np.ndarray:
 
 
 def roi_iou(
-    roi_masks: list[np.ndarray | None],
+    roi_masks: Sequence[np.ndarray | None],
     roi_boxes: np.ndarray,
-    gt_masks: list[np.ndarray | None],
+    gt_masks: Sequence[np.ndarray | None],
     gt_boxes: np.ndarray,
 ) -> np.ndarray:
     """``(R, G)`` overlap of RoIs with instances: mask IoU where both have a mask, box IoU otherwise (a
@@ -104,7 +107,8 @@ def roi_iou(
     cols = [j for j, m in enumerate(gt_masks) if m is not None]
     if rows and cols:
         iou[np.ix_(rows, cols)] = masks_iou_matrix(
-            np.stack([roi_masks[i] for i in rows]), np.stack([gt_masks[j] for j in cols])
+            np.stack([m for m in roi_masks if m is not None]),
+            np.stack([m for m in gt_masks if m is not None]),
         )
     return iou
 
@@ -126,7 +130,7 @@ def rois_of_image(
     return ImageRois(
         index,
         boxes,
-        roi_iou(props + gt_masks, boxes, gt_masks, gt_boxes),
+        roi_iou([*props, *gt_masks], boxes, gt_masks, gt_boxes),
         gt_boxes,
         np.array([labels[inst.category_id] for inst in instances]),
     )
@@ -237,26 +241,36 @@ def region_coverage(
     the order of its ground-truth boxes; None without a label head."""
     if "imagenet" not in taps:
         return None
-    dataset = taps_cache.dataset
+    return instance_coverage(taps_cache.dataset, index, taps["imagenet"], sx, sy)
+
+
+def instance_coverage(
+    dataset: CocoInstances, index: int, features: torch.Tensor, sx: float, sy: float
+) -> torch.Tensor:
+    """The coverage ``(G, gh, gw)`` of image ``index``'s instance regions, in the order of its ground-truth
+    boxes, on the grid of its label-head ``features (1, D, gh, gw)`` (``sx, sy``: trunk-input pixels per
+    image pixel)."""
     regions = [instance_region(dataset, inst) for inst in dataset.instances_by_image[index]]
-    return mask_coverage(regions, (sx, sy), PAD, tuple(taps["imagenet"].shape[-2:]))
+    gh, gw = features.shape[-2:]
+    return mask_coverage(regions, (sx, sy), PAD, (gh, gw))
 
 
 @torch.no_grad()
 def label_examples(
-    model: SegmentationModel, taps_cache: TapCache, labels: dict[int, int]
+    head: LabelHead, taps_cache: TapCache, labels: dict[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every instance of the cache's dataset as a label-head example: pooled ImageNet features ``(N, D)`` over
-    its region at scale 1, and its label ``(N,)`` in 0..K-1 (``labels``: category id -> 1..K)."""
-    head = model.multipathnet.label_head
+    """Every instance of the cache's dataset as a label-``head`` example: pooled ImageNet features ``(N, D)``
+    over its region at scale 1, and its label ``(N,)`` in 0..K-1 (``labels``: category id -> 1..K)."""
     pooled, targets = [], []
-    for index, instances in enumerate(taps_cache.dataset.instances_by_image):
+    dataset = taps_cache.dataset
+    for index, instances in enumerate(dataset.instances_by_image):
         if not instances:
             continue
         taps, sx, sy = taps_cache(index, False)
-        coverage = region_coverage(taps_cache, index, taps, sx, sy)
+        features = taps["imagenet"]
+        coverage = instance_coverage(dataset, index, features, sx, sy)
         batch = torch.zeros(len(instances), dtype=torch.long)
-        pooled.append(head.pool(taps["imagenet"], coverage.to(taps["imagenet"].device), batch))
+        pooled.append(head.pool(features, coverage.to(features.device), batch))
         targets += [labels[inst.category_id] - 1 for inst in instances]
     return torch.cat(pooled), torch.tensor(targets, dtype=torch.long)
 
@@ -264,10 +278,10 @@ def label_examples(
 def fit_labels(model: SegmentationModel, taps_cache: TapCache, labels: dict[int, int]) -> dict[str, float]:
     """Fit the label head (``multipathnet.fit_label_head``) on every instance of the cache's dataset; returns
     ``{"label_head_loss", "label_head_train_top1"}`` (empty without a label head or instances)."""
-    head = model.multipathnet.label_head
+    head = model.require_multipathnet().label_head
     if head is None:
         return {}
-    pooled, targets = label_examples(model, taps_cache, labels)
+    pooled, targets = label_examples(head, taps_cache, labels)
     if not len(targets):
         return {}
     loss = fit_label_head(head, pooled, targets)
@@ -286,7 +300,7 @@ def top1_accuracy(model: SegmentationModel, taps_cache: TapCache, rois: list[Ima
         taps, sx, sy = taps_cache(r.image_index, False)
         coverage = region_coverage(taps_cache, r.image_index, taps, sx, sy)
         boxes = to_trunk(r.gt_boxes, sx, sy).to(taps["s16"].device)
-        probs = model.multipathnet(taps, boxes, coverage)["probs"]
+        probs = model.require_multipathnet()(taps, boxes, coverage)["probs"]
         pred = probs[:, 1:].argmax(dim=1).cpu().numpy() + 1
         hits += int((pred == r.gt_labels).sum())
         total += len(r.gt_labels)
@@ -299,7 +313,7 @@ def multipathnet_parameters(model: SegmentationModel) -> list[torch.nn.Parameter
     need it; the label head is fit apart, by :func:`fit_labels`); their parameters, to optimise."""
     for p in model.parameters():
         p.requires_grad_(False)
-    mpn = model.multipathnet
+    mpn = model.require_multipathnet()
     label_params = set() if mpn.label_head is None else {id(p) for p in mpn.label_head.parameters()}
     params = [p for p in mpn.parameters() if id(p) not in label_params]
     for p in params:
@@ -369,7 +383,8 @@ def train_multipathnet(cfg: TrainConfig) -> Path | None:
     optimizer = torch.optim.AdamW(
         [{"params": params, "lr_scale": 1.0}], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
-    step, history = 0, []
+    step = 0
+    history: list[dict] = []
     if (out / STATE_JSON).exists():
         step, history = load_state(out, model, optimizer, rng)
         log.info("resuming %s from step %d", out, step)

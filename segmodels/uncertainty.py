@@ -1,32 +1,35 @@
 """How informative labelling an image would be, for active learning: an uncertainty in [0, 1] per image.
 
-The measure, on the predictor's current image, from one ``detect()``-like pass (proposals, MultiPathNet,
-mask NMS):
+The measure is the expected label error on the objects the project labels, on the predictor's current image,
+from ``detect()``'s pass (``MaskPredictor.detection_candidates``: proposals, MultiPathNet, detection scores)
+and mask NMS:
 
 1. candidates: the top ``proposals`` refined DeepMask windows with a non-empty mask, de-duplicated by greedy
    mask NMS (IoU > ``nms_iou``) on the detection score (``predictor.detection_scores``), exactly the
    objects ``detect()`` would consider;
-2. per candidate, ``u = objectness * (1 - margin)``: ``objectness`` is DeepMask's probability that the window
-   holds an object, ``margin`` the gap between the two most probable of MultiPathNet's K+1 outcomes
-   (background included). ``u`` is high when the window probably holds an object and the classifier is torn
-   between two labels, or between a label and "nothing"; it is low when either model is sure (a confident
-   label, or confidently no object);
+2. per candidate, over the project's classes ``P`` only (``classes``; every model class when None) with
+   MultiPathNet's probabilities ``p_c`` and DeepMask's ``objectness``:
+   ``u = objectness * (sum_P p_c - max_P p_c)``, the probability that the window holds an object, that it
+   is one of the project's, *and* that its most probable project label is wrong (``sum_P p_c - max_P p_c =
+   p_project * (1 - max q)``, ``q`` the label distribution given a project object). Background and classes
+   outside the project count as "not a project object": a window the model takes for something the
+   project does not label scores near 0 however torn it is between that and a project label; a window on
+   nothing (low objectness, e.g. a blank image) scores near 0 however MultiPathNet spreads its guesses. A
+   one-label project has no label to confuse, so there ``u = objectness * min(p, 1 - p)``: the expected
+   error of "is it the project's object";
 3. the image: the mean of the ``top`` largest ``u`` (missing candidates count 0), so an image with several
-   doubtful objects outranks one with a single doubtful window.
+   doubtful project objects outranks one with a single doubtful window.
 
-An image where the model is confident about everything (every likely object confidently labelled, or no
-likely object at all, e.g. a blank image) scores near 0; one where the best candidates are coin flips scores
-near 1. Margin sampling ("best versus second best") is the classic uncertainty criterion for classifiers;
-weighting it by objectness keeps the background windows every image has from dominating.
-
-Known weakness (bench/README.md, bench_active_learning.py): objects of classes outside the project's label
-set are where a small classifier hesitates between a project class and background, so images full of them
-rank high although labelling them adds no instance to learn from.
+Why (bench/README.md, bench_active_learning.py): the previous measure, ``objectness * (1 - margin)`` over all
+K+1 outcomes with background, ranked first the images full of objects outside the label set, where a small
+classifier hesitates most between a project label and background, although labelling them adds no instance
+to learn from. The label the project learns is what label top-1 measures, so the measure asks only where
+that label is in doubt.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -34,9 +37,8 @@ from segmodels.predictor import (
     PREANNOTATION_MAX,
     PREANNOTATION_THRESHOLD,
     Detection,
-    Mask,
+    DetectionCandidates,
     MaskPredictor,
-    detection_scores,
     mask_nms,
 )
 
@@ -45,15 +47,32 @@ TOP_OBJECTS = 3
 REPORTED_OBJECTS = 3
 
 
-def object_uncertainty(objectness: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """Per-candidate uncertainty ``objectness * (1 - margin)`` in [0, 1].
+def project_columns(model_classes: Sequence[str], classes: Collection[str] | None) -> np.ndarray:
+    """The columns of MultiPathNet's ``(R, K+1)`` probabilities (column 0 = background, column i =
+    ``model_classes[i-1]``) that hold the project's ``classes`` (case-insensitive names; None: every model
+    class), in model order."""
+    wanted = None if classes is None else {c.lower() for c in classes}
+    return np.array(
+        [i for i, name in enumerate(model_classes, start=1) if wanted is None or name.lower() in wanted], int
+    )
+
+
+def object_uncertainty(objectness: np.ndarray, probs: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """Per-candidate expected label error on the project's classes, ``(R,)`` in [0, 1].
 
     ``objectness (R,)``: probabilities in [0, 1]; ``probs (R, K+1)``: class probabilities (column 0 =
-    background), rows summing to 1. ``margin`` is the difference of each row's two largest probabilities.
+    background), rows summing to 1; ``columns``: the project's columns (:func:`project_columns`).
+    ``objectness`` times, with two or more columns, ``sum - max`` of them (the probability of a project
+    object whose top project label is wrong); with one, ``min(p, 1 - p)``; with none, 0.
     """
-    top2 = np.sort(probs, axis=1)[:, -2:]
-    margin = top2[:, 1] - top2[:, 0]
-    return np.clip(objectness * (1.0 - margin), 0.0, 1.0)
+    project = probs[:, columns]
+    if project.shape[1] == 0:
+        return np.zeros(len(probs))
+    if project.shape[1] == 1:
+        error = np.minimum(project[:, 0], 1.0 - project[:, 0])
+    else:
+        error = project.sum(axis=1) - project.max(axis=1)
+    return np.clip(objectness * error, 0.0, 1.0)
 
 
 def image_score(uncertainties: np.ndarray, top: int = TOP_OBJECTS) -> float:
@@ -71,45 +90,42 @@ def detect_with_uncertainty(
     top: int = TOP_OBJECTS,
     classes: Collection[str] | None = None,
 ) -> tuple[list[Detection], dict]:
-    """``predictor.detect(...)`` (``classes`` as there) and :func:`image_uncertainty` of the current image
-    from one shared pass (proposals and MultiPathNet run once): the detections, and the uncertainty dict."""
-    masks = [m for m in predictor.propose(proposals) if m.mask.any()]
-    if not masks:
-        return [], summarise([], np.zeros((0, 0)), np.zeros(0), [], 0, predictor.classes, top)
-    probs, boxes = predictor.classify(np.stack([m.box for m in masks]), [m.mask for m in masks])
-    scores = detection_scores(masks)
-    detections = predictor.label_masks(
-        masks, probs, boxes, scores, score_threshold, max_detections, nms_iou, classes
-    )
-    objectness = np.array([m.score for m in masks])
-    kept = mask_nms(np.stack([m.mask for m in masks]), scores, nms_iou)
-    measure = summarise(masks, probs, objectness, kept, len(detections), predictor.classes, top)
+    """``predictor.detect(...)`` and :func:`image_uncertainty` of the current image from one shared pass
+    (proposals and MultiPathNet run once), both for the project's ``classes`` (as in ``detect``): the
+    detections, and the uncertainty dict."""
+    candidates = predictor.detection_candidates(proposals)
+    detections = predictor.label_candidates(candidates, score_threshold, max_detections, nms_iou, classes)
+    masks = [m.mask for m in candidates.masks]
+    kept = mask_nms(np.stack(masks), candidates.scores, nms_iou) if masks else []
+    columns = project_columns(predictor.classes, classes)
+    measure = summarise(candidates, kept, len(detections), predictor.classes, columns, top)
     return detections, measure
 
 
 def summarise(
-    masks: list[Mask],
-    probs: np.ndarray,
-    objectness: np.ndarray,
+    candidates: DetectionCandidates,
     kept: list[int],
     detections: int,
     classes: list[str],
+    columns: np.ndarray,
     top: int,
 ) -> dict:
-    """The uncertainty dict of :func:`image_uncertainty` from the pass's candidates (indices ``kept``)."""
-    uncertainties = object_uncertainty(objectness[kept], probs[kept]) if kept else np.zeros(0)
+    """The uncertainty dict of :func:`image_uncertainty` from the pass's ``candidates`` left after mask NMS
+    (indices ``kept``), the model's ``classes``, the project's ``columns`` (:func:`project_columns`) and the
+    number of ``detections`` shown."""
+    probs, objectness, masks = candidates.probs, candidates.objectness, candidates.masks
+    uncertainties = object_uncertainty(objectness[kept], probs[kept], columns) if kept else np.zeros(0)
     uncertainty = image_score(uncertainties, top)
     order = np.argsort(-uncertainties)[:REPORTED_OBJECTS]
     objects = []
     for n in order:
         i = kept[n]
-        best = np.argsort(-probs[i])[:2]
-        names = ["background" if c == 0 else classes[c - 1] for c in best]
+        best = columns[np.argsort(-probs[i, columns])[:2]]
         objects.append(
             {
                 "uncertainty": float(uncertainties[n]),
                 "objectness": float(objectness[i]),
-                "labels": names,
+                "labels": [classes[c - 1] for c in best],
                 "probabilities": [float(probs[i, c]) for c in best],
                 "box": [float(v) for v in masks[i].box],
             }
@@ -129,15 +145,18 @@ def image_uncertainty(
     score_threshold: float = PREANNOTATION_THRESHOLD,
     nms_iou: float = 0.5,
     top: int = TOP_OBJECTS,
+    classes: Collection[str] | None = None,
 ) -> dict:
-    """How informative labelling the predictor's current image would be (module docstring), in [0, 1].
+    """How informative labelling the predictor's current image would be for a project that labels
+    ``classes`` (model class names, case-insensitive; None: every class): module docstring, in [0, 1].
 
     Needs ``set_image`` first and a checkpoint with MultiPathNet. Costs about one ``detect()`` on cached
     features. Returns ``{"uncertainty", "confidence" (1 - uncertainty), "detections" (how many ``detect``
     keeps at ``score_threshold``), "candidates" (de-duplicated windows scored), "objects"}``, where
     ``objects`` lists the most uncertain candidates (at most 3): their ``uncertainty``, ``objectness``, the
-    two most probable ``labels`` with their ``probabilities``, and ``box`` (xyxy image pixels).
+    two most probable project ``labels`` with their ``probabilities``, and ``box`` (xyxy image pixels).
     """
-    return detect_with_uncertainty(predictor, score_threshold, proposals=proposals, nms_iou=nms_iou, top=top)[
-        1
-    ]
+    _, measure = detect_with_uncertainty(
+        predictor, score_threshold, proposals=proposals, nms_iou=nms_iou, top=top, classes=classes
+    )
+    return measure

@@ -62,6 +62,13 @@ def test_a_rectangle_is_a_box_only_instance():
     assert inst["mask"] is None and inst["box"] == pytest.approx([20, 20, 60, 40])
 
 
+def test_a_rotated_rectangle_turns_in_pixels_and_is_clipped_to_the_image():
+    rect = _rect(10, 20, 30, 40)
+    rect["value"]["rotation"] = 90
+    # 60 x 40 px at (20, 20) px turned a quarter clockwise about that corner: x -20..20, y 20..80 px.
+    assert region_instance(rect, 200, 100)["box"] == pytest.approx([0, 20, 20, 60])
+
+
 def test_keypoints_are_prompts_not_instances():
     kp = {"type": "keypointlabels", "value": {"x": 5, "y": 5, "keypointlabels": ["dog"]}}
     assert region_instance(kp, 200, 100) is None

@@ -13,9 +13,10 @@ from ls_bodies import interior_point, keypoints, rectangle, with_image
 from upload_server import UPLOAD_TOKEN
 
 from backend.app import create_app
+from backend.ls_geometry import percent_to_points
 from backend.settings import Settings
-from segmodels.checkpoint import checkpoint_version
-from segmodels.geometry import mask_iou, percent_to_points, polygon_to_mask
+from segmodels.checkpoint_files import checkpoint_version
+from segmodels.geometry import mask_iou, polygon_to_mask
 
 DOG_IMAGE = 42  # one large dog (COCO train2017 000000000042.jpg, a training image)
 
@@ -28,6 +29,17 @@ def app(upload_server):
 @pytest.fixture(scope="module")
 def client(app, upload_server, ls_request):
     client = app.test_client()
+    setup = dict(ls_request("setup"), hostname=upload_server.url, access_token=UPLOAD_TOKEN)
+    assert client.post("/setup", json=setup).status_code == 200
+    return client
+
+
+@pytest.fixture(scope="module")
+def best_client(upload_server, ls_request):
+    """Pre-annotation showing each image's best object whatever its probability (threshold 0, one per
+    image): what the tests of routing model classes to project labels need. The default threshold shows
+    only objects more likely right than wrong, and the dog below scores under it."""
+    client = create_app(Settings.from_env({}, score_threshold=0.0, max_detections=1)).test_client()
     setup = dict(ls_request("setup"), hostname=upload_server.url, access_token=UPLOAD_TOKEN)
     assert client.post("/setup", json=setup).status_code == 200
     return client
@@ -154,11 +166,11 @@ def test_a_brush_only_project_gets_a_brush_rle_of_the_original_size(client, ls_r
     )
 
 
-def test_batch_gives_one_prediction_per_task_in_order_with_project_labels(client, ls_request):
+def test_batch_gives_one_prediction_per_task_in_order_with_project_labels(best_client, ls_request):
     body = ls_request("predict-batch")
     body["tasks"][0]["data"]["image"] = "/data/upload/1/000000000042.jpg"
     body["tasks"][1]["data"]["image"] = "/data/upload/1/000000000009.jpg"
-    answer = client.post("/predict", json=body)
+    answer = best_client.post("/predict", json=body)
     assert answer.status_code == 200, answer.get_json()
     results = answer.get_json()["results"]
     assert len(results) == 2
@@ -169,6 +181,13 @@ def test_batch_gives_one_prediction_per_task_in_order_with_project_labels(client
     assert all(interface.validate_prediction(p, return_errors=True) == [] for p in results)
 
 
+def test_pre_annotation_shows_only_objects_more_likely_right_than_wrong(client, best_client, ls_request):
+    body = with_image(ls_request("predict-batch"), DOG_IMAGE)
+    best = best_client.post("/predict", json=body).get_json()["results"][0]["result"]
+    shown = client.post("/predict", json=body).get_json()["results"][0]["result"]
+    assert best and all(r["score"] < 0.5 for r in best) and shown == []
+
+
 def test_batch_drops_classes_the_project_has_no_label_for(client, ls_request):
     body = with_image(ls_request("predict-batch"), DOG_IMAGE)
     body["label_config"] = body["label_config"].replace('value="dog"', 'value="hotdog"')
@@ -176,22 +195,22 @@ def test_batch_drops_classes_the_project_has_no_label_for(client, ls_request):
     assert all(r["value"]["polygonlabels"][0] != "hotdog" for p in results for r in p["result"])
 
 
-def test_batch_shows_the_best_object_the_project_has_a_label_for(client, ls_request):
+def test_batch_shows_the_best_object_the_project_has_a_label_for(best_client, ls_request):
     """The image's best detection is the dog; without a dog label the one region shown is the best of
     the project's classes, not nothing."""
     body = with_image(ls_request("predict-batch"), DOG_IMAGE)
     body["label_config"] = body["label_config"].replace('value="dog"', 'value="hotdog"')
-    for prediction in client.post("/predict", json=body).get_json()["results"]:
+    for prediction in best_client.post("/predict", json=body).get_json()["results"]:
         assert [r["value"]["polygonlabels"][0] for r in prediction["result"]] in (["person"], ["car"])
 
 
-def test_predicted_values_route_model_classes_to_a_project_label(client, ls_request):
+def test_predicted_values_route_model_classes_to_a_project_label(best_client, ls_request):
     body = with_image(ls_request("predict-batch"), DOG_IMAGE)
     body["tasks"] = body["tasks"][:1]
     body["label_config"] = body["label_config"].replace(
         '<Label value="car"/>', '<Label value="Pet" predicted_values="dog,cat"/>'
     )
-    [prediction] = client.post("/predict", json=body).get_json()["results"]
+    [prediction] = best_client.post("/predict", json=body).get_json()["results"]
     assert "Pet" in {r["value"]["polygonlabels"][0] for r in prediction["result"]}
 
 
@@ -235,10 +254,12 @@ def test_basic_auth_lets_the_right_credentials_and_webhooks_through(guarded, ls_
     assert guarded.post("/webhook", json=ls_request("webhook-annotation_created")).status_code == 200
 
 
-def test_a_failing_task_in_a_batch_gets_an_empty_prediction_and_the_others_are_served(client, ls_request):
+def test_a_failing_task_in_a_batch_gets_an_empty_prediction_and_the_others_are_served(
+    best_client, ls_request
+):
     body = with_image(ls_request("predict-batch"), DOG_IMAGE)
     body["tasks"][1]["data"]["image"] = "/data/upload/1/missing.jpg"
-    results = client.post("/predict", json=body).get_json()["results"]
+    results = best_client.post("/predict", json=body).get_json()["results"]
     assert len(results) == 2 and results[0]["result"] and results[1]["result"] == []
 
 

@@ -29,7 +29,7 @@ from upload_server import UPLOAD_TOKEN
 
 from backend.app import predict_request_limit
 from backend.settings import Settings
-from backend.worker import torch_thread_count, usable_cores
+from backend.torch_threads import torch_thread_count, usable_cores
 
 SERVER_THREADS = 16
 MAX_PREDICTS = 10  # more than the 8 threads the server used to have, all of them waiting at once
@@ -70,7 +70,7 @@ def test_usable_cores_obey_a_cgroup_cpu_quota(tmp_path):
 TORCH_THREADS_CODE = """
 import torch
 from backend.settings import Settings
-from backend.worker import apply_torch_threads
+from backend.torch_threads import apply_torch_threads
 apply_torch_threads(Settings.from_env())
 print(torch.get_num_threads(), torch.get_num_interop_threads())
 """

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from segmodels.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from segmodels.checkpoint import load_checkpoint, save_checkpoint
+from segmodels.checkpoint_files import read_metadata
 from segmodels.model import ModelConfig, SegmentationModel
 from segmodels.train import train
 from segmodels.train_common import TrainConfig

@@ -182,6 +182,10 @@ class Stack:
             "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
             "LABEL_STUDIO_API_KEY": "",  # the token of Label Studio's /setup (legacy token)
             "SEGMASK_WORKERS_PER_HOST": "1",  # one worker on this machine
+            # Each task's best detection whatever its probability, so that every batch prediction has a
+            # polygon to check (the calibrated default shows only likely-right ones: none on some images).
+            "SEGMASK_SCORE_THRESHOLD": "0",
+            "SEGMASK_MAX_DETECTIONS": "1",
         }
         self.env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
         self.ls_url = f"http://127.0.0.1:{self.ls_port}"

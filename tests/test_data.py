@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from segmodels.data import CocoInstances, WindowSampler, in_split
+from segmodels.data import CocoInstances, WindowSampler
 from segmodels.deepmask import OBJECT, WINDOW
+from segmodels.splits import in_split
 
 
 @pytest.fixture(scope="module")

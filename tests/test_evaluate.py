@@ -2,22 +2,15 @@ import numpy as np
 import pytest
 from shapes import rectangle
 
+from segmodels.baselines import filled_box_mask, grabcut_mask
+from segmodels.calibration import reliability
+from segmodels.coco_scoring import average_recall, coco_ground_truth, detection_ap
 from segmodels.data import CocoInstances
-from segmodels.evaluate import (
-    InstanceResult,
-    LabelResult,
-    average_recall,
-    coco_ground_truth,
-    detection_ap,
-    filled_box_mask,
-    grabcut_mask,
-    label_summary,
-    label_tables,
-    match_detections,
-    precision_recall,
-    proposal_results,
-    summarise,
-)
+from segmodels.eval_detection import match_detections, precision_recall
+from segmodels.eval_interactive import InstanceResult, summarise
+from segmodels.eval_labels import LabelResult, label_summary
+from segmodels.eval_proposals import proposal_results
+from segmodels.eval_report import before_after_table, label_tables, plot_reliability
 from segmodels.export import detections_to_coco
 from segmodels.geometry import coco_segmentation_to_mask, mask_iou, mask_to_box
 from segmodels.predictor import Detection, Mask
@@ -231,3 +224,39 @@ def test_the_precision_of_added_detections_comes_from_the_next_smaller_cap():
         precision_recall(np.array([4, 2, 3, 2]), 4, 12, fewer=np.array([4, 2, 3, 2]))["last_mask_precision"]
         is None
     )
+
+
+def _detection_metrics() -> dict:
+    ap = {"AP": 0.1, "AP50": 0.2}
+    return {
+        "calibrated": True,
+        "default_threshold": 0.5,
+        "mean_detections_at_default": 2.0,
+        "precision_at_default": 0.6,
+        "recall_at_default": 0.3,
+        "found_per_image_at_default": 1.2,
+        "reliability": reliability(np.array([0.05, 0.55, 0.95]), np.array([0.0, 1.0, 1.0])),
+        "confident": 0.9,
+        "confident_detections": 1,
+        "confident_wrong": 0,
+        "segm": ap,
+        "before": {
+            "max_detections": 1,
+            "per_image": 1.0,
+            "precision": 0.5,
+            "recall": 0.1,
+            "found_per_image": 0.5,
+            "segm": ap,
+        },
+    }
+
+
+def test_the_report_compares_pre_annotation_before_and_after(tmp_path):
+    title, headers, rows = before_after_table(_detection_metrics())
+    assert [r[0].split(":")[0] for r in rows] == ["before", "after"]
+    assert (
+        rows[1][headers.index("precision")] == "0.600"
+        and rows[1][headers.index("wrong at >= 0.9")] == "0 of 1"
+    )
+    plot_reliability(tmp_path / "reliability.png", _detection_metrics()["reliability"], "test")
+    assert (tmp_path / "reliability.png").stat().st_size > 0

@@ -1,4 +1,4 @@
-"""Fine-tuning on a project's annotations, the old-vs-new decision, box-only instances, image uncertainty."""
+"""Fine-tuning on a project's annotations, the old-vs-new decision, box-only instances."""
 
 import json
 import shutil
@@ -12,9 +12,8 @@ from segmodels import checkpoint
 from segmodels.checkpoint import load_checkpoint
 from segmodels.data import CocoInstances, WindowSampler
 from segmodels.finetune import FinetuneConfig, compare, decide, finetune, remap_classes
-from segmodels.predictor import DEFAULT_CHECKPOINT, load_predictor
+from segmodels.predictor import DEFAULT_CHECKPOINT
 from segmodels.train_multipathnet import roi_iou
-from segmodels.uncertainty import detect_with_uncertainty, image_uncertainty, object_uncertainty
 
 # A project's label set: "Person" matches the shipped "person" (case-insensitively), "widget" is new and
 # annotated, "gadget" is new and has no annotation.
@@ -296,29 +295,3 @@ def test_decision_rule(old: dict, new: dict, expected: bool):
 def test_a_tiny_or_empty_slice_never_blocks():
     ok, reason, _ = decide(_measures(0.9, 0.9), _measures(0.1, 0.1), 0)
     assert ok and "too small" in reason
-
-
-# ---- uncertainty ----------------------------------------------------------------------------------------
-def test_object_uncertainty_falls_with_the_margin_and_with_objectness():
-    tied = np.array([[0.1, 0.45, 0.45]])
-    sure = np.array([[0.02, 0.96, 0.02]])
-    u = [object_uncertainty(np.array([o]), p)[0] for o, p in ((0.9, tied), (0.9, sure), (0.1, tied))]
-    assert u[0] == pytest.approx(0.9) and u[1] == pytest.approx(0.9 * 0.06)
-    assert u[2] == pytest.approx(0.1) and all(0.0 <= v <= 1.0 for v in u)
-
-
-def test_a_blank_image_is_less_uncertain_than_a_photo_and_one_pass_also_gives_detect(coco128: Path):
-    predictor = load_predictor(device="cpu")
-    photo = CocoInstances(coco128, "val")
-    scores = []
-    for image in (np.full((480, 640, 3), 128, np.uint8), photo.image(1)):
-        predictor.set_image(image)
-        measure = image_uncertainty(predictor)
-        assert 0.0 <= measure["uncertainty"] <= 1.0
-        assert measure["confidence"] == pytest.approx(1.0 - measure["uncertainty"])
-        json.dumps(measure)
-        scores.append(measure["uncertainty"])
-    assert scores[0] < 0.05 < 0.3 < scores[1]
-    detections, measure = detect_with_uncertainty(predictor)
-    assert [(d.label, d.score) for d in detections] == [(d.label, d.score) for d in predictor.detect()]
-    assert measure["detections"] == len(detections) and measure["uncertainty"] == scores[1]

@@ -5,7 +5,7 @@ import pytest
 from shapes import disc, rectangle
 
 from segmodels.geometry import (
-    box_xywh_percent_to_xyxy_pixels,
+    box_iou_xyxy,
     coco_segmentation_to_mask,
     mask_iou,
     mask_to_box,
@@ -13,8 +13,6 @@ from segmodels.geometry import (
     mask_to_polygons,
     mask_to_rle,
     masks_iou_matrix,
-    percent_to_points,
-    points_to_percent,
     polygon_to_mask,
     polygons_to_mask,
     rle_to_mask,
@@ -182,6 +180,13 @@ def test_mask_to_box_of_empty_mask_is_zeros():
     assert mask_to_box(np.zeros((5, 5), dtype=bool)).tolist() == [0.0, 0.0, 0.0, 0.0]
 
 
+def test_box_iou_xyxy_of_overlapping_disjoint_and_degenerate_boxes():
+    assert box_iou_xyxy([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
+    assert box_iou_xyxy(np.array([0.0, 0, 10, 10]), np.array([0.0, 0, 10, 10])) == 1.0
+    assert box_iou_xyxy([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0
+    assert box_iou_xyxy([5, 5, 5, 5], [5, 5, 5, 5]) == 0.0
+
+
 def test_rle_round_trip_is_exact_and_json_serialisable():
     mask = two_blobs() ^ rectangle(100, 200, 0, 40, 200, 60)
     rle = json.loads(json.dumps(mask_to_rle(mask)))
@@ -203,18 +208,6 @@ def test_rle_to_mask_accepts_uncompressed_counts():
 def test_coco_segmentation_to_mask_unions_polygon_lists():
     segmentation = [[0, 0, 4, 0, 4, 4, 0, 4], [6, 6, 10, 6, 10, 10, 6, 10]]
     assert coco_segmentation_to_mask(segmentation, 10, 10).sum() == 32
-
-
-def test_points_percent_conversions_invert_each_other():
-    points = np.array([[0.0, 0.0], [12.5, 7.25], [640.0, 480.0]])
-    percent = points_to_percent(points, 640, 480)
-    np.testing.assert_allclose(percent[2], [100.0, 100.0])
-    np.testing.assert_allclose(percent_to_points(percent, 640, 480), points)
-
-
-def test_box_xywh_percent_to_xyxy_pixels():
-    box = box_xywh_percent_to_xyxy_pixels(10, 20, 50, 25, 640, 480)
-    assert box.tolist() == [64.0, 96.0, 384.0, 216.0]
 
 
 @pytest.fixture(scope="module")

@@ -202,18 +202,6 @@ def test_label_studio_under_a_sub_path_keeps_it(server: ImageServer) -> None:
     assert server.requests[0][0] == f"/ls/data/upload/1/{JPEG}"
 
 
-def test_credentials_for_supplies_the_label_studio_authorization(server: ImageServer) -> None:
-    asked: list[str] = []
-
-    def credentials_for(ls_url: str) -> str:
-        asked.append(ls_url)
-        return UPLOAD_TOKEN
-
-    images = ImageFetcher(Settings(), credentials_for=credentials_for)
-    assert images.fetch(f"/data/upload/1/{JPEG}", label_studio_url=server.url)
-    assert asked == [server.url]
-
-
 def test_upload_path_without_label_studio_url_is_400() -> None:
     raises(400, "no_label_studio_url", fetcher().fetch, f"/data/upload/1/{JPEG}")
 

@@ -16,11 +16,13 @@ from PIL import Image
 
 from backend.cvat.runtime import Segmenter
 from backend.cvat.shapes import nuclio_interaction_result
+from backend.feature_cache import FeatureCache
 from backend.images import ImageFetcher, content_key
-from backend.jobs import FeatureCache, Runtime
+from backend.ls_geometry import percent_to_points
+from backend.runtime import Runtime
 from backend.settings import Settings
 from backend.working_size import WorkingFeatures, working_image, working_shape
-from segmodels.geometry import mask_iou, percent_to_points, polygon_to_mask
+from segmodels.geometry import mask_iou, polygon_to_mask
 from segmodels.predictor import ImageFeatures
 
 WORK_SIDE = 640  # small enough for fast tests; the bounds do not depend on the value

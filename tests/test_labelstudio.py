@@ -63,11 +63,25 @@ def test_smart_rectangle_becomes_a_percent_box(ls_request):
     assert prompt.points == () and prompt.label == "dog"
 
 
-def test_a_rotated_rectangle_gives_the_box_around_it(ls_request):
+def test_a_rotated_rectangle_on_a_non_square_image_gives_the_box_around_it_in_pixels(ls_request):
     body = ls_request("predict-interactive-rectangle")
-    body["params"]["context"]["result"][0]["value"].update(x=10, y=10, width=20, height=10, rotation=90)
+    item = body["params"]["context"]["result"][0]
+    assert (item["original_width"], item["original_height"]) == (64, 48)
+    item["value"].update(x=10, y=10, width=20, height=10, rotation=90)
     prompt = prompt_from_context(body["params"]["context"], parse_config(body["label_config"]))
-    assert prompt.box == pytest.approx((0.0, 10.0, 10.0, 30.0))
+    # 12.8 x 4.8 px at (6.4, 4.8) px, turned a quarter clockwise about that corner: x 1.6..6.4, y 4.8..17.6 px
+    # (rotating the percent numbers instead would give 0..10 %, 10..30 %).
+    assert prompt.box == pytest.approx((2.5, 10.0, 10.0, 17.6 / 48 * 100))
+
+
+def test_a_rotated_rectangle_without_the_image_size_is_a_400(ls_request):
+    body = ls_request("predict-interactive-rectangle")
+    item = body["params"]["context"]["result"][0]
+    item["value"]["rotation"] = 30
+    del item["original_width"]
+    with pytest.raises(ServiceError, match=r"params\.context\.result\[0\]\.original_width") as err:
+        prompt_from_context(body["params"]["context"], parse_config(body["label_config"]))
+    assert (err.value.status, err.value.kind) == (400, "bad_context")
 
 
 @pytest.mark.parametrize("rotation", [float("nan"), float("inf"), float("-inf"), "abc", [1], True, 10**400])

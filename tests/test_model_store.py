@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from segmodels.checkpoint import checkpoint_version
+from segmodels.checkpoint_files import checkpoint_version
 from segmodels.model_store import ModelStore
 from segmodels.predictor import DEFAULT_CHECKPOINT
 
@@ -88,3 +88,12 @@ def test_without_a_root_the_store_is_read_only(tmp_path):
     assert store.current_dir() == DEFAULT_CHECKPOINT
     with pytest.raises(PermissionError, match="SEGMASK_MODEL_STORE"), store.new_version():
         pass
+
+
+def test_a_read_only_store_refuses_unknown_versions_and_rollbacks():
+    store = ModelStore(None, DEFAULT_CHECKPOINT)
+    assert store.get(checkpoint_version(DEFAULT_CHECKPOINT)) == DEFAULT_CHECKPOINT
+    with pytest.raises(KeyError, match="v3"):
+        store.get("v3")
+    with pytest.raises(PermissionError, match="SEGMASK_MODEL_STORE"):
+        store.rollback(checkpoint_version(DEFAULT_CHECKPOINT))

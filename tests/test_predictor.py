@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from segmodels.annotator import click_point, next_click
+from segmodels.calibration import Calibration
 from segmodels.data import CocoInstances
 from segmodels.geometry import mask_iou
 from segmodels.model import ModelConfig, SegmentationModel
 from segmodels.predictor import DEFAULT_CHECKPOINT, MaskPredictor, load_predictor, paste_window
+from segmodels.uncertainty import detect_with_uncertainty
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,16 @@ def test_mismatched_points_and_labels_are_refused(untrained, image):
     untrained.set_image(image)
     with pytest.raises(ValueError, match="labels"):
         untrained.segment([[10, 10], [20, 20]], [1])
+
+
+def test_the_heads_a_checkpoint_lacks_are_refused_by_name(untrained, image):
+    untrained.set_image(image)
+    point = np.array([[80.0, 60.0]])
+    with pytest.raises(RuntimeError, match="no click head"):
+        untrained.correct(np.zeros((120, 160), bool), point, np.ones(1, bool))
+    cands, coarse = untrained.coarse_windows(point)
+    with pytest.raises(RuntimeError, match="no quality head"):
+        untrained.predicted_iou(cands, coarse, point[0])
 
 
 def test_box_prompt_mask_stays_inside_the_box(untrained, image):
@@ -107,6 +119,62 @@ def test_proposals_are_sorted_by_score_and_sized_like_the_image(untrained, image
     assert all(p.mask.shape == image.shape[:2] and p.mask.dtype == bool for p in proposals)
     scores = [p.score for p in proposals]
     assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+
+
+def _labelling(mask_threshold: float) -> MaskPredictor:
+    """An untrained predictor with a MultiPathNet over two classes (no ImageNet label head)."""
+    torch.manual_seed(0)
+    config = ModelConfig(classes=["cat", "dog"], class_ids=[17, 18], label_head=False)
+    return MaskPredictor(SegmentationModel(config), scales=(0.5, 1.0), mask_threshold=mask_threshold)
+
+
+def test_proposals_time_their_stages_when_asked(untrained, image):
+    untrained.set_image(image)
+    timings: dict[str, float] = {}
+    proposals = untrained.propose(k=5, timings=timings)
+    assert set(timings) == {"top_windows", "window_logits", "paste"} and min(timings.values()) >= 0
+    assert [(p.score, p.mask.sum()) for p in proposals] == [
+        (p.score, p.mask.sum()) for p in untrained.propose(5)
+    ]
+
+
+def test_the_detection_pass_gives_every_candidate_its_class_probabilities_boxes_and_score(image):
+    predictor = _labelling(mask_threshold=0.5)
+    predictor.set_image(image)
+    timings: dict[str, float] = {}
+    candidates = predictor.detection_candidates(proposals=20, timings=timings)
+    r = len(candidates)
+    assert 0 < r <= 20 and all(m.mask.any() for m in candidates.masks)
+    assert candidates.probs.shape == (r, 3) and candidates.boxes.shape == (r, 3, 4)
+    assert candidates.scores.shape == candidates.objectness.shape == (r,)
+    assert set(timings) == {"proposals", "classify", "scoring"}
+    shown = predictor.label_candidates(candidates, score_threshold=0.0, max_detections=r)
+    detected = predictor.detect(score_threshold=0.0, max_detections=r, proposals=20)
+    assert [(d.label, d.score) for d in shown] == [(d.label, d.score) for d in detected]
+
+
+@pytest.mark.slow
+def test_a_calibrated_predictor_scores_candidates_by_their_calibrated_probability(image):
+    predictor = _labelling(mask_threshold=0.5)
+    # probability = sigmoid(objectness logit): the window's objectness probability itself.
+    predictor.calibration = Calibration("logistic", ("objectness",), [0.0], [1.0], [1.0], 0.0)
+    predictor.set_image(image)
+    candidates = predictor.detection_candidates(proposals=20)
+    assert candidates.scores == pytest.approx(candidates.objectness)
+    detected = predictor.detect(score_threshold=0.0, proposals=20)
+    scores = [d.score for d in detected]
+    assert detected and scores == sorted(scores, reverse=True)
+    assert all(np.isclose(candidates.objectness, s).any() for s in scores)
+
+
+def test_an_image_without_a_proposal_mask_gives_no_candidate_and_no_detection(image):
+    predictor = _labelling(mask_threshold=1 - 1e-12)  # no window logit reaches it: every mask is empty
+    predictor.set_image(image)
+    candidates = predictor.detection_candidates(proposals=20)
+    assert len(candidates) == 0 and candidates.probs.shape == (0, 3) and candidates.boxes.shape == (0, 3, 4)
+    assert predictor.detect(score_threshold=0.0) == []
+    detections, measure = detect_with_uncertainty(predictor, score_threshold=0.0)
+    assert detections == [] and measure["candidates"] == 0 and measure["uncertainty"] == 0.0
 
 
 def test_pasting_a_window_covers_exactly_its_box():

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from segmodels.annotator import click_point
-from segmodels.checkpoint import METADATA_FILE, load_checkpoint, save_checkpoint
+from segmodels.checkpoint import load_checkpoint, save_checkpoint
+from segmodels.checkpoint_files import METADATA_FILE
 from segmodels.data import CocoInstances
 from segmodels.model import ModelConfig, SegmentationModel
 from segmodels.predictor import MaskPredictor, load_predictor
@@ -86,19 +87,19 @@ def test_a_first_click_takes_the_window_the_quality_head_prefers(image, sign):
     predictor.threshold_logit = -1e9
     predictor.set_image(image)
     point = np.array([[80.0, 60.0]])
-    windows = predictor._point_windows(point, None)
+    windows = predictor.point_windows(point, None)
     sides = [w.box[2] - w.box[0] for w in windows]
     assert sides[0] == (min(sides) if sign > 0 else max(sides))
     assert windows[0].quality == max(w.quality for w in windows)
     chosen = predictor.click_prompt_mask(point[0]).mask
-    assert np.array_equal(chosen, predictor._to_mask(windows[0]).mask)
+    assert np.array_equal(chosen, predictor.window_mask(windows[0]).mask)
 
 
 def test_without_a_quality_head_windows_are_ranked_by_objectness(image):
     torch.manual_seed(0)
     predictor = MaskPredictor(SegmentationModel(ModelConfig()), scales=(0.5, 1.0))
     predictor.set_image(image)
-    assert all(w.quality is None for w in predictor._point_windows(np.array([[80.0, 60.0]]), None))
+    assert all(w.quality is None for w in predictor.point_windows(np.array([[80.0, 60.0]]), None))
 
 
 @pytest.mark.slow

@@ -2,6 +2,8 @@
 
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 
@@ -20,11 +22,13 @@ from rq_worker import (
 )
 from upload_server import UPLOAD_TOKEN
 
+from backend.affinity import own_queue
 from backend.app import create_app
-from backend.queue import PRIORITIES
+from backend.job_protocol import PRIORITIES
+from backend.ls_geometry import percent_to_points
 from backend.settings import Settings
 from backend.worker import build_worker
-from segmodels.geometry import percent_to_points, polygon_to_mask
+from segmodels.geometry import polygon_to_mask
 
 DOG_IMAGE = 42
 
@@ -156,11 +160,42 @@ def test_without_a_worker_the_server_answers_503_at_once(ls_request):
     assert time.perf_counter() - started < 2
 
 
-def test_workers_take_queues_in_priority_order():
+SERVER_WITH_REDIS = """
+import sys
+
+import backend.server  # what `segmask serve` imports
+from backend.app import create_app
+from backend.settings import Settings
+
+client = create_app(Settings.from_env({}, redis_url=sys.argv[1], queue_prefix=sys.argv[2])).test_client()
+assert client.get("/health").get_json()["mode"] == "rq"
+assert client.get("/metrics").status_code == 200
+print("torch" in sys.modules, sorted(name for name in sys.modules if name.startswith("segmodels")))
+"""
+
+
+def test_a_server_with_redis_does_not_load_pytorch():
+    """It holds no model: PyTorch would only cost it start-up time and memory in every server process."""
+    require_redis()
+    prefix = f"segmask-notorch-{uuid.uuid4().hex[:8]}"
+    command = [sys.executable, "-c", SERVER_WITH_REDIS, REDIS_URL, prefix]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    torch_loaded, segmodels_modules = done.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert torch_loaded == "False", f"the server loaded PyTorch (segmodels modules: {segmodels_modules})"
+
+
+def test_workers_take_their_own_queue_then_the_shared_ones_in_priority_order():
     worker = build_worker(
         Settings.from_env({}, redis_url=REDIS_URL, queue_prefix="p"), ("training", "interactive", "batch")
     )
-    assert [q.name for q in worker.queues] == [f"p:{name}" for name in PRIORITIES]
+    own = own_queue("p", worker.name)
+    assert [q.name for q in worker.queues] == [own, *(f"p:{name}" for name in PRIORITIES)]
+
+
+def test_a_worker_without_the_interactive_queue_has_no_queue_of_its_own():
+    worker = build_worker(Settings.from_env({}, redis_url=REDIS_URL, queue_prefix="p"), ("batch", "training"))
+    assert [q.name for q in worker.queues] == ["p:batch", "p:training"]
 
 
 @pytest.mark.slow

@@ -13,10 +13,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from backend.embedded_dispatcher import EmbeddedDispatcher
 from backend.errors import ServiceError
 from backend.images import ImageFetcher
+from backend.job_protocol import DETECT, SEGMENT, JobKind, JobOutcome
 from backend.model_lock import ModelLock
-from backend.queue import EmbeddedDispatcher, JobOutcome
 from backend.settings import Settings
 
 #: Seconds between the bytes of a drip: each read returns long before any socket timeout.
@@ -202,7 +203,7 @@ def test_a_download_within_the_limit_is_unaffected() -> None:
 
 
 class FakeRuntime:
-    """Stands in for ``backend.jobs.Runtime``: ``prepare`` s outside the model lock (an image download),
+    """Stands in for ``backend.runtime.Runtime``: ``prepare`` s outside the model lock (an image download),
     ``model`` s inside it; counts the model calls."""
 
     def __init__(self, prepare: float = 0.0, model: float = 0.0) -> None:
@@ -211,14 +212,21 @@ class FakeRuntime:
         self.lock = ModelLock()  # as Runtime's
         self.model_calls = 0
 
-    def segment(self, request: dict) -> dict:
+    def run(self, kind: JobKind, request: dict) -> dict:
         time.sleep(self.prepare)
         with self.lock:
             self.model_calls += 1
             time.sleep(self.model)
         return {"objects": [], "request": request}
 
-    detect = segment
+
+def refusal(outcome: JobOutcome) -> ServiceError | None:
+    """The ServiceError that stopped the job of ``outcome`` (None if it finished)."""
+    try:
+        outcome.result()
+    except ServiceError as exc:
+        return exc
+    return None
 
 
 @contextlib.contextmanager
@@ -246,11 +254,12 @@ def test_a_request_waiting_for_a_busy_model_past_its_timeout_gets_503() -> None:
     dispatcher = EmbeddedDispatcher(runtime)
     with model_busy(runtime):
         started = time.monotonic()
-        [outcome] = dispatcher.run("segment", [{"n": 0}], timeout=0.5)
+        [outcome] = dispatcher.run(SEGMENT, [{"n": 0}], timeout=0.5)
         seconds = time.monotonic() - started
-    assert isinstance(outcome, ServiceError)
-    assert (outcome.status, outcome.kind) == (503, "worker_timeout")
-    assert "waited 0.5 s" in outcome.message and "(0.5 s)" in outcome.message
+    error = refusal(outcome)
+    assert isinstance(error, ServiceError)
+    assert (error.status, error.kind) == (503, "worker_timeout")
+    assert "waited 0.5 s" in error.message and "(0.5 s)" in error.message
     assert 0.45 <= seconds < BOUND
     assert runtime.model_calls == 0 and not runtime.lock.locked()
 
@@ -258,10 +267,10 @@ def test_a_request_waiting_for_a_busy_model_past_its_timeout_gets_503() -> None:
 def test_a_batch_past_its_deadline_answers_the_rest_503_without_running_them() -> None:
     runtime = FakeRuntime(model=0.2)
     started = time.monotonic()
-    outcomes = EmbeddedDispatcher(runtime).run("detect", [{"n": n} for n in range(50)], timeout=0.5)
+    outcomes = EmbeddedDispatcher(runtime).run(DETECT, [{"n": n} for n in range(50)], timeout=0.5)
     seconds = time.monotonic() - started
-    done = [o for o in outcomes if isinstance(o, JobOutcome)]
-    refused = [o for o in outcomes if isinstance(o, ServiceError)]
+    done = [o for o in outcomes if refusal(o) is None]
+    refused = [refusal(o) for o in outcomes if refusal(o) is not None]
     assert 1 <= len(done) <= 4 and len(done) + len(refused) == 50
     assert outcomes[: len(done)] == done  # tasks run in order, until the deadline
     assert runtime.model_calls == len(done)
@@ -274,9 +283,9 @@ def test_a_batch_waiting_for_the_model_stops_at_its_deadline() -> None:
     runtime = FakeRuntime()
     dispatcher = EmbeddedDispatcher(runtime)
     with model_busy(runtime):
-        outcomes = dispatcher.run("detect", [{"n": n} for n in range(1000)], timeout=0.5)
-    assert "waited 0.5 s" in outcomes[0].message
-    assert all(isinstance(o, ServiceError) and o.status == 503 for o in outcomes)
+        outcomes = dispatcher.run(DETECT, [{"n": n} for n in range(1000)], timeout=0.5)
+    assert "waited 0.5 s" in refusal(outcomes[0]).message
+    assert all((error := refusal(o)) is not None and error.status == 503 for o in outcomes)
     assert runtime.model_calls == 0
 
 
@@ -285,8 +294,8 @@ def test_queued_is_the_wait_for_the_model_and_running_the_rest() -> None:
     dispatcher = EmbeddedDispatcher(runtime)
     with model_busy(runtime) as release:
         threading.Timer(0.4, release.set).start()
-        [outcome] = dispatcher.run("segment", [{"n": 0}], timeout=5)
-    assert isinstance(outcome, JobOutcome)
+        [outcome] = dispatcher.run(SEGMENT, [{"n": 0}], timeout=5)
+    assert refusal(outcome) is None
     assert 0.2 <= outcome.queued < 1.0  # 0.4 s busy, less the 0.1 s prepared meanwhile
     assert 0.15 <= outcome.running < 0.6  # prepare + model
 
@@ -294,9 +303,9 @@ def test_queued_is_the_wait_for_the_model_and_running_the_rest() -> None:
 def test_work_outside_the_model_lock_is_not_serialised() -> None:
     runtime = FakeRuntime(prepare=0.5, model=0.01)
     dispatcher = EmbeddedDispatcher(runtime)
-    outcomes: list[JobOutcome | ServiceError] = []
+    outcomes: list[JobOutcome] = []
     threads = [
-        threading.Thread(target=lambda: outcomes.extend(dispatcher.run("segment", [{}], timeout=5)))
+        threading.Thread(target=lambda: outcomes.extend(dispatcher.run(SEGMENT, [{}], timeout=5)))
         for _ in range(4)
     ]
     started = time.monotonic()
@@ -304,5 +313,5 @@ def test_work_outside_the_model_lock_is_not_serialised() -> None:
         thread.start()
     for thread in threads:
         thread.join(10)
-    assert len(outcomes) == 4 and all(isinstance(o, JobOutcome) for o in outcomes)
+    assert len(outcomes) == 4 and all(refusal(o) is None for o in outcomes)
     assert time.monotonic() - started < 1.5  # four 0.5 s downloads side by side, not one after another

@@ -13,7 +13,8 @@ from rq_worker import REDIS_URL, require_redis
 
 from backend.errors import ServiceError
 from backend.settings import Settings
-from backend.training import TrainingScheduler, TrainRequest
+from backend.training import TrainRequest
+from backend.training_scheduler import TrainingScheduler
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from rq_worker import REDIS_URL, require_redis
 
 from backend.app import create_app
 from backend.settings import Settings
-from backend.training import TrainingScheduler
+from backend.training_scheduler import TrainingScheduler
 
 SECRET = "hook-s3cret"
 

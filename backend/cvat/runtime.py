@@ -30,13 +30,13 @@ import numpy as np
 import torch
 
 from backend.errors import ServiceError, bad_request
+from backend.feature_cache import FeatureCache
 from backend.images import ImageFetcher
-from backend.jobs import FeatureCache
 from backend.label_mapping import class_to_label
 from backend.prompt_limits import check_prompt_size
 from backend.settings import Settings
 from backend.working_size import WorkingFeatures, working_image
-from segmodels.checkpoint import read_metadata
+from segmodels.checkpoint_files import read_metadata
 from segmodels.device import resolve_device
 from segmodels.predictor import Detection, MaskPredictor, load_predictor
 
@@ -60,7 +60,9 @@ class Segmenter:
         self.settings = settings
         started = time.perf_counter()
         device = resolve_device(settings.device)
-        self.predictor: MaskPredictor = load_predictor(settings.model_dir, device)
+        self.predictor: MaskPredictor = load_predictor(
+            settings.model_dir, device, trunk_engine=settings.trunk_engine
+        )
         self.features: FeatureCache[WorkingFeatures] = FeatureCache(settings.feature_cache_mb << 20)
         self.lock = threading.Lock()
         log.info(

@@ -1,0 +1,260 @@
+"""What a process that runs the model keeps warm, and the work it does: segment one prompt, pre-annotate one
+image, or only compute an image's features (warm). A ``segmask worker`` runs it for RQ jobs (backend.jobs);
+in embedded mode the server runs it itself (backend.embedded_dispatcher).
+
+Requests and results are plain JSON:
+
+- image: ``{"url", "project"}``: the task's image URL and the Label Studio project id. No credential travels
+  in a request: the runtime finds Label Studio and the credential for it with ``backend.access`` (its own
+  settings, and the project's /setup information);
+- segment request: ``{"image", "prompt": {"points": [[x%, y%]], "positive": [bool], "box": [x1%, y1%, x2%,
+  y2%] | null}, "output": "polygon" | "brush"}``;
+- detect request: ``{"image", "output", "score_threshold", "max_detections", "classes"?: [str],
+  "uncertainty"?: bool}`` (``classes``: the model classes the project has a label for, so that the cap on
+  detections counts those alone; with ``uncertainty``, the result also has ``"uncertainty"`` and
+  ``"confidence"`` in [0, 1]);
+- warm request: ``{"image"}``;
+- result: ``{"model_version", "width", "height", "objects": [{"score", "label"?, "polygon": [[x%, y%]] |
+  "rle": [int]}], "seconds": {"image" (fetch), "features" (decode and trunk, when not cached), "model",
+  "encode"}}``. ``width``/``height`` are the original image's (Label Studio compares them with its
+  ``original_width``/``original_height``) and brush RLE is at that size. A problem the client must see is
+  raised as a ServiceError (backend.job_protocol says how it crosses RQ).
+
+The model works on the image downscaled to ``SEGMASK_MAX_WORK_SIDE`` (backend.working_size): percent
+coordinates are converted to pixels with the working image's size, and polygons come back in percent, which
+no scaling changes.
+
+Only model work holds ``Runtime.lock``: a request downloads and decodes its image before taking it, so a
+slow image delays its own request only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from backend.access import LabelStudioAccess
+from backend.errors import bad_request
+from backend.feature_cache import FeatureCache
+from backend.images import ImageFetcher, content_key
+from backend.job_protocol import DETECT, SEGMENT, WARM, JobKind
+from backend.ls_geometry import percent_to_points
+from backend.mask_encoding import encode_mask
+from backend.model_lock import ModelLock
+from backend.settings import Settings
+from backend.versions import open_store
+from backend.working_size import WorkingFeatures, working_image
+from segmodels.device import resolve_device
+from segmodels.predictor import MaskPredictor, load_predictor
+from segmodels.uncertainty import detect_with_uncertainty
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FetchedImage:
+    """A request's image file: its content ``key`` (the feature cache's), the seconds spent on it so far,
+    and either ``decoded``: ``(pixels (h, w, 3) uint8 at working size, original width, original height)``
+    or, when its features were cached at fetch time, the file's bytes ``data`` (for a decode should they be
+    evicted before the request gets the model). Not both: a request waiting for the model keeps only the
+    smaller."""
+
+    key: str
+    seconds: dict[str, float]
+    decoded: tuple[np.ndarray, int, int] | None = None
+    data: bytes | None = None
+
+
+class Runtime:
+    """What a model process keeps warm: the predictor, the image fetcher and the feature cache, and how to
+    reach Label Studio (``access``; by default from the settings and Redis's /setup registry).
+
+    One predictor serves one request at a time (it holds the current image's features); ``lock``
+    serialises requests when several threads share a runtime (embedded mode).
+    """
+
+    def __init__(
+        self, settings: Settings, fetcher: ImageFetcher | None = None, access: LabelStudioAccess | None = None
+    ) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.fetcher = fetcher or ImageFetcher(settings)
+        self.access = access or LabelStudioAccess.from_settings(settings)
+        self.lock = ModelLock()
+        # Decodes run one at a time, outside ``lock``: a full-size decode (up to SEGMASK_MAX_IMAGE_PIXELS x 3
+        # bytes, before downscaling) per server thread at once could take gigabytes.
+        self._decode_lock = threading.Lock()
+        self.store = open_store(settings)
+        self.model_version = ""
+        self._load_current()
+
+    def _load_current(self) -> None:
+        """Serve the store's current version, loading it if it is not the one loaded (no restart needed)."""
+        version = self.store.current_version()
+        if version == self.model_version:
+            return
+        started = time.perf_counter()
+        path = self.store.current_dir()
+        self.predictor: MaskPredictor = load_predictor(
+            path, self.device, trunk_engine=self.settings.trunk_engine
+        )
+        self.features: FeatureCache[WorkingFeatures] = FeatureCache(self.settings.feature_cache_mb << 20)
+        self.model_version = version
+        log.info(
+            "model %s loaded from %s on %s in %.1f s",
+            version,
+            path,
+            self.device,
+            time.perf_counter() - started,
+        )
+
+    def run(self, kind: JobKind, request: dict) -> dict:
+        """The result of the job ``kind`` on ``request``: :meth:`segment`, :meth:`detect` or :meth:`warm`."""
+        return {SEGMENT: self.segment, DETECT: self.detect, WARM: self.warm}[kind](request)
+
+    def segment(self, request: dict) -> dict:
+        """One object for a click/box prompt (see the module docstring for shapes)."""
+        prompt = request.get("prompt") or {}
+        image = self._fetch(request)
+        seconds = image.seconds
+        with self.lock:
+            scaled = self._set_features(image)
+            points, positive, box = _prompt_pixels(prompt, scaled.features.width, scaled.features.height)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                mask = self.predictor.segment(points, positive.astype(int), box).mask
+            seconds["model"] = time.perf_counter() - started
+        obj = encode_mask(mask, _prompt_score(mask, points, positive), request.get("output"), scaled, seconds)
+        return self._result(scaled, [obj] if obj else [], seconds)
+
+    def warm(self, request: dict) -> dict:
+        """Compute and cache the features of the request's image (no objects): Label Studio opened a task
+        while pre-annotation is off, and its clicks will follow."""
+        image = self._fetch(request)
+        with self.lock:
+            scaled = self._set_features(image)
+        return self._result(scaled, [], image.seconds)
+
+    def detect(self, request: dict) -> dict:
+        """Labelled objects of one image (pre-annotation)."""
+        settings = self.settings
+        threshold = float(request.get("score_threshold", settings.score_threshold))
+        limit = int(request.get("max_detections", settings.max_detections))
+        classes = _classes(request.get("classes"))
+        image = self._fetch(request)
+        seconds = image.seconds
+        with self.lock:
+            scaled = self._set_features(image)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                if request.get("uncertainty"):
+                    detections, measure = detect_with_uncertainty(
+                        self.predictor, threshold, limit, classes=classes
+                    )
+                else:
+                    detections = self.predictor.detect(threshold, limit, classes=classes)
+                    measure = {}
+            seconds["model"] = time.perf_counter() - started
+        objects = []
+        for det in detections:
+            obj = encode_mask(det.mask, det.score, request.get("output"), scaled, seconds)
+            if obj:
+                objects.append({**obj, "label": det.label})
+        result = self._result(scaled, objects, seconds)
+        if measure:
+            result.update(uncertainty=float(measure["uncertainty"]), confidence=float(measure["confidence"]))
+        return result
+
+    def _fetch(self, request: dict) -> FetchedImage:
+        """Download the request's image and, unless its features are cached, decode it to working size. Runs
+        without ``lock``: a slow download or decode delays this request only."""
+        ref = request.get("image") or {}
+        if not isinstance(ref.get("url"), str):
+            raise bad_request("the job names no image URL", "missing_image")
+        started = time.perf_counter()
+        project = ref.get("project")
+        access = self.access.for_project(project if isinstance(project, str) else "")
+        data = self.fetcher.fetch(ref["url"], access.url, access.authorization())
+        fetched = time.perf_counter()
+        key = content_key(data)
+        if key in self.features:
+            return FetchedImage(key, {"image": fetched - started, "features": 0.0}, data=data)
+        decoded = self._decode(data)
+        seconds = {"image": fetched - started, "features": time.perf_counter() - fetched}
+        return FetchedImage(key, seconds, decoded=decoded)
+
+    def _decode(self, data: bytes) -> tuple[np.ndarray, int, int]:
+        """Image file bytes -> ``(pixels (h, w, 3) uint8 at working size, original width, height)``."""
+        with self._decode_lock:
+            image = self.fetcher.decode(data)
+            height, width = image.shape[:2]
+            return working_image(image, self.settings.max_work_side), width, height
+
+    def _set_features(self, image: FetchedImage) -> WorkingFeatures:
+        """Set ``image``'s features on the predictor, from the cache or computed now (the caller holds
+        ``lock``); adds the seconds spent to ``image.seconds["features"]``."""
+        self._load_current()
+        started = time.perf_counter()
+
+        def compute() -> WorkingFeatures:
+            # Decoded here only when the features were evicted (or the model changed) since the fetch.
+            pixels, width, height = image.decoded or self._decode(image.data)
+            return WorkingFeatures(self.predictor.compute_features(pixels), width, height)
+
+        with torch.inference_mode():
+            scaled, _ = self.features.get(image.key, compute)
+        self.predictor.set_features(scaled.features)
+        image.seconds["features"] += time.perf_counter() - started
+        return scaled
+
+    def _result(self, scaled: WorkingFeatures, objects: list[dict], seconds: dict) -> dict:
+        """The job result; ``width``/``height`` are the original image's."""
+        return {
+            "model_version": self.model_version,
+            "width": scaled.width,
+            "height": scaled.height,
+            "objects": objects,
+            "seconds": {k: round(v, 4) for k, v in seconds.items()},
+        }
+
+
+def _classes(value: object) -> list[str] | None:
+    """A detect request's ``classes``: None (every class) or a list of class names."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise bad_request(f"classes must be a list of class names, got {value!r:.80}")
+    return value
+
+
+def _prompt_pixels(prompt: dict, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Percent prompt -> ``points (N, 2)`` pixel (x, y), ``positive (N,)`` bool, ``box`` xyxy pixels/None."""
+    points = np.asarray(prompt.get("points") or [], dtype=np.float64).reshape(-1, 2)
+    positive = np.asarray(prompt.get("positive") or [True] * len(points), dtype=bool).reshape(-1)
+    if len(positive) != len(points):
+        raise bad_request(f"{len(points)} points but {len(positive)} positive flags", "bad_context")
+    box = prompt.get("box")
+    pixel_box = None
+    if box is not None:
+        corners = np.asarray(box, dtype=np.float64).reshape(2, 2)  # (x1%, y1%), (x2%, y2%)
+        pixel_box = percent_to_points(corners, width, height).reshape(4)
+    if not positive.any() and pixel_box is None:
+        raise bad_request(
+            "the prompt needs a positive point or a rectangle (only negative points were sent)", "bad_context"
+        )
+    return percent_to_points(points, width, height), positive, pixel_box
+
+
+def _prompt_score(mask: np.ndarray, points: np.ndarray, positive: np.ndarray) -> float:
+    """Share of the prompt's points the mask agrees with (1.0 for a box alone): a plain, honest score."""
+    if not len(points):
+        return 1.0 if mask.any() else 0.0
+    h, w = mask.shape
+    xs = np.clip(points[:, 0].astype(int), 0, w - 1)
+    ys = np.clip(points[:, 1].astype(int), 0, h - 1)
+    return float(np.mean(mask[ys, xs] == positive))

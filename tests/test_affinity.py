@@ -1,0 +1,137 @@
+"""Clicks find their image's features: warm on task open, and cache affinity across real RQ workers."""
+
+import uuid
+
+import pytest
+import redis
+from ls_bodies import interior_point, keypoints, with_image
+from rq.registry import FinishedJobRegistry
+from rq_worker import REDIS_URL, require_redis, start_worker, stop
+from upload_server import UPLOAD_TOKEN
+
+from backend.affinity import AffinityMap, image_key, own_queue, working_key
+from backend.app import create_app
+from backend.settings import Settings
+
+DOG_IMAGE = 42
+IMAGE = {"project": "7", "url": "/data/upload/7/dog.jpg"}
+
+
+def _client(app, upload_server, ls_request):
+    client = app.test_client()
+    setup = dict(ls_request("setup"), hostname=upload_server.url, access_token=UPLOAD_TOKEN)
+    assert client.post("/setup", json=setup).status_code == 200
+    return client
+
+
+def test_the_image_key_tells_projects_and_urls_apart():
+    keys = {
+        image_key(IMAGE),
+        image_key({**IMAGE, "project": "8"}),
+        image_key({**IMAGE, "url": "/data/upload/7/cat.jpg"}),
+    }
+    assert len(keys) == 3 and image_key(dict(IMAGE)) in keys
+
+
+def test_with_preannotation_off_opening_a_task_returns_no_objects_and_keeps_its_features(
+    upload_server, ls_request, coco128
+):
+    app = create_app(Settings.from_env({}, preannotate=False))
+    client = _client(app, upload_server, ls_request)
+    runtime = app.extensions["segmask"]["service"].dispatcher.runtime
+    body = with_image(ls_request("predict-batch"), DOG_IMAGE)
+    body["tasks"] = body["tasks"][:1]  # Label Studio opening one task
+    answer = client.post("/predict", json=body)
+    assert answer.status_code == 200, answer.get_json()
+    [prediction] = answer.get_json()["results"]
+    assert prediction["result"] == [] and prediction["model_version"]
+    x, y, _ = interior_point(coco128, DOG_IMAGE, "dog")
+    misses = runtime.features.misses
+    click = keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(x, y, True)])
+    assert client.post("/predict", json=click).status_code == 200
+    assert runtime.features.misses == misses  # the click's features were there
+
+
+@pytest.fixture
+def affinity():
+    connection = require_redis()
+    prefix = f"segmask-affinity-{uuid.uuid4().hex[:8]}"
+    worker = "segmask-test-worker"
+    connection.hset(f"rq:worker:{worker}", "state", "idle")
+    yield AffinityMap(connection, prefix, ttl=60), connection, prefix, worker
+    connection.delete(f"rq:worker:{worker}", f"rq:queue:{own_queue(prefix, worker)}")
+    for key in connection.scan_iter(f"{prefix}:*"):
+        connection.delete(key)
+
+
+def test_a_click_on_an_image_nobody_worked_on_takes_the_shared_queue(affinity):
+    table, _, _, _ = affinity
+    assert table.queue_for(IMAGE) is None
+
+
+def test_a_click_goes_to_the_idle_worker_that_worked_on_its_image(affinity):
+    table, _, prefix, worker = affinity
+    table.remember(IMAGE, worker)
+    assert table.queue_for(IMAGE) == own_queue(prefix, worker)
+    assert table.queue_for({**IMAGE, "url": "/data/upload/7/other.jpg"}) is None
+
+
+def test_a_click_waits_for_a_worker_busy_with_another_click(affinity):
+    table, connection, prefix, worker = affinity
+    table.remember(IMAGE, worker)
+    connection.set(working_key(prefix, worker), f"{prefix}:interactive")
+    assert table.queue_for(IMAGE) == own_queue(prefix, worker)
+
+
+def test_a_click_does_not_wait_behind_a_batch_or_training_job(affinity):
+    table, connection, prefix, worker = affinity
+    table.remember(IMAGE, worker)
+    for queue in ("batch", "training"):
+        connection.set(working_key(prefix, worker), f"{prefix}:{queue}")
+        assert table.queue_for(IMAGE) is None
+
+
+def test_a_click_does_not_queue_behind_another_waiting_for_the_same_worker(affinity):
+    table, connection, prefix, worker = affinity
+    table.remember(IMAGE, worker)
+    connection.rpush(f"rq:queue:{own_queue(prefix, worker)}", "some-job-id")
+    assert table.queue_for(IMAGE) is None
+
+
+def test_a_click_does_not_go_to_a_worker_that_is_gone(affinity):
+    table, connection, _, worker = affinity
+    table.remember(IMAGE, worker)
+    connection.delete(f"rq:worker:{worker}")
+    assert table.queue_for(IMAGE) is None
+
+
+def test_the_record_expires_after_the_ttl(affinity):
+    table, connection, prefix, worker = affinity
+    table.remember(IMAGE, worker)
+    assert 0 < connection.ttl(f"{prefix}:affinity:{image_key(IMAGE)}") <= 60
+
+
+@pytest.mark.slow
+def test_clicks_after_pre_annotation_go_to_the_worker_that_holds_the_features(
+    tmp_path, upload_server, ls_request, coco128
+):
+    connection: redis.Redis = require_redis()
+    prefix = f"segmask-affinity-{uuid.uuid4().hex[:8]}"
+    workers = [start_worker(REDIS_URL, prefix, tmp_path / f"worker{i}.log") for i in range(2)]
+    try:
+        app = create_app(Settings.from_env({}, redis_url=REDIS_URL, queue_prefix=prefix))
+        client = _client(app, upload_server, ls_request)
+        body = with_image(ls_request("predict-batch"), DOG_IMAGE)
+        body["tasks"] = body["tasks"][:1]
+        assert client.post("/predict", json=body).status_code == 200
+        [key] = list(connection.scan_iter(f"{prefix}:affinity:*"))
+        holder = connection.get(key).decode()
+        x, y, _ = interior_point(coco128, DOG_IMAGE, "dog")
+        for dx in range(3):
+            click = keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(x + dx, y, True)])
+            assert client.post("/predict", json=click).status_code == 200
+        finished = FinishedJobRegistry(own_queue(prefix, holder), connection=connection)
+        assert finished.count == 3
+    finally:
+        for worker in workers:
+            stop(worker)
