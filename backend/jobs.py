@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
+import redis
 from rq import get_current_job
 from rq.utils import now as utcnow
 
@@ -64,9 +65,11 @@ def _run(kind: JobKind, request: dict) -> dict:
     image = request.get("image")
     if job and job.worker_name and isinstance(image, dict) and runtime.settings.affinity_ttl > 0:
         settings = runtime.settings
-        AffinityMap(job.connection, settings.queue_prefix, settings.affinity_ttl).remember(
-            image, job.worker_name
-        )
+        table = AffinityMap(job.connection, settings.queue_prefix, settings.affinity_ttl)
+        try:
+            table.remember(image, job.worker_name)
+        except redis.RedisError as exc:  # a routing hint: the job itself does not need it
+            log.warning("could not record the image's worker: %s", exc)
     try:
         value: dict | ServiceError = runtime.run(kind, request)
     except ServiceError as exc:

@@ -11,6 +11,7 @@ PyTorch's thread pools at its start (backend.torch_threads).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import socket
@@ -64,7 +65,9 @@ class WarmWorker(SimpleWorker):
         try:
             super().execute_job(job, queue)
         finally:
-            self.connection.delete(working)
+            # Expires anyway; a Redis gone meanwhile must not replace the job's own outcome.
+            with contextlib.suppress(redis.RedisError):
+                self.connection.delete(working)
 
 
 def build_worker(settings: Settings, queues: tuple[str, ...] = PRIORITIES) -> WarmWorker:

@@ -135,3 +135,27 @@ def test_clicks_after_pre_annotation_go_to_the_worker_that_holds_the_features(
     finally:
         for worker in workers:
             stop(worker)
+
+
+def test_a_job_runs_when_its_worker_cannot_record_the_image(monkeypatch, free_redis_url):
+    import backend.jobs as jobs
+
+    class Runtime:
+        settings = Settings.from_env({}, affinity_ttl=60)
+
+        def run(self, kind, request):
+            return {"objects": [], "model_version": "v"}
+
+    unreachable = redis.Redis.from_url(free_redis_url, socket_connect_timeout=0.2)
+    job = type("Job", (), {"worker_name": "w", "connection": unreachable, "enqueued_at": None})()
+    monkeypatch.setattr(jobs, "get_current_job", lambda: job)
+    monkeypatch.setattr(jobs, "_runtime", Runtime())
+    assert jobs.segment_job({"image": IMAGE})["objects"] == []
+
+
+@pytest.fixture
+def free_redis_url():
+    """A Redis URL nothing listens on."""
+    from rq_worker import free_port
+
+    return f"redis://127.0.0.1:{free_port()}/0"
