@@ -29,12 +29,13 @@ test: setup
 	$(VENV)/bin/pytest
 
 # The docs' Python blocks too (ruff formats Markdown in preview mode only); mypy reads [tool.mypy] in
-# pyproject.toml.
+# pyproject.toml; the import-layer rules (tests/test_import_layers.py) run here too.
 lint: setup
 	$(VENV)/bin/ruff check segmodels backend tests bench
 	$(VENV)/bin/ruff format --check segmodels backend tests bench
 	$(VENV)/bin/ruff format --check --preview README.md bench/README.md backend/cvat/README.md
 	$(VENV)/bin/mypy segmodels
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/test_import_layers.py
 
 bench: setup
 	$(PY) bench/bench_pipeline.py
