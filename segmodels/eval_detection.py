@@ -68,9 +68,7 @@ def match_detections(
     masked = [inst for inst in instances if inst.has_mask]
     if not detections or not masked:
         return 0, 0, 0
-    gt = np.stack([dataset.mask(inst) for inst in masked])
-    iou = masks_iou_matrix(np.stack([d.mask for d in detections]), gt)
-    same = np.array([[inst.category_id == d.class_id for inst in masked] for d in detections])
+    iou, same = _overlaps(detections, masked, dataset)
     right = [j for j in greedy_matches(iou, same) if j is not None]
     any_label = [j for j in greedy_matches(iou, np.ones_like(same)) if j is not None]
     return len(right), len(any_label), sum(masked[j].area > MIN_AREA for j in right)
@@ -126,10 +124,18 @@ def right_per_detection(
     masked = [inst for inst in instances if inst.has_mask]
     if not detections or not masked:
         return [False] * len(detections)
+    return [j is not None for j in greedy_matches(*_overlaps(detections, masked, dataset))]
+
+
+def _overlaps(
+    detections: Sequence[Detection], masked: Sequence[Instance], dataset: CocoInstances
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mask IoU ``(N, G)`` of ``detections`` with the instances ``masked`` (all with a mask), and ``(N, G)``
+    bool: the detection's class is the instance's."""
     gt = np.stack([dataset.mask(inst) for inst in masked])
     iou = masks_iou_matrix(np.stack([d.mask for d in detections]), gt)
     same = np.array([[inst.category_id == d.class_id for inst in masked] for d in detections])
-    return [j is not None for j in greedy_matches(iou, same)]
+    return iou, same
 
 
 def instances_covered(
