@@ -50,7 +50,7 @@ from backend.settings import Settings
 from backend.versions import open_store
 from backend.working_size import WorkingFeatures, working_image
 from segmodels.device import resolve_device
-from segmodels.predictor import MaskPredictor, load_predictor
+from segmodels.predictor import FEATURE_DTYPES, MaskPredictor, load_predictor
 from segmodels.uncertainty import detect_with_uncertainty
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,10 @@ class Runtime:
         started = time.perf_counter()
         path = self.store.current_dir()
         self.predictor: MaskPredictor = load_predictor(
-            path, self.device, trunk_engine=self.settings.trunk_engine
+            path,
+            self.device,
+            trunk_engine=self.settings.trunk_engine,
+            feature_dtype=FEATURE_DTYPES[self.settings.feature_precision],
         )
         self.features: FeatureCache[WorkingFeatures] = FeatureCache(self.settings.feature_cache_mb << 20)
         self.model_version = version

@@ -22,8 +22,8 @@ DEFAULT_MODEL_DIR = _SEGMODELS / "weights" / "default"
 DEFAULT_DATA_DIR = _SEGMODELS.parent / "data" / "coco128"
 
 
-def _setting(env: str, default, doc: str):
-    return field(default=default, metadata={"env": env, "doc": doc})
+def _setting(env: str, default, doc: str, choices: tuple[str, ...] = ()):
+    return field(default=default, metadata={"env": env, "doc": doc, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,13 @@ class Settings:
         "GPU), torch, or onnxruntime (CPU only). Same masks to float32 rounding; ONNX Runtime computes a "
         "new image's features about 1.7x faster on a CPU (bench/bench_pipeline.py).",
     )
+    feature_precision: str = _setting(
+        "SEGMASK_FEATURE_PRECISION",
+        "float16",
+        "What a cached image's trunk features are stored as: float16 (half the memory of float32, so "
+        "SEGMASK_FEATURE_CACHE_MB holds twice the images; the heads still compute in float32) or float32.",
+        choices=("float16", "float32"),
+    )
     affinity_ttl: int = _setting(
         "SEGMASK_AFFINITY_TTL",
         600,
@@ -174,8 +181,9 @@ class Settings:
         "SEGMASK_FEATURE_CACHE_MB",
         256,
         "Megabytes of image features a worker keeps (LRU; in GPU memory on a GPU), so clicks on a cached "
-        "image skip the trunk. One image's take ~50 MB at 640x480 (61 MB once pre-annotated: the default "
-        "holds 4) and ~110 MB at 1024x768; one larger than this is used, not kept.",
+        "image skip the trunk. One image's take ~25 MB at 640x480 (30 MB once pre-annotated: the default "
+        "holds 8) and ~54 MB at 1024x768 with float16 features (SEGMASK_FEATURE_PRECISION; twice that with "
+        "float32); one larger than this is used, not kept.",
     )
     max_work_side: int = _setting(
         "SEGMASK_MAX_WORK_SIDE",
@@ -241,6 +249,9 @@ class Settings:
             raw = environ.get(f.metadata["env"])
             if raw is not None and raw != "":
                 values[f.name] = _parse(f.name, f.default, raw)
+            choices = f.metadata["choices"]
+            if choices and values.get(f.name, f.default) not in choices:
+                raise ValueError(f"setting {f.metadata['env']}: {raw!r} is not one of {', '.join(choices)}")
         values.update(overrides)
         return cls(**values)
 

@@ -68,6 +68,11 @@ def measure(checkpoint: Path, kwargs: dict, dataset: CocoInstances, indices: lis
         "seconds": time.perf_counter() - start,
         "summary": summarise(results),
         "convergence": convergence(results),
+        # per object, for paired differences between variants
+        "objects": [
+            {"annotation_id": r.annotation_id, "click_ious": r.click_ious, "box_ious": r.box_ious}
+            for r in results
+        ],
     }
 
 

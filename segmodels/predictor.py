@@ -69,6 +69,9 @@ POINT_RADIUS = 2
 # Masks of the prompts seen last on an image (an annotator's next click builds on the previous prompt; a
 # few, for annotators working on different objects of one image). Each costs H x W bytes.
 PROMPT_MEMO = 4
+# What an image's trunk taps and dense window embeddings are stored as between prompts: float16 halves a
+# cached image's features; every head still computes in float32 (widened where they are read).
+FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass
@@ -184,8 +187,8 @@ class PromptMemo(OrderedDict):
 
 @dataclass
 class ImageFeatures:
-    """Everything the heads need for one image (~50 MB for 640x480 after the trunk: size an LRU cache by
-    :attr:`nbytes`)."""
+    """Everything the heads need for one image (~50 MB for 640x480 after the trunk, half that with float16
+    features: size an LRU cache by :attr:`nbytes`)."""
 
     image: np.ndarray
     levels: list[PyramidLevel] = field(default_factory=list)
@@ -331,7 +334,8 @@ class MaskPredictor:
     BatchNorm is folded into the convolutions and it is switched to channels-last. SharpMask refines masks
     when the checkpoint metadata lists that stage. ``trunk_engine`` (:data:`segmodels.trunk_engine.ENGINES`)
     says what runs the trunk: PyTorch (the default), ONNX Runtime (CPU; same taps to float32 rounding, about
-    twice as fast) or ``auto`` (ONNX Runtime on a CPU, PyTorch elsewhere).
+    twice as fast) or ``auto`` (ONNX Runtime on a CPU, PyTorch elsewhere). ``feature_dtype``
+    (:data:`FEATURE_DTYPES`) is what an image's trunk taps are kept as.
 
     The API: ``set_image`` (or ``compute_features`` + ``set_features`` for a cache), then ``segment``,
     ``propose`` or ``detect``. ``detect`` is ``label_candidates(detection_candidates())``, the one
@@ -359,6 +363,7 @@ class MaskPredictor:
         refine_first_click: bool = True,
         refine_box: bool = True,
         trunk_engine: str = "torch",
+        feature_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.device = torch.device(device)
         self.model = copy.deepcopy(model).eval().to(self.device)
@@ -376,6 +381,9 @@ class MaskPredictor:
         self.box_zooms, self.box_min_fit = tuple(box_zooms), box_min_fit
         self.refine_first_click = refine_first_click
         self.refine_box = refine_box
+        if feature_dtype not in FEATURE_DTYPES.values():
+            raise ValueError(f"feature_dtype must be one of {sorted(FEATURE_DTYPES)}, not {feature_dtype}")
+        self.feature_dtype = feature_dtype
         calibration = self.metadata.get(METADATA_KEY)
         self.calibration = None if calibration is None else Calibration.from_json(calibration)
         self.features: ImageFeatures | None = None
@@ -390,7 +398,7 @@ class MaskPredictor:
         for scale in self.scales:
             padded, sx, sy = level_input(image, scale)
             x = to_tensor([padded]).to(self.device)
-            taps = self.trunk(x)
+            taps = {tap: t.to(self.feature_dtype) for tap, t in self.trunk(x).items()}
             feats.levels.append(PyramidLevel(scale, sx, sy, taps))
         return feats
 
@@ -399,8 +407,8 @@ class MaskPredictor:
         """Embedding and objectness of every window of ``level`` (for full-image proposals), kept on the
         level; returns the objectness logits ``(rows, cols)``."""
         if level.scores is None:
-            emb = self.model.deepmask.embedding(level.taps["s16"])
-            level.embedding, level.scores = emb[0], self.model.deepmask.score(emb)[0]
+            emb = self.model.deepmask.embedding(level.taps["s16"].float())
+            level.embedding, level.scores = emb[0].to(self.feature_dtype), self.model.deepmask.score(emb)[0]
         return level.scores
 
     @torch.no_grad()
@@ -411,12 +419,12 @@ class MaskPredictor:
         pass, the heads run on the smallest block of the stride-16 map that covers them (same numbers: the
         heads are convolutions) and the results are memoised on the level."""
         if level.embedding is not None and level.scores is not None:
-            vec = level.embedding[:, rows, cols].T.contiguous()
+            vec = level.embedding[:, rows, cols].T.float().contiguous()
             return vec, level.scores[rows, cols].tolist()
         if any((r, c) not in level.cells for r, c in zip(rows, cols, strict=True)):
             r0, r1, c0, c1 = min(rows), max(rows), min(cols), max(cols)
             emb = self.model.deepmask.embedding(
-                level.taps["s16"][:, :, r0 : r1 + CELLS + 2, c0 : c1 + CELLS + 2]
+                level.taps["s16"][:, :, r0 : r1 + CELLS + 2, c0 : c1 + CELLS + 2].float()
             )
             scores = self.model.deepmask.score(emb)[0]
             for i in range(r1 - r0 + 1):
@@ -555,12 +563,11 @@ class MaskPredictor:
         )
         coverage = None
         if mpn.label_head is not None:
-            if "imagenet" not in level.taps:
-                level.taps["imagenet"] = mpn.imagenet_features(level.taps)
+            self._imagenet_features(level)
             if masks is not None:
                 gh, gw = level.taps["imagenet"].shape[-2:]
                 coverage = mask_coverage(masks, (level.sx, level.sy), PAD, (gh, gw))
-        out = mpn(level.taps, rois.to(self.device), coverage)
+        out = mpn(_float_taps(level), rois.to(self.device), coverage)
         n, k = out["probs"].shape
         labels = torch.arange(k).repeat(n)
         decoded = decode_boxes(
@@ -568,6 +575,12 @@ class MaskPredictor:
         )
         decoded = (decoded.view(n, k, 4).numpy() - PAD) / scale
         return out["probs"].float().cpu().numpy(), decoded
+
+    def _imagenet_features(self, level: PyramidLevel) -> None:
+        """MultiPathNet's ImageNet features of ``level``, computed once and kept with its taps."""
+        if "imagenet" not in level.taps:
+            features = self.model.require_multipathnet().imagenet_features(_float_taps(level))
+            level.taps["imagenet"] = features.to(self.feature_dtype)
 
     @torch.no_grad()
     def label_head_inputs(self, masks: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -578,9 +591,8 @@ class MaskPredictor:
         if head is None:
             raise RuntimeError("this checkpoint's MultiPathNet has no label head")
         level = self._classifier_level()
-        if "imagenet" not in level.taps:
-            level.taps["imagenet"] = self.model.require_multipathnet().imagenet_features(level.taps)
-        features = level.taps["imagenet"]
+        self._imagenet_features(level)
+        features = level.taps["imagenet"].float()
         grid = (int(features.shape[-2]), int(features.shape[-1]))
         coverage = mask_coverage(masks, (level.sx, level.sy), PAD, grid).to(features.device)
         batch = torch.zeros(len(masks), dtype=torch.long, device=features.device)
@@ -911,6 +923,11 @@ class MaskPredictor:
         if self.model.quality_head is None:
             raise RuntimeError("this checkpoint has no quality head (train one: segmask train quality)")
         return self.model.quality_head(*self.quality_inputs(cands, coarse, point)).float().cpu().numpy()
+
+
+def _float_taps(level: PyramidLevel) -> dict[str, torch.Tensor]:
+    """``level``'s taps in float32 (the stored ones themselves when they are float32)."""
+    return {tap: t.float() for tap, t in level.taps.items()}
 
 
 def _prompt_key(box: np.ndarray | None, points: np.ndarray, positive: np.ndarray) -> tuple:

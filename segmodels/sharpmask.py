@@ -68,7 +68,8 @@ def window_skips(
 
     ``taps[t]`` is ``(B, C, H/stride, W/stride)``; window (i, j) covers trunk-input pixels
     ``[16 i + 16, 16 i + 176)`` x ``[16 j + 16, 16 j + 176)`` (see deepmask.py). On 192 px training crops
-    the only window is (0, 0). Returns ``{t: (N, C, 160/stride, 160/stride)}``.
+    the only window is (0, 0). Returns ``{t: (N, C, 160/stride, 160/stride)}`` float32 (taps stored at a lower
+    precision are widened here, after the gather, so that only the window's cells are converted).
     """
     out = {}
     for tap in REFINE_TAPS:
@@ -79,5 +80,5 @@ def window_skips(
         xs = ((16 * cols + 16) // stride)[:, None] + offsets
         # One gather: (N, size, size, C), which is already channels-last for the refinement convs.
         crops = taps[tap].permute(0, 2, 3, 1)[batch[:, None, None], ys[:, :, None], xs[:, None, :]]
-        out[tap] = crops.permute(0, 3, 1, 2)
+        out[tap] = crops.permute(0, 3, 1, 2).float()
     return out

@@ -1,11 +1,12 @@
 """Settings: one place for every environment variable, each documented in the README."""
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from backend.settings import Settings
-from segmodels.predictor import PREANNOTATION_MAX, PREANNOTATION_THRESHOLD
+from segmodels.predictor import FEATURE_DTYPES, PREANNOTATION_MAX, PREANNOTATION_THRESHOLD
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -46,3 +47,13 @@ def test_every_setting_is_documented_in_the_readme():
     readme = README.read_text()
     missing = [env for env, _, _ in Settings.documentation() if f"`{env}`" not in readme]
     assert missing == []
+
+
+def test_a_value_outside_a_settings_choices_names_the_setting_and_the_choices():
+    with pytest.raises(ValueError, match="FEATURE_PRECISION: .float64. is not one of float16, float32"):
+        Settings.from_env({"SEGMASK_FEATURE_PRECISION": "float64"})
+
+
+def test_the_feature_precision_choices_are_the_predictors():
+    choices = next(f.metadata["choices"] for f in fields(Settings) if f.name == "feature_precision")
+    assert sorted(choices) == sorted(FEATURE_DTYPES)
