@@ -24,7 +24,7 @@ foreground classes are 1..K.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -285,7 +285,7 @@ class MultiPathNet(nn.Module):
         nn.init.normal_(self.box_head.weight, std=0.001)
         nn.init.zeros_(self.box_head.bias)
 
-    def imagenet_features(self, taps: dict[str, torch.Tensor]) -> torch.Tensor:
+    def imagenet_features(self, taps: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The label head's ``(B, D, H/32, W/32)`` features of ``taps``: ``taps["imagenet"]`` when a caller
         cached them there, else computed from the s8 tap."""
         if "imagenet" in taps:
@@ -296,7 +296,7 @@ class MultiPathNet(nn.Module):
 
     def forward(
         self,
-        taps: dict[str, torch.Tensor],
+        taps: Mapping[str, torch.Tensor],
         boxes: torch.Tensor | list[torch.Tensor],
         coverage: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
@@ -351,7 +351,7 @@ class MultiPathNet(nn.Module):
         self,
         label_head: LabelHead,
         probs: torch.Tensor,
-        taps: dict[str, torch.Tensor],
+        taps: Mapping[str, torch.Tensor],
         rois: torch.Tensor,
         coverage: torch.Tensor | None,
     ) -> torch.Tensor:
@@ -365,7 +365,7 @@ class MultiPathNet(nn.Module):
         return torch.cat([background, (1 - background) * fg], dim=1)
 
     @staticmethod
-    def _rois(taps: dict[str, torch.Tensor], boxes: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    def _rois(taps: Mapping[str, torch.Tensor], boxes: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """``(R, 5)`` rows ``(batch index, x1, y1, x2, y2)`` in the taps' dtype."""
         batch = taps["s16"].shape[0]
         if isinstance(boxes, torch.Tensor):

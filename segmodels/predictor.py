@@ -14,7 +14,7 @@ import copy
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -567,7 +567,7 @@ class MaskPredictor:
             if masks is not None:
                 gh, gw = level.taps["imagenet"].shape[-2:]
                 coverage = mask_coverage(masks, (level.sx, level.sy), PAD, (gh, gw))
-        out = mpn(_float_taps(level), rois.to(self.device), coverage)
+        out = mpn(_Float32Taps(level.taps), rois.to(self.device), coverage)
         n, k = out["probs"].shape
         labels = torch.arange(k).repeat(n)
         decoded = decode_boxes(
@@ -579,7 +579,7 @@ class MaskPredictor:
     def _imagenet_features(self, level: PyramidLevel) -> None:
         """MultiPathNet's ImageNet features of ``level``, computed once and kept with its taps."""
         if "imagenet" not in level.taps:
-            features = self.model.require_multipathnet().imagenet_features(_float_taps(level))
+            features = self.model.require_multipathnet().imagenet_features(_Float32Taps(level.taps))
             level.taps["imagenet"] = features.to(self.feature_dtype)
 
     @torch.no_grad()
@@ -925,9 +925,24 @@ class MaskPredictor:
         return self.model.quality_head(*self.quality_inputs(cands, coarse, point)).float().cpu().numpy()
 
 
-def _float_taps(level: PyramidLevel) -> dict[str, torch.Tensor]:
-    """``level``'s taps in float32 (the stored ones themselves when they are float32)."""
-    return {tap: t.float() for tap, t in level.taps.items()}
+class _Float32Taps(Mapping[str, torch.Tensor]):
+    """A level's taps read as float32, each widened when a head first reads it (MultiPathNet reads three of
+    the four; the stored tensors themselves when they are float32)."""
+
+    def __init__(self, taps: dict[str, torch.Tensor]) -> None:
+        self._taps = taps
+        self._read: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, tap: str) -> torch.Tensor:
+        if tap not in self._read:
+            self._read[tap] = self._taps[tap].float()
+        return self._read[tap]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._taps)
+
+    def __len__(self) -> int:
+        return len(self._taps)
 
 
 def _prompt_key(box: np.ndarray | None, points: np.ndarray, positive: np.ndarray) -> tuple:
