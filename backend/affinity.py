@@ -1,11 +1,11 @@
 """Cache affinity: a click goes to the worker that already holds its image's features.
 
 A worker keeps the features of the images it worked on (backend.feature_cache); with several workers, a
-click that lands on another one pays for the trunk again. So each worker also listens, before the shared
-queues, on a queue of its own (:func:`own_queue`), and when it starts a job on an image it records
+click that lands on another one pays for the trunk again. So each worker also serves, beside the shared
+queues, a click lane of its own (backend.click_lane), and when it starts a job on an image it records
 ``<prefix>:affinity:<image key>`` -> its name, for ``SEGMASK_AFFINITY_TTL`` seconds after its last job on
-that image. The server sends a click on that image to the recorded worker's queue when the worker is alive,
-has no job waiting in that queue and is not running a batch or training job; otherwise, to the shared
+that image. The server sends a click on that image to the recorded worker's lane when the worker is alive,
+has no click waiting in its lane and is not running a batch or training job; otherwise, to the shared
 interactive queue, where any worker takes it. Pre-annotation (and Label Studio opening a task) therefore
 leaves the features where the clicks on that task will find them.
 
@@ -19,19 +19,15 @@ from __future__ import annotations
 import hashlib
 
 import redis
-from rq import Queue
 from rq.worker import Worker
+
+from backend.click_lane import lane_key
 
 
 def image_key(image_ref: dict) -> str:
     """The affinity key of a job's ``image`` (``{"project", "url"}``)."""
     identity = f"{image_ref.get('project') or ''}\n{image_ref.get('url') or ''}"
     return hashlib.sha256(identity.encode()).hexdigest()[:32]
-
-
-def own_queue(prefix: str, worker_name: str) -> str:
-    """The queue only worker ``worker_name`` listens on, e.g. ``segmask:worker:segmask-host-1a2b3c4d``."""
-    return f"{prefix}:worker:{worker_name}"
 
 
 class AffinityMap:
@@ -47,23 +43,22 @@ class AffinityMap:
         """Record that ``worker_name`` is working on ``image_ref``'s image now (worker side)."""
         self.connection.set(self._key(image_ref), worker_name, ex=self.ttl)
 
-    def queue_for(self, image_ref: dict) -> str | None:
-        """The own queue of the worker holding ``image_ref``'s features when a click can be served there
-        without waiting behind other work (server side), else None: use the shared queue."""
+    def worker_for(self, image_ref: dict) -> str | None:
+        """The name of the worker holding ``image_ref``'s features when a click can be served there without
+        waiting behind other work (server side), else None: use the shared queue."""
         name = self.connection.get(self._key(image_ref))
         if name is None:
             return None
         name = name.decode()
-        queue = own_queue(self.prefix, name)
         with self.connection.pipeline(transaction=False) as pipe:
             pipe.exists(f"{Worker.redis_worker_namespace_prefix}{name}")
             pipe.get(working_key(self.prefix, name))
-            pipe.llen(f"{Queue.redis_queue_namespace_prefix}{queue}")
+            pipe.llen(lane_key(self.prefix, name))
             alive, working_on, waiting = pipe.execute()
         if not alive or waiting:
-            return None  # gone (its key expires soon after its last heartbeat), or a job already waits there
-        if working_on is None or working_on.decode() in (queue, f"{self.prefix}:interactive"):
-            return queue  # idle, or on a click: this one waits milliseconds
+            return None  # gone (its key expires soon after its last heartbeat), or a click already waits
+        if working_on is None or working_on.decode() == f"{self.prefix}:interactive":
+            return name  # idle, or on a click: this one waits milliseconds
         return None  # a batch or training job: seconds to minutes
 
 

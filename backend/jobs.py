@@ -3,7 +3,8 @@
 
 RQ calls these functions by import path (:data:`backend.job_protocol.SEGMENT`'s and ``DETECT``'s
 ``function``) with the request as JSON, and stores what they return: backend.job_protocol's envelope, so a
-ServiceError that stops a job reaches the server as that error, not as a failed job.
+ServiceError that stops a job reaches the server as that error, not as a failed job. The worker's click lane
+(backend.click_lane) runs :func:`lane_click` on the same runtime.
 """
 
 from __future__ import annotations
@@ -54,22 +55,36 @@ def warm_job(request: dict) -> dict:
     return _run(WARM, request)
 
 
+def lane_click(request: dict, worker_name: str, connection: redis.Redis) -> dict:
+    """A click from worker ``worker_name``'s lane: its result (a ServiceError refuses it). Records, as every
+    job does, that this worker holds the image."""
+    runtime = current_runtime()
+    _remember(runtime, connection, request, worker_name)
+    return runtime.run(SEGMENT, request)
+
+
+def _remember(runtime: Runtime, connection: redis.Redis, request: dict, worker_name: str) -> None:
+    """Record that ``worker_name`` is working on the request's image, so the clicks on it come here
+    (backend.affinity)."""
+    image = request.get("image")
+    if not isinstance(image, dict) or runtime.settings.affinity_ttl <= 0:
+        return
+    settings = runtime.settings
+    try:
+        AffinityMap(connection, settings.queue_prefix, settings.affinity_ttl).remember(image, worker_name)
+    except redis.RedisError as exc:  # a routing hint: the job itself does not need it
+        log.warning("could not record the image's worker: %s", exc)
+
+
 def _run(kind: JobKind, request: dict) -> dict:
     """Run ``kind`` on ``request`` and encode its result, or the ServiceError that stopped it, with the
-    seconds the job waited in its queue and ran. Records first that this worker is working on the image, so
-    the clicks on it come here (backend.affinity)."""
+    seconds the job waited in its queue and ran. Records first that this worker is working on the image."""
     runtime = current_runtime()
     started = time.perf_counter()
     job = get_current_job()
     queued = (utcnow() - job.enqueued_at).total_seconds() if job and job.enqueued_at else 0.0
-    image = request.get("image")
-    if job and job.worker_name and isinstance(image, dict) and runtime.settings.affinity_ttl > 0:
-        settings = runtime.settings
-        table = AffinityMap(job.connection, settings.queue_prefix, settings.affinity_ttl)
-        try:
-            table.remember(image, job.worker_name)
-        except redis.RedisError as exc:  # a routing hint: the job itself does not need it
-            log.warning("could not record the image's worker: %s", exc)
+    if job and job.worker_name:
+        _remember(runtime, job.connection, request, job.worker_name)
     try:
         value: dict | ServiceError = runtime.run(kind, request)
     except ServiceError as exc:

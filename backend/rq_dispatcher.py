@@ -1,9 +1,9 @@
 """The server's side of RQ: enqueue a job on the queue of its kind and wait for its result.
 
 The server never runs a model itself when Redis is configured: it enqueues a job on the queue of its
-priority (backend.job_protocol; a click on the own queue of the worker that holds its image's features,
-backend.affinity) and blocks on the job's result stream (RQ's ``latest_result``) until a
-deadline well under Label Studio's 100 s.
+priority (backend.job_protocol) and blocks on the job's result stream (RQ's ``latest_result``) until a
+deadline well under Label Studio's 100 s. A click on an image a worker holds goes to that worker's click
+lane instead (backend.affinity, backend.click_lane): no RQ job, two Redis lists.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from rq.serializers import JSONSerializer
 
 from backend.access import LabelStudioAccess, SetupRegistry
 from backend.affinity import AffinityMap
+from backend.click_lane import send_click
 from backend.errors import ServiceError
 from backend.job_protocol import PRIORITIES, SEGMENT, JobKind, JobOutcome, decode_job_result, queue_names
 from backend.settings import Settings
@@ -58,6 +59,7 @@ class RQDispatcher:
         )
         # /setup information goes to Redis, where workers read it.
         self.access = LabelStudioAccess(settings, SetupRegistry(self.connection, settings.queue_prefix))
+        self.prefix = settings.queue_prefix
         self._worker_seen: dict[str, float] = {}
         self.affinity = (
             AffinityMap(self.connection, settings.queue_prefix, settings.affinity_ttl)
@@ -73,8 +75,11 @@ class RQDispatcher:
         queue = self.queues[kind.queue]
         try:
             self._require_worker(queue)
+            holder = self._holder(kind, requests)
+            if holder is not None:
+                return [send_click(self.connection, self.prefix, holder, requests[0], timeout)]
             jobs = [
-                self._queue_for(kind, request, queue).enqueue(
+                queue.enqueue(
                     kind.function,
                     request,
                     ttl=math.ceil(timeout),
@@ -94,14 +99,13 @@ class RQDispatcher:
                 f"{exc}); the request was not processed, retry when it is back",
             ) from exc
 
-    def _queue_for(self, kind: JobKind, request: dict, shared: Queue) -> Queue:
-        """A click goes to the worker holding its image's features when it can take it now
-        (backend.affinity); everything else to the shared queue of its kind."""
-        image = request.get("image")
-        if kind is not SEGMENT or self.affinity is None or not isinstance(image, dict):
-            return shared
-        own = self.affinity.queue_for(image)
-        return shared if own is None else Queue(own, connection=self.connection, serializer=JSONSerializer)
+    def _holder(self, kind: JobKind, requests: list[dict]) -> str | None:
+        """The worker whose lane a click goes to: the one holding its image's features when it can take it
+        now (backend.affinity); None for everything else, which goes to the shared queue of its kind."""
+        if kind is not SEGMENT or self.affinity is None or len(requests) != 1:
+            return None
+        image = requests[0].get("image")
+        return self.affinity.worker_for(image) if isinstance(image, dict) else None
 
     def _require_worker(self, queue: Queue) -> None:
         # Checked at most every WORKER_CHECK_S per queue: a click should not pay for it every time.

@@ -126,8 +126,8 @@ class Settings:
         "SEGMASK_AFFINITY_TTL",
         600,
         "With Redis: seconds after a worker's last job on an image during which clicks on that image go to "
-        "that worker first, where its features are cached (backend.affinity; unless it is gone or busy with "
-        "a batch). 0: every click takes the shared queue.",
+        "that worker first, where its features are cached, through its click lane (backend.affinity, "
+        "backend.click_lane; unless it is gone or busy with a batch). 0: every click takes the shared queue.",
     )
     preannotate: bool = _setting(
         "SEGMASK_PREANNOTATE",

@@ -5,13 +5,15 @@ forked child would either load the model again (about 1 s) or inherit a copy of 
 cache dies with the child, so every click would pay for the trunk again; and forking a process that has
 started PyTorch's thread pools is not safe. A crash in a job still only fails that job: RQ records it and
 the server answers 500 for it; if the whole process dies, the server answers 503 until a worker is back.
-Several workers may run, on one or many machines; each takes queues in priority order. Each sizes
-PyTorch's thread pools at its start (backend.torch_threads).
+Several workers may run, on one or many machines; each takes queues in priority order, and one that takes
+the interactive queue also serves its click lane (backend.click_lane) from a second thread, on the same
+runtime. Each sizes PyTorch's thread pools at its start (backend.torch_threads).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import socket
@@ -23,9 +25,10 @@ from rq import Queue, SimpleWorker, worker_registration
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from backend.affinity import own_queue, working_key
+from backend.affinity import working_key
+from backend.click_lane import ClickLane
 from backend.job_protocol import PRIORITIES, queue_names
-from backend.jobs import install_runtime
+from backend.jobs import install_runtime, lane_click
 from backend.runtime import Runtime
 from backend.settings import Settings
 from backend.torch_threads import apply_torch_threads
@@ -84,9 +87,6 @@ def build_worker(settings: Settings, queues: tuple[str, ...] = PRIORITIES) -> Wa
         n for n, short in zip(queue_names(settings.queue_prefix), PRIORITIES, strict=True) if short in ordered
     ]
     name = f"segmask-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-    if "interactive" in ordered:
-        # Clicks on images whose features this worker holds come here first (backend.affinity).
-        names.insert(0, own_queue(settings.queue_prefix, name))
     rq_queues = [Queue(n, connection=connection, serializer=JSONSerializer) for n in names]
     return WarmWorker(
         rq_queues,
@@ -109,11 +109,15 @@ def run_worker(settings: Settings, queues: tuple[str, ...] = PRIORITIES, burst: 
     install_runtime(Runtime(settings))
     while True:
         worker = build_worker(settings, queues)
+        lane = click_lane(worker, settings) if "interactive" in queues and not burst else None
         log.info("worker %s listening on %s", worker.name, ", ".join(q.name for q in worker.queues))
         try:
             worker.work(burst=burst, with_scheduler=False)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.error("worker %s lost Redis: %s", worker.name, exc)
+        finally:
+            if lane is not None:
+                lane.stop()
         # A SIGTERM/SIGINT sets the shutdown date (RQ only sets _stop_requested when it arrives mid-job).
         if burst or worker._stop_requested or worker._shutdown_requested_date is not None:
             return
@@ -121,6 +125,14 @@ def run_worker(settings: Settings, queues: tuple[str, ...] = PRIORITIES, burst: 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         wait_for_redis(worker.connection)
+
+
+def click_lane(worker: WarmWorker, settings: Settings) -> ClickLane | None:
+    """The started click lane of ``worker`` (None when cache affinity, which routes clicks to it, is off)."""
+    if settings.affinity_ttl <= 0:
+        return None
+    run = functools.partial(lane_click, worker_name=worker.name, connection=worker.connection)
+    return ClickLane(worker.connection, settings.queue_prefix, worker.name, run).start()
 
 
 def wait_for_redis(connection: redis.Redis, longest_pause: float = 30.0) -> None:

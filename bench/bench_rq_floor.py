@@ -1,6 +1,8 @@
 """What RQ itself costs a click: the round trip of a job that does nothing, from ``enqueue`` to its result,
 through the same Redis and the same kind of worker as ``segmask worker`` (an RQ SimpleWorker, JSON
-serializer, results read with ``job.latest_result``, as ``backend.rq_dispatcher.RQDispatcher`` does).
+serializer, results read with ``job.latest_result``, as ``backend.rq_dispatcher.RQDispatcher`` does); and
+the same no-op through the click lane that a click on an image a worker holds takes instead
+(``backend.click_lane``: ``send_click`` to a ``ClickLane`` served by another process).
 
 The floor under the ``http + rq`` path of ``bench_http.py``: whatever that path costs above this and above
 ``http embedded`` is the model's work competing with the worker process for the cores. A benchmark, never a
@@ -18,6 +20,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -28,9 +31,12 @@ import redis
 from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
+from backend.click_lane import ClickLane, send_click
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "rq_floor.json"
 WARMUP = 20
+LANE_WORKER = "bench-lane"
 
 
 def noop(request: dict) -> dict:
@@ -69,6 +75,23 @@ def measure(queue: Queue, jobs: int) -> dict[str, list[float]]:
     return samples
 
 
+def serve_lane(redis_url: str, prefix: str) -> None:
+    """The worker's side of the click lane with the no-op job, until killed (``--serve-lane``)."""
+    ClickLane(redis.Redis.from_url(redis_url), prefix, LANE_WORKER, noop).start()
+    threading.Event().wait()
+
+
+def measure_lane(connection: redis.Redis, prefix: str, jobs: int) -> list[float]:
+    """Milliseconds per no-op click through the lane, ``send_click`` to its result."""
+    samples = []
+    for n in range(WARMUP + jobs):
+        started = time.perf_counter()
+        send_click(connection, prefix, LANE_WORKER, {"n": n}, timeout=10).result()
+        if n >= WARMUP:
+            samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -76,17 +99,24 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--serve-lane", metavar="PREFIX", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_lane:
+        serve_lane(args.redis_url, args.serve_lane)
+        return
     connection = redis.Redis.from_url(args.redis_url)
     name = f"segmask-rq-floor-{uuid.uuid4().hex[:6]}"
     queue = Queue(name, connection=connection, serializer=JSONSerializer)
     worker = start_worker(args.redis_url, queue.name)
+    lane = subprocess.Popen([sys.executable, __file__, "--redis-url", args.redis_url, "--serve-lane", name])
     try:
         wait_for_worker(connection, queue)
         samples = measure(queue, args.jobs)
+        samples["lane round trip"] = measure_lane(connection, name, args.jobs)
     finally:
-        worker.terminate()
-        worker.wait(timeout=10)
+        for process in (worker, lane):
+            process.terminate()
+            process.wait(timeout=10)
     rows = {
         name: {
             "n": len(values),
@@ -96,9 +126,9 @@ def main() -> None:
         }
         for name, values in samples.items()
     }
-    print(f"{'stage':<12} {'n':>5} {'p50 ms':>8} {'p95 ms':>8} {'min ms':>8}")
+    print(f"{'stage':<16} {'n':>5} {'p50 ms':>8} {'p95 ms':>8} {'min ms':>8}")
     for name, r in rows.items():
-        print(f"{name:<12} {r['n']:>5} {r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} {r['min_ms']:>8.2f}")
+        print(f"{name:<16} {r['n']:>5} {r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} {r['min_ms']:>8.2f}")
     record = {
         "benchmark": "rq_floor",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -9,8 +9,9 @@ from rq.registry import FinishedJobRegistry
 from rq_worker import REDIS_URL, require_redis, start_worker, stop
 from upload_server import UPLOAD_TOKEN
 
-from backend.affinity import AffinityMap, image_key, own_queue, working_key
+from backend.affinity import AffinityMap, image_key, working_key
 from backend.app import create_app
+from backend.click_lane import lane_key
 from backend.settings import Settings
 
 DOG_IMAGE = 42
@@ -59,28 +60,28 @@ def affinity():
     worker = "segmask-test-worker"
     connection.hset(f"rq:worker:{worker}", "state", "idle")
     yield AffinityMap(connection, prefix, ttl=60), connection, prefix, worker
-    connection.delete(f"rq:worker:{worker}", f"rq:queue:{own_queue(prefix, worker)}")
+    connection.delete(f"rq:worker:{worker}")
     for key in connection.scan_iter(f"{prefix}:*"):
         connection.delete(key)
 
 
 def test_a_click_on_an_image_nobody_worked_on_takes_the_shared_queue(affinity):
     table, _, _, _ = affinity
-    assert table.queue_for(IMAGE) is None
+    assert table.worker_for(IMAGE) is None
 
 
 def test_a_click_goes_to_the_idle_worker_that_worked_on_its_image(affinity):
     table, _, prefix, worker = affinity
     table.remember(IMAGE, worker)
-    assert table.queue_for(IMAGE) == own_queue(prefix, worker)
-    assert table.queue_for({**IMAGE, "url": "/data/upload/7/other.jpg"}) is None
+    assert table.worker_for(IMAGE) == worker
+    assert table.worker_for({**IMAGE, "url": "/data/upload/7/other.jpg"}) is None
 
 
 def test_a_click_waits_for_a_worker_busy_with_another_click(affinity):
     table, connection, prefix, worker = affinity
     table.remember(IMAGE, worker)
     connection.set(working_key(prefix, worker), f"{prefix}:interactive")
-    assert table.queue_for(IMAGE) == own_queue(prefix, worker)
+    assert table.worker_for(IMAGE) == worker
 
 
 def test_a_click_does_not_wait_behind_a_batch_or_training_job(affinity):
@@ -88,21 +89,21 @@ def test_a_click_does_not_wait_behind_a_batch_or_training_job(affinity):
     table.remember(IMAGE, worker)
     for queue in ("batch", "training"):
         connection.set(working_key(prefix, worker), f"{prefix}:{queue}")
-        assert table.queue_for(IMAGE) is None
+        assert table.worker_for(IMAGE) is None
 
 
 def test_a_click_does_not_queue_behind_another_waiting_for_the_same_worker(affinity):
     table, connection, prefix, worker = affinity
     table.remember(IMAGE, worker)
-    connection.rpush(f"rq:queue:{own_queue(prefix, worker)}", "some-job-id")
-    assert table.queue_for(IMAGE) is None
+    connection.rpush(lane_key(prefix, worker), "a waiting click")
+    assert table.worker_for(IMAGE) is None
 
 
 def test_a_click_does_not_go_to_a_worker_that_is_gone(affinity):
     table, connection, _, worker = affinity
     table.remember(IMAGE, worker)
     connection.delete(f"rq:worker:{worker}")
-    assert table.queue_for(IMAGE) is None
+    assert table.worker_for(IMAGE) is None
 
 
 def test_the_record_expires_after_the_ttl(affinity):
@@ -130,8 +131,9 @@ def test_clicks_after_pre_annotation_go_to_the_worker_that_holds_the_features(
         for dx in range(3):
             click = keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(x + dx, y, True)])
             assert client.post("/predict", json=click).status_code == 200
-        finished = FinishedJobRegistry(own_queue(prefix, holder), connection=connection)
-        assert finished.count == 3
+        # The clicks took the holder's lane (backend.click_lane), not RQ's shared queue.
+        assert FinishedJobRegistry(f"{prefix}:interactive", connection=connection).count == 0
+        assert connection.get(key).decode() == holder
     finally:
         for worker in workers:
             stop(worker)

@@ -22,7 +22,6 @@ from rq_worker import (
 )
 from upload_server import UPLOAD_TOKEN
 
-from backend.affinity import own_queue
 from backend.app import create_app
 from backend.job_protocol import PRIORITIES
 from backend.ls_geometry import percent_to_points
@@ -185,15 +184,14 @@ def test_a_server_with_redis_does_not_load_pytorch():
     assert torch_loaded == "False", f"the server loaded PyTorch (segmodels modules: {segmodels_modules})"
 
 
-def test_workers_take_their_own_queue_then_the_shared_ones_in_priority_order():
+def test_workers_take_the_shared_queues_in_priority_order():
     worker = build_worker(
         Settings.from_env({}, redis_url=REDIS_URL, queue_prefix="p"), ("training", "interactive", "batch")
     )
-    own = own_queue("p", worker.name)
-    assert [q.name for q in worker.queues] == [own, *(f"p:{name}" for name in PRIORITIES)]
+    assert [q.name for q in worker.queues] == [f"p:{name}" for name in PRIORITIES]
 
 
-def test_a_worker_without_the_interactive_queue_has_no_queue_of_its_own():
+def test_a_worker_takes_only_the_queues_it_is_given():
     worker = build_worker(Settings.from_env({}, redis_url=REDIS_URL, queue_prefix="p"), ("batch", "training"))
     assert [q.name for q in worker.queues] == ["p:batch", "p:training"]
 
