@@ -4,9 +4,10 @@ A worker keeps the features of the images it worked on (backend.feature_cache); 
 click that lands on another one pays for the trunk again. So each worker also serves, beside the shared
 queues, a click lane of its own (backend.click_lane), and when it starts a job on an image it records
 ``<prefix>:affinity:<image key>`` -> its name, for ``SEGMASK_AFFINITY_TTL`` seconds after its last job on
-that image. The server sends a click on that image to the recorded worker's lane when the worker is alive,
-has no click waiting in its lane and is not running a batch or training job; otherwise, to the shared
-interactive queue, where any worker takes it. Pre-annotation (and Label Studio opening a task) therefore
+that image. The server sends a click on that image to the recorded worker's lane when that lane is served
+(a worker without the interactive queue, or a ``--burst`` one, has none), has no click waiting and the worker
+is not running a batch or training job; otherwise, to the shared interactive queue, where any worker takes
+it. Pre-annotation (and Label Studio opening a task) therefore
 leaves the features where the clicks on that task will find them.
 
 The image key is a hash of the project and the image URL: what the server knows before anything is
@@ -19,9 +20,8 @@ from __future__ import annotations
 import hashlib
 
 import redis
-from rq.worker import Worker
 
-from backend.click_lane import lane_key
+from backend.click_lane import alive_key, lane_key
 
 
 def image_key(image_ref: dict) -> str:
@@ -51,12 +51,12 @@ class AffinityMap:
             return None
         name = name.decode()
         with self.connection.pipeline(transaction=False) as pipe:
-            pipe.exists(f"{Worker.redis_worker_namespace_prefix}{name}")
+            pipe.exists(alive_key(self.prefix, name))
             pipe.get(working_key(self.prefix, name))
             pipe.llen(lane_key(self.prefix, name))
             alive, working_on, waiting = pipe.execute()
         if not alive or waiting:
-            return None  # gone (its key expires soon after its last heartbeat), or a click already waits
+            return None  # no lane served (gone, or a worker without one), or a click already waits there
         if working_on is None or working_on.decode() == f"{self.prefix}:interactive":
             return name  # idle, or on a click: this one waits milliseconds
         return None  # a batch or training job: seconds to minutes

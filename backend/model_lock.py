@@ -3,7 +3,8 @@
 A runtime serves one request at a time (its predictor holds the current image's features). In embedded
 mode many server threads share it, and each request has a time limit (SEGMASK_INTERACTIVE_TIMEOUT or
 SEGMASK_BATCH_TIMEOUT): :func:`waiting_until` gives the requests run inside it a deadline for getting the
-model, past which they get a 503 instead of working on for a client that has given up.
+model, past which they get a 503 instead of working on for a client that has given up, and optionally a
+last check once they hold it (``admit``: the click lane's claim, backend.click_lane).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -20,12 +21,14 @@ from backend.errors import ServiceError
 
 @dataclass
 class ModelWait:
-    """A request's deadline for getting the model (monotonic time), its time limit (s), and the seconds it
-    has waited for the model so far."""
+    """A request's deadline for getting the model (monotonic time), its time limit (s), the seconds it has
+    waited for the model so far, and ``admit``: called each time the request gets the model, before it
+    uses it; a ServiceError it raises refuses the request (the model is released)."""
 
     deadline: float
     limit: float
     waited: float = 0.0
+    admit: Callable[[], None] | None = None
 
 
 _current_wait: ContextVar[ModelWait | None] = ContextVar("segmask_model_wait", default=None)
@@ -65,6 +68,12 @@ class ModelLock:
                 f"the model was busy with other requests: waited {wait.waited:.1f} s, the request's time "
                 f"limit ({wait.limit:g} s); it was not processed",
             )
+        if wait.admit is not None:
+            try:
+                wait.admit()
+            except BaseException:
+                self._lock.release()
+                raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:

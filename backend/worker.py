@@ -117,7 +117,7 @@ def run_worker(settings: Settings, queues: tuple[str, ...] = PRIORITIES, burst: 
             log.error("worker %s lost Redis: %s", worker.name, exc)
         finally:
             if lane is not None:
-                lane.stop()
+                lane.stop(settings.interactive_timeout + 5.0)
         # A SIGTERM/SIGINT sets the shutdown date (RQ only sets _stop_requested when it arrives mid-job).
         if burst or worker._stop_requested or worker._shutdown_requested_date is not None:
             return

@@ -13,7 +13,8 @@ alike.
 - ``http embedded``: ``segmask serve`` (gunicorn) in embedded mode, real HTTP from this process;
 - ``http + rq, N workers``: ``segmask serve`` with SEGMASK_REDIS_URL and N ``segmask worker`` processes
   (SEGMASK_WORKERS_PER_HOST=N: they share the cores), for each N of ``--workers``; clicks find the worker
-  that holds their image's features through backend.affinity;
+  that holds their image's features through backend.affinity, and reach it through its click lane
+  (backend.click_lane);
 - ``grabcut box``: OpenCV GrabCut (5 iterations) from each object's tight box (docs/targets.md's baseline).
 
 Images are read by the servers from ``/data/local-files/?d=`` (SEGMASK_LOCAL_FILES_ROOT), as with Label

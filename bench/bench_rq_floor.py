@@ -32,6 +32,7 @@ from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
 from backend.click_lane import ClickLane, send_click
+from backend.model_lock import ModelLock
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "rq_floor.json"
@@ -76,8 +77,15 @@ def measure(queue: Queue, jobs: int) -> dict[str, list[float]]:
 
 
 def serve_lane(redis_url: str, prefix: str) -> None:
-    """The worker's side of the click lane with the no-op job, until killed (``--serve-lane``)."""
-    ClickLane(redis.Redis.from_url(redis_url), prefix, LANE_WORKER, noop).start()
+    """The worker's side of the click lane with the no-op job, taking a model lock as the runtime does (so
+    the lane claims each click), until killed (``--serve-lane``)."""
+    lock = ModelLock()
+
+    def locked_noop(request: dict) -> dict:
+        with lock:
+            return noop(request)
+
+    ClickLane(redis.Redis.from_url(redis_url), prefix, LANE_WORKER, locked_noop).start()
     threading.Event().wait()
 
 

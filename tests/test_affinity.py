@@ -11,7 +11,7 @@ from upload_server import UPLOAD_TOKEN
 
 from backend.affinity import AffinityMap, image_key, working_key
 from backend.app import create_app
-from backend.click_lane import lane_key
+from backend.click_lane import alive_key, lane_key
 from backend.settings import Settings
 
 DOG_IMAGE = 42
@@ -58,9 +58,8 @@ def affinity():
     connection = require_redis()
     prefix = f"segmask-affinity-{uuid.uuid4().hex[:8]}"
     worker = "segmask-test-worker"
-    connection.hset(f"rq:worker:{worker}", "state", "idle")
+    connection.set(alive_key(prefix, worker), 1)
     yield AffinityMap(connection, prefix, ttl=60), connection, prefix, worker
-    connection.delete(f"rq:worker:{worker}")
     for key in connection.scan_iter(f"{prefix}:*"):
         connection.delete(key)
 
@@ -99,10 +98,10 @@ def test_a_click_does_not_queue_behind_another_waiting_for_the_same_worker(affin
     assert table.worker_for(IMAGE) is None
 
 
-def test_a_click_does_not_go_to_a_worker_that_is_gone(affinity):
-    table, connection, _, worker = affinity
+def test_a_click_does_not_go_to_a_worker_whose_lane_is_not_served(affinity):
+    table, connection, prefix, worker = affinity
     table.remember(IMAGE, worker)
-    connection.delete(f"rq:worker:{worker}")
+    connection.delete(alive_key(prefix, worker))
     assert table.worker_for(IMAGE) is None
 
 

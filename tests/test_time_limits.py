@@ -17,7 +17,7 @@ from backend.embedded_dispatcher import EmbeddedDispatcher
 from backend.errors import ServiceError
 from backend.images import ImageFetcher
 from backend.job_protocol import DETECT, SEGMENT, JobKind, JobOutcome
-from backend.model_lock import ModelLock
+from backend.model_lock import ModelLock, ModelWait, waiting_until
 from backend.settings import Settings
 
 #: Seconds between the bytes of a drip: each read returns long before any socket timeout.
@@ -200,6 +200,18 @@ def test_a_download_within_the_limit_is_unaffected() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- embedded mode
+
+
+def test_a_request_refused_once_it_holds_the_model_releases_it():
+    lock, calls = ModelLock(), []
+
+    def refuse() -> None:
+        calls.append(1)
+        raise ServiceError(503, "worker_timeout", "the server gave up")
+
+    with waiting_until(ModelWait(time.monotonic() + 1, 1, admit=refuse)), pytest.raises(ServiceError), lock:
+        pytest.fail("the request used the model")
+    assert calls == [1] and not lock.locked()
 
 
 class FakeRuntime:
