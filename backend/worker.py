@@ -109,7 +109,7 @@ def run_worker(settings: Settings, queues: tuple[str, ...] = PRIORITIES, burst: 
     install_runtime(Runtime(settings))
     while True:
         worker = build_worker(settings, queues)
-        lane = click_lane(worker, settings) if "interactive" in queues and not burst else None
+        lane = click_lane(worker, settings, queues, burst)
         log.info("worker %s listening on %s", worker.name, ", ".join(q.name for q in worker.queues))
         try:
             worker.work(burst=burst, with_scheduler=False)
@@ -127,9 +127,13 @@ def run_worker(settings: Settings, queues: tuple[str, ...] = PRIORITIES, burst: 
         wait_for_redis(worker.connection)
 
 
-def click_lane(worker: WarmWorker, settings: Settings) -> ClickLane | None:
-    """The started click lane of ``worker`` (None when cache affinity, which routes clicks to it, is off)."""
-    if settings.affinity_ttl <= 0:
+def click_lane(
+    worker: WarmWorker, settings: Settings, queues: tuple[str, ...], burst: bool
+) -> ClickLane | None:
+    """The started click lane of ``worker``; None for a worker that takes no clicks (no interactive queue),
+    a ``--burst`` one (it quits when the queues are empty), or when cache affinity, which routes clicks to
+    a lane, is off."""
+    if "interactive" not in queues or burst or settings.affinity_ttl <= 0:
         return None
     run = functools.partial(lane_click, worker_name=worker.name, connection=worker.connection)
     return ClickLane(worker.connection, settings.queue_prefix, worker.name, run).start()
