@@ -49,6 +49,11 @@ class FeatureCache(Generic[T]):
         with self._lock:
             return sum(item.nbytes for item in self._items.values())
 
+    def peek(self, key: str) -> T | None:
+        """The cached entry of ``key``, or None; neither a hit nor a use (the LRU order stays as it was)."""
+        with self._lock:
+            return self._items.get(key)
+
     def get(self, key: str, compute: Callable[[], T]) -> tuple[T, bool]:
         """The cached entry of ``key`` (and True), or ``compute()``'s, cached if it fits (and False)."""
         with self._lock:
@@ -65,6 +70,12 @@ class FeatureCache(Generic[T]):
             self._items.move_to_end(key)
             self._evict()
         return value, False
+
+    def trim(self) -> None:
+        """Measure the entries again and evict until they fit: call it after an entry grew (a prompt ran
+        part of the trunk on it), so the budget holds before the next access."""
+        with self._lock:
+            self._evict()
 
     def _evict(self) -> None:
         """Drop every entry that alone exceeds the budget (not the others for its sake), then least recently

@@ -12,11 +12,15 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 
 from backend.errors import ServiceError
+
+# Holds of the model remembered for busy_share (at least a few seconds' worth of clicks).
+HOLDS_KEPT = 256
 
 
 @dataclass
@@ -51,15 +55,21 @@ class ModelLock:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._waiting = 0  # threads in __enter__, counted under _count_lock (a hint for background work)
+        self._count_lock = threading.Lock()
+        # When the current hold began, and the (start, end) monotonic times of the last holds.
+        self._held_since: float | None = None
+        self._holds: deque[tuple[float, float]] = deque(maxlen=HOLDS_KEPT)
 
     def __enter__(self) -> ModelLock:
         wait = _current_wait.get()
         if wait is None:
-            self._lock.acquire()
+            self._acquire(None)
+            self._held_since = time.monotonic()
             return self
         started = time.monotonic()
         # A free model is taken even after the deadline: the request is here, and it costs no one a wait.
-        acquired = self._lock.acquire(timeout=max(wait.deadline - started, 0.0))
+        acquired = self._acquire(max(wait.deadline - started, 0.0))
         wait.waited += time.monotonic() - started
         if not acquired:
             raise ServiceError(
@@ -74,11 +84,41 @@ class ModelLock:
             except BaseException:
                 self._lock.release()
                 raise
+        self._held_since = time.monotonic()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        if self._held_since is not None:
+            self._holds.append((self._held_since, time.monotonic()))
+            self._held_since = None
         self._lock.release()
+
+    def _acquire(self, timeout: float | None) -> bool:
+        with self._count_lock:
+            self._waiting += 1
+        try:
+            return self._lock.acquire() if timeout is None else self._lock.acquire(timeout=timeout)
+        finally:
+            with self._count_lock:
+                self._waiting -= 1
 
     def locked(self) -> bool:
         """Whether someone holds the model (as ``threading.Lock.locked``)."""
         return self._lock.locked()
+
+    @property
+    def waiting(self) -> int:
+        """How many threads are waiting for the model now."""
+        return self._waiting
+
+    def busy_share(self, window: float) -> float:
+        """The share of the last ``window`` seconds the model was held (the current hold included)."""
+        now = time.monotonic()
+        since = self._held_since
+        holds = [*self._holds, *([(since, now)] if since is not None else [])]
+        busy = sum(max(0.0, min(end, now) - max(start, now - window)) for start, end in holds)
+        return min(busy / window, 1.0)
+
+    def idle(self) -> bool:
+        """Whether nobody holds the model or waits for it (background work may take it now)."""
+        return not self._waiting and not self._lock.locked()

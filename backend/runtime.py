@@ -15,10 +15,11 @@ Requests and results are plain JSON:
   ``"confidence"`` in [0, 1]);
 - warm request: ``{"image"}``;
 - result: ``{"model_version", "width", "height", "objects": [{"score", "label"?, "polygon": [[x%, y%]] |
-  "rle": [int]}], "seconds": {"image" (fetch), "features" (decode and trunk, when not cached), "model",
-  "encode"}}``. ``width``/``height`` are the original image's (Label Studio compares them with its
-  ``original_width``/``original_height``) and brush RLE is at that size. A problem the client must see is
-  raised as a ServiceError (backend.job_protocol says how it crosses RQ).
+  "rle": [int]}], "seconds": {"image" (fetch), "features" (decode when not cached, and a warm-up's trunk),
+  "model" (with the trunk where a prompt or a detection runs it), "encode"}}``. ``width``/``height`` are
+  the original image's (Label Studio compares them with its ``original_width``/``original_height``) and
+  brush RLE is at that size. A problem the client must see is raised as a ServiceError (backend.job_protocol
+  says how it crosses RQ).
 
 The model works on the image downscaled to ``SEGMASK_MAX_WORK_SIDE`` (backend.working_size): percent
 coordinates are converted to pixels with the working image's size, and polygons come back in percent, which
@@ -26,6 +27,13 @@ no scaling changes.
 
 Only model work holds ``Runtime.lock``: a request downloads and decodes its image before taking it, so a
 slow image delays its own request only.
+
+A prompt on an image runs only the part of the trunk it reads (a first click: a block of each pyramid
+level, segmodels.predictor.MaskPredictor.cover), so its answer is not delayed by the rest; the runtime then
+runs the rest over the whole pyramid in a background thread, one level at a time under ``lock`` and only
+while no request wants it, in the annotator's time between clicks, so the first click on the next object
+of that image finds it done. A busy model (requests waiting, or held most of the last seconds) has no such
+time: there a prompt on a new image runs the trunk over the whole pyramid at once, and no block is redone.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +63,15 @@ from segmodels.predictor import FEATURE_DTYPES, MaskPredictor, load_predictor
 from segmodels.uncertainty import detect_with_uncertainty
 
 log = logging.getLogger(__name__)
+# Images a background completion may have queued at once (a key each; see the module docstring), how
+# long it waits for the model to be idle before giving an image up, and how often it looks (seconds).
+COMPLETION_QUEUE = 16
+COMPLETION_PATIENCE = 30.0
+COMPLETION_POLL = 0.02
+# A model held for more than this share of the last window (seconds) is busy: a prompt on a new image then
+# runs the trunk over whole levels at once (see the module docstring).
+BUSY_SHARE = 0.5
+BUSY_WINDOW = 5.0
 
 
 @dataclass
@@ -92,6 +110,11 @@ class Runtime:
         self.store = open_store(settings)
         self.model_version = ""
         self._load_current()
+        # Images whose features a prompt left incomplete (bounded: a key each, the oldest dropped first), and
+        # the thread completing them, which runs only while there are some.
+        self._incomplete: deque[str] = deque(maxlen=COMPLETION_QUEUE)
+        self._completion_lock = threading.Lock()
+        self._completer: threading.Thread | None = None
 
     def _load_current(self) -> None:
         """Serve the store's current version, loading it if it is not the one loaded (no restart needed)."""
@@ -130,8 +153,14 @@ class Runtime:
             points, positive, box = _prompt_pixels(prompt, scaled.features.width, scaled.features.height)
             started = time.perf_counter()
             with torch.inference_mode():
+                if self._busy() and not any(level.taps for level in scaled.features.levels):
+                    # No idle time to complete the levels later: no block that the next objects would redo.
+                    self.predictor.complete_levels()
                 mask = self.predictor.segment(points, positive.astype(int), box).mask
             seconds["model"] = time.perf_counter() - started
+            self.features.trim()
+            if not all(level.complete for level in scaled.features.levels):
+                self._complete_later(image.key)
         obj = encode_mask(mask, _prompt_score(mask, points, positive), request.get("output"), scaled, seconds)
         return self._result(scaled, [obj] if obj else [], seconds)
 
@@ -141,6 +170,11 @@ class Runtime:
         image = self._fetch(request)
         with self.lock:
             scaled = self._set_features(image)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                self.predictor.complete_levels()
+            self.features.trim()
+            image.seconds["features"] += time.perf_counter() - started
         return self._result(scaled, [], image.seconds)
 
     def detect(self, request: dict) -> dict:
@@ -163,6 +197,7 @@ class Runtime:
                     detections = self.predictor.detect(threshold, limit, classes=classes)
                     measure = {}
             seconds["model"] = time.perf_counter() - started
+            self.features.trim()
         objects = []
         for det in detections:
             obj = encode_mask(det.mask, det.score, request.get("output"), scaled, seconds)
@@ -199,21 +234,72 @@ class Runtime:
             return working_image(image, self.settings.max_work_side), width, height
 
     def _set_features(self, image: FetchedImage) -> WorkingFeatures:
-        """Set ``image``'s features on the predictor, from the cache or computed now (the caller holds
-        ``lock``); adds the seconds spent to ``image.seconds["features"]``."""
+        """Set ``image``'s features on the predictor, from the cache or made now (the caller holds ``lock``);
+        adds the seconds spent to ``image.seconds["features"]``. New features have no trunk taps yet: each
+        prompt or detection runs the trunk on what it reads (MaskPredictor.compute_features), and keeps it."""
         self._load_current()
         started = time.perf_counter()
 
         def compute() -> WorkingFeatures:
             # Decoded here only when the features were evicted (or the model changed) since the fetch.
             pixels, width, height = image.decoded or self._decode(image.data)
-            return WorkingFeatures(self.predictor.compute_features(pixels), width, height)
+            return WorkingFeatures(self.predictor.compute_features(pixels, trunk=False), width, height)
 
         with torch.inference_mode():
             scaled, _ = self.features.get(image.key, compute)
         self.predictor.set_features(scaled.features)
         image.seconds["features"] += time.perf_counter() - started
         return scaled
+
+    def _busy(self) -> bool:
+        """Whether other requests wait for the model, or it was held for more than :data:`BUSY_SHARE` of the
+        last :data:`BUSY_WINDOW` seconds."""
+        return bool(self.lock.waiting) or self.lock.busy_share(BUSY_WINDOW) > BUSY_SHARE
+
+    def _complete_later(self, key: str) -> None:
+        """Queue the image ``key`` for :meth:`_complete_features`, starting its thread when none runs."""
+        with self._completion_lock:
+            if key not in self._incomplete:
+                self._incomplete.append(key)
+            if self._completer is None:
+                self._completer = threading.Thread(
+                    target=self._complete_features, name="segmask-complete-levels", daemon=True
+                )
+                self._completer.start()
+
+    def _complete_features(self) -> None:
+        """The background thread: run the trunk over every level of each queued image still cached, one
+        level per hold of ``lock``, taken only when no request holds it or waits for it (one arriving
+        meanwhile waits for one level at most); ends when the queue is empty."""
+        while True:
+            with self._completion_lock:
+                if not self._incomplete:
+                    self._completer = None
+                    return
+                key = self._incomplete.popleft()
+            try:
+                while self._complete_one_level(key):
+                    pass
+            except Exception:
+                log.exception("completing the features of image %s failed", key)
+
+    def _complete_one_level(self, key: str) -> bool:
+        """Complete one level of the cached features of ``key`` once the model is idle (requests first);
+        False when there is none left, the image is no longer cached, or the model stayed busy for
+        :data:`COMPLETION_PATIENCE` seconds (a later first click then completes what it needs itself)."""
+        deadline = time.monotonic() + COMPLETION_PATIENCE
+        while not self.lock.idle():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(COMPLETION_POLL)
+        with self.lock, torch.inference_mode():
+            scaled = self.features.peek(key)
+            levels = [] if scaled is None else [lv for lv in scaled.features.levels if not lv.complete]
+            if not levels:
+                return False
+            self.predictor.complete(levels[0], scaled.features.image)
+            self.features.trim()
+            return True
 
     def _result(self, scaled: WorkingFeatures, objects: list[dict], seconds: dict) -> dict:
         """The job result; ``width``/``height`` are the original image's."""

@@ -6,10 +6,15 @@ Cases, run interleaved (one run of every case per repeat, so background load hit
   SharpMask; stages ``features`` (trunk + dense DeepMask heads), ``top_windows``, ``window_logits``,
   ``paste`` (window logits to image masks) and ``polygons``; totals without and with polygons.
 - ``A proposals DeepMask``: the same with the 56x56 DeepMask masks (``refine=False``).
-- ``B first click``: features of a new image + ``segment`` of one positive click + polygon.
+- ``B first click``: a new image + ``segment`` of one positive click + polygon, as the server and workers
+  do it: ``features`` are made without the trunk (``compute_features(trunk=False)``), and the click runs it
+  on the block of each pyramid level its windows read (inside ``segment``).
+- ``B first click, whole pyramid``: the same after the trunk over the whole pyramid (``features``), as
+  before block trunks (and as after a warm-up, less its trunk time).
 - ``B repeated click``: the same click on the cached features (``segment`` + polygon), its memoised result
   forgotten first (a new prompt costs that much).
 - ``C box``: ``segment`` of the tight box of the same object on the cached features + polygon.
+- ``C first box``: the box on a new image (features made without the trunk, which a box never reads).
 - ``D pre-annotation``: ``detect()`` on a new image (checkpoints with a MultiPathNet; skipped with a note
   otherwise), stage by stage (``detection_candidates``' own timings, then ``label_candidates``):
   ``features``, ``proposals`` (``propose``: top_windows + refinement + paste), ``classify`` (MultiPathNet
@@ -132,6 +137,7 @@ class Scene:
 
 CASE_SHARP, CASE_DEEP = "A proposals SharpMask", "A proposals DeepMask"
 CASE_FIRST, CASE_REPEAT, CASE_BOX = "B first click", "B repeated click", "C box"
+CASE_FIRST_WHOLE, CASE_FIRST_BOX = "B first click, whole pyramid", "C first box"
 CASE_DETECT = "D pre-annotation"
 # detect()'s defaults, which case D uses (the score threshold can be lowered with --score-threshold).
 DETECT_DEFAULTS = {
@@ -154,7 +160,7 @@ TARGETS = (
         CASE_FIRST,
         "total",
         180.0,
-        "features of the new image + segment + polygon",
+        "features of the new image (no trunk) + segment (the trunk on its blocks) + polygon",
     ),
     Target(
         "click -> polygon p50, cached features",
@@ -286,11 +292,14 @@ def run_proposals(pred: MaskPredictor, image: np.ndarray, k: int, refine: bool) 
     return t
 
 
-def run_prompt(pred: MaskPredictor, scene: Scene, click: bool, image: np.ndarray | None = None) -> Stages:
-    """One prompt -> polygon: features first when ``image`` is given, else on the predictor's cached ones."""
+def run_prompt(
+    pred: MaskPredictor, scene: Scene, click: bool, image: np.ndarray | None = None, trunk: bool = False
+) -> Stages:
+    """One prompt -> polygon: features of ``image`` first when it is given (with the trunk over the whole
+    pyramid when ``trunk``), else on the predictor's cached ones."""
     t: Stages = {}
     if image is not None:
-        feats, t["features"] = timed(lambda: pred.compute_features(image))
+        feats, t["features"] = timed(lambda: pred.compute_features(image, trunk))
         pred.set_features(feats)
     # A new prompt each time, as an annotator's next click is: nothing from the memo of the last prompts.
     pred.features.prompt_masks.clear()
@@ -334,8 +343,10 @@ def make_cases(
         CASE_SHARP: lambda: run_proposals(pred, scene.image, k, refine=True),
         CASE_DEEP: lambda: run_proposals(pred, scene.image, k, refine=False),
         CASE_FIRST: lambda: run_prompt(pred, scene, click=True, image=scene.image),
+        CASE_FIRST_WHOLE: lambda: run_prompt(pred, scene, click=True, image=scene.image, trunk=True),
         CASE_REPEAT: on_cache(click=True),
         CASE_BOX: on_cache(click=False),
+        CASE_FIRST_BOX: lambda: run_prompt(pred, scene, click=False, image=scene.image),
     }
     if pred.model.multipathnet is not None:
         cases[CASE_DETECT] = lambda: run_detect(pred, scene.image, k, threshold)
@@ -435,7 +446,8 @@ def side_by_side(rows: list[TimingRow], engines: list[str]) -> dict[str, float]:
             )
     base = engines[0]
     for e in engines[1:]:
-        for case in (CASE_SHARP, CASE_DEEP, CASE_FIRST, CASE_REPEAT, CASE_BOX, CASE_DETECT):
+        cases = (CASE_SHARP, CASE_DEEP, CASE_FIRST, CASE_FIRST_WHOLE, CASE_REPEAT, CASE_BOX, CASE_FIRST_BOX)
+        for case in (*cases, CASE_DETECT):
             if (base, case, "total") in med:
                 ratios[f"{case} total: {e}/{base}"] = med[e, case, "total"] / med[base, case, "total"]
     return ratios

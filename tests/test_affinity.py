@@ -1,5 +1,6 @@
 """Clicks find their image's features: warm on task open, and cache affinity across real RQ workers."""
 
+import time
 import uuid
 
 import pytest
@@ -9,6 +10,7 @@ from rq.registry import FinishedJobRegistry
 from rq_worker import REDIS_URL, require_redis, start_worker, stop
 from upload_server import UPLOAD_TOKEN
 
+import backend.runtime as runtime_module
 from backend.affinity import AffinityMap, image_key, working_key
 from backend.app import create_app
 from backend.click_lane import alive_key, lane_key
@@ -46,11 +48,46 @@ def test_with_preannotation_off_opening_a_task_returns_no_objects_and_keeps_its_
     assert answer.status_code == 200, answer.get_json()
     [prediction] = answer.get_json()["results"]
     assert prediction["result"] == [] and prediction["model_version"]
+    assert all(level.complete for level in runtime.predictor.features.levels)  # the trunk ran, whole
     x, y, _ = interior_point(coco128, DOG_IMAGE, "dog")
     misses = runtime.features.misses
     click = keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(x, y, True)])
     assert client.post("/predict", json=click).status_code == 200
     assert runtime.features.misses == misses  # the click's features were there
+
+
+def test_after_a_click_on_an_unopened_image_its_features_are_completed_in_the_background(
+    upload_server, ls_request, coco128
+):
+    app = create_app(Settings.from_env({}))
+    client = _client(app, upload_server, ls_request)
+    runtime = app.extensions["segmask"]["service"].dispatcher.runtime
+    x, y, _ = interior_point(coco128, DOG_IMAGE, "dog")
+    click = keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(x, y, True)])
+    assert client.post("/predict", json=click).status_code == 200
+    levels = runtime.predictor.features.levels  # the clicked image's, as cached
+    deadline = time.monotonic() + 60
+    while not all(level.complete for level in levels):
+        assert time.monotonic() < deadline, "the background completion did not finish in 60 s"
+        time.sleep(0.05)
+    hits = runtime.features.hits
+    assert client.post("/predict", json=click).status_code == 200
+    assert runtime.features.hits == hits + 1
+
+
+def test_on_a_busy_model_a_click_on_a_new_image_runs_the_whole_pyramid_at_once(
+    upload_server, ls_request, coco128, monkeypatch
+):
+    monkeypatch.setattr(runtime_module, "BUSY_WINDOW", 1.0)
+    app = create_app(Settings.from_env({}))
+    client = _client(app, upload_server, ls_request)
+    runtime = app.extensions["segmask"]["service"].dispatcher.runtime
+    with runtime.lock:
+        time.sleep(0.8)  # the model held for most of the window, as under load
+    x, y, _ = interior_point(coco128, DOG_IMAGE, "dog")
+    click = keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(x, y, True)])
+    assert client.post("/predict", json=click).status_code == 200
+    assert all(level.complete for level in runtime.predictor.features.levels)
 
 
 @pytest.fixture

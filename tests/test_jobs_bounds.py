@@ -5,6 +5,7 @@ lock in embedded mode. Real model, real image files read as Label Studio local f
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,6 +184,10 @@ def test_a_slow_download_does_not_hold_the_model_lock(settings, files, dog):
     runtime = Runtime(settings, fetcher=fetcher)
     fetcher.lock = runtime.lock
     assert runtime.segment(_click("small.png", dog))["objects"]  # cached from now on
+    deadline = time.monotonic() + 60
+    while not all(level.complete for level in runtime.predictor.features.levels):
+        assert time.monotonic() < deadline, "the background completion of small.png did not finish"
+        time.sleep(0.05)
 
     slow: dict = {}
     thread = threading.Thread(target=lambda: slow.update(runtime.segment(_click("slow.png", [(50, 50)]))))
@@ -259,3 +264,21 @@ def test_entries_that_grew_after_caching_are_measured_again():
     a.nbytes = 80  # prompts and detections add to cached features
     cache.get("b", lambda: pytest.fail("b is cached"))
     assert "a" not in cache and "b" in cache and cache.nbytes == 30
+
+
+def test_trimming_after_an_entry_grew_restores_the_budget_at_once():
+    cache: FeatureCache[Blob] = FeatureCache(100)
+    a, _ = cache.get("a", lambda: Blob(30))
+    cache.get("b", lambda: Blob(30))
+    a.nbytes = 80  # a prompt ran part of the trunk on it
+    cache.trim()
+    assert "a" not in cache and "b" in cache and cache.nbytes == 30
+
+
+def test_peeking_is_neither_a_hit_nor_a_use():
+    cache: FeatureCache[Blob] = FeatureCache(100)
+    cache.get("a", lambda: Blob(40))
+    cache.get("b", lambda: Blob(40))
+    assert cache.peek("a").nbytes == 40 and cache.peek("z") is None
+    cache.get("c", lambda: Blob(40))  # a stayed the least recently used
+    assert "a" not in cache and cache.hits == 0

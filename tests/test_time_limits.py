@@ -327,3 +327,33 @@ def test_work_outside_the_model_lock_is_not_serialised() -> None:
         thread.join(10)
     assert len(outcomes) == 4 and all(refusal(o) is None for o in outcomes)
     assert time.monotonic() - started < 1.5  # four 0.5 s downloads side by side, not one after another
+
+
+def test_the_model_is_idle_only_when_nobody_holds_it_or_waits_for_it() -> None:
+    lock = ModelLock()
+    assert lock.idle()
+
+    def take() -> None:
+        with lock:
+            pass
+
+    with lock:
+        assert not lock.idle()
+        waiter = threading.Thread(target=take)
+        waiter.start()
+        deadline = time.monotonic() + 5
+        while lock.waiting != 1:
+            assert time.monotonic() < deadline, "the waiting thread was not counted"
+            time.sleep(0.01)
+    waiter.join(5)
+    assert lock.waiting == 0 and lock.idle()
+
+
+def test_the_busy_share_is_the_part_of_the_window_the_model_was_held() -> None:
+    lock = ModelLock()
+    assert lock.busy_share(1.0) == 0.0
+    with lock:
+        time.sleep(0.3)
+        assert 0.25 <= lock.busy_share(1.0) <= 0.6  # the current hold counts
+    assert 0.25 <= lock.busy_share(1.0) <= 0.6
+    assert lock.busy_share(0.01) < 1.0  # a window after the hold ended
