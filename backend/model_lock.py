@@ -94,13 +94,23 @@ class ModelLock:
         self._lock.release()
 
     def _acquire(self, timeout: float | None) -> bool:
-        with self._count_lock:
-            self._waiting += 1
+        counted = False
         try:
+            with self._count_lock:
+                self._waiting += 1
+                counted = True
             return self._lock.acquire() if timeout is None else self._lock.acquire(timeout=timeout)
         finally:
-            with self._count_lock:
-                self._waiting -= 1
+            if counted:
+                with self._count_lock:
+                    self._waiting -= 1
+
+    @contextlib.contextmanager
+    def background(self) -> Iterator[None]:
+        """Hold the model for background work: neither counted as waiting nor in :meth:`busy_share`, so
+        that work never makes the model look busy to the requests it yields to."""
+        with self._lock:
+            yield
 
     def locked(self) -> bool:
         """Whether someone holds the model (as ``threading.Lock.locked``)."""

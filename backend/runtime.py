@@ -38,6 +38,7 @@ time: there a prompt on a new image runs the trunk over the whole pyramid at onc
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -262,10 +263,19 @@ class Runtime:
             if key not in self._incomplete:
                 self._incomplete.append(key)
             if self._completer is None:
-                self._completer = threading.Thread(
-                    target=self._complete_features, name="segmask-complete-levels", daemon=True
+                # A fresh context: nothing of the request (its ModelWait) follows the thread.
+                thread = threading.Thread(
+                    target=contextvars.Context().run,
+                    args=(self._complete_features,),
+                    name="segmask-complete-levels",
+                    daemon=True,
                 )
-                self._completer.start()
+                try:
+                    thread.start()
+                except RuntimeError:
+                    log.exception("no thread to complete image features in the background")
+                    return
+                self._completer = thread
 
     def _complete_features(self) -> None:
         """The background thread: run the trunk over every level of each queued image still cached, one
@@ -276,7 +286,7 @@ class Runtime:
                 if not self._incomplete:
                     self._completer = None
                     return
-                key = self._incomplete.popleft()
+                key = self._incomplete.pop()  # the image worked on last first
             try:
                 while self._complete_one_level(key):
                     pass
@@ -292,7 +302,7 @@ class Runtime:
             if time.monotonic() > deadline:
                 return False
             time.sleep(COMPLETION_POLL)
-        with self.lock, torch.inference_mode():
+        with self.lock.background(), torch.inference_mode():
             scaled = self.features.peek(key)
             levels = [] if scaled is None else [lv for lv in scaled.features.levels if not lv.complete]
             if not levels:

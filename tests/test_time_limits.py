@@ -357,3 +357,11 @@ def test_the_busy_share_is_the_part_of_the_window_the_model_was_held() -> None:
         assert 0.25 <= lock.busy_share(1.0) <= 0.6  # the current hold counts
     assert 0.25 <= lock.busy_share(1.0) <= 0.6
     assert lock.busy_share(0.01) < 1.0  # a window after the hold ended
+
+
+def test_background_holds_do_not_make_the_model_look_busy() -> None:
+    lock = ModelLock()
+    with lock.background():
+        assert lock.locked() and not lock.idle()
+        time.sleep(0.1)
+    assert lock.busy_share(1.0) == 0.0 and lock.idle()
