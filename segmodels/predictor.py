@@ -183,10 +183,8 @@ class PyramidLevel:
 
     def covers(self, rows: Sequence[int], cols: Sequence[int]) -> bool:
         """Whether the taps serve every window ``(rows[n], cols[n])``."""
-        if self.complete:
-            return True
-        if not self.taps or self.windows is None:
-            return False
+        if self.windows is None:
+            return bool(self.taps)
         return all(r in self.windows[0] for r in rows) and all(c in self.windows[1] for c in cols)
 
     def hold(

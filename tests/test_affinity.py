@@ -27,6 +27,18 @@ def _client(app, upload_server, ls_request):
     return client
 
 
+def _embedded(settings, upload_server, ls_request):
+    """An embedded-mode app set up for the upload server: its test client and its runtime."""
+    app = create_app(settings)
+    return _client(app, upload_server, ls_request), app.extensions["segmask"]["service"].dispatcher.runtime
+
+
+def _dog_click(ls_request, coco128) -> dict:
+    """Label Studio's keypoint request: one positive click inside the dog of DOG_IMAGE."""
+    x, y, _ = interior_point(coco128, DOG_IMAGE, "dog")
+    return keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(x, y, True)])
+
+
 def test_the_image_key_tells_projects_and_urls_apart():
     keys = {
         image_key(IMAGE),
@@ -39,9 +51,7 @@ def test_the_image_key_tells_projects_and_urls_apart():
 def test_with_preannotation_off_opening_a_task_returns_no_objects_and_keeps_its_features(
     upload_server, ls_request, coco128
 ):
-    app = create_app(Settings.from_env({}, preannotate=False))
-    client = _client(app, upload_server, ls_request)
-    runtime = app.extensions["segmask"]["service"].dispatcher.runtime
+    client, runtime = _embedded(Settings.from_env({}, preannotate=False), upload_server, ls_request)
     body = with_image(ls_request("predict-batch"), DOG_IMAGE)
     body["tasks"] = body["tasks"][:1]  # Label Studio opening one task
     answer = client.post("/predict", json=body)
@@ -49,21 +59,16 @@ def test_with_preannotation_off_opening_a_task_returns_no_objects_and_keeps_its_
     [prediction] = answer.get_json()["results"]
     assert prediction["result"] == [] and prediction["model_version"]
     assert all(level.complete for level in runtime.predictor.features.levels)  # the trunk ran, whole
-    x, y, _ = interior_point(coco128, DOG_IMAGE, "dog")
     misses = runtime.features.misses
-    click = keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(x, y, True)])
-    assert client.post("/predict", json=click).status_code == 200
+    assert client.post("/predict", json=_dog_click(ls_request, coco128)).status_code == 200
     assert runtime.features.misses == misses  # the click's features were there
 
 
 def test_after_a_click_on_an_unopened_image_its_features_are_completed_in_the_background(
     upload_server, ls_request, coco128
 ):
-    app = create_app(Settings.from_env({}))
-    client = _client(app, upload_server, ls_request)
-    runtime = app.extensions["segmask"]["service"].dispatcher.runtime
-    x, y, _ = interior_point(coco128, DOG_IMAGE, "dog")
-    click = keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(x, y, True)])
+    client, runtime = _embedded(Settings.from_env({}), upload_server, ls_request)
+    click = _dog_click(ls_request, coco128)
     assert client.post("/predict", json=click).status_code == 200
     levels = runtime.predictor.features.levels  # the clicked image's, as cached
     deadline = time.monotonic() + 60
@@ -79,11 +84,8 @@ def test_on_a_busy_model_a_click_on_a_new_image_runs_the_whole_pyramid_at_once(
     upload_server, ls_request, coco128, monkeypatch
 ):
     monkeypatch.setattr(runtime_module, "BUSY_SHARE", -1.0)  # any use of the model counts as busy
-    app = create_app(Settings.from_env({}))
-    client = _client(app, upload_server, ls_request)
-    runtime = app.extensions["segmask"]["service"].dispatcher.runtime
-    x, y, _ = interior_point(coco128, DOG_IMAGE, "dog")
-    click = keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(x, y, True)])
+    client, runtime = _embedded(Settings.from_env({}), upload_server, ls_request)
+    click = _dog_click(ls_request, coco128)
     assert client.post("/predict", json=click).status_code == 200
     assert all(level.complete for level in runtime.predictor.features.levels)
 
