@@ -13,10 +13,11 @@ objects, in turn, on new features of the image, three ways:
   server's background thread does in the annotator's time before the next click.
 
 ONNX Runtime trunk and float16 features (the server's defaults on a CPU), glibc allocator settings of the
-segmask commands. Prints medians per click and of
-the sum, and writes JSON. A benchmark, never a pass/fail test::
+segmask commands. Prints medians per click and of the sum, and the IoU of each image's first mask from
+blocks with the whole pyramid's (``--block-margin`` tries another context than
+segmodels.predictor.BLOCK_MARGIN); writes JSON. A benchmark, never a pass/fail test::
 
-    .venv/bin/python bench/bench_first_clicks.py [--split tune] [--objects 3] [--images 8]
+    .venv/bin/python bench/bench_first_clicks.py [--split tune] [--objects 3] [--images 8] [--block-margin 96]
 """
 
 from __future__ import annotations
@@ -32,29 +33,33 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import segmodels.predictor as predictor_module
 from backend.allocator import ensure_allocator_env
 from backend.settings import DEFAULT_DATA_DIR
 from segmodels.annotator import click_point
 from segmodels.data import CocoInstances
 from segmodels.eval_report import format_table
+from segmodels.geometry import mask_iou
 from segmodels.predictor import DEFAULT_CHECKPOINT, MaskPredictor, load_predictor
 
 REPO = Path(__file__).resolve().parents[1]
 WAYS = ("whole pyramid", "blocks, back to back", "blocks, completed between")
 
 
-def first_clicks(predictor: MaskPredictor, image: np.ndarray, points: list, way: str) -> list[float]:
-    """Milliseconds of the features, then of each first click, on new features of ``image``."""
+def first_clicks(
+    predictor: MaskPredictor, image: np.ndarray, points: list, way: str
+) -> tuple[list[float], list[np.ndarray]]:
+    """Milliseconds of the features, then of each first click, on new features of ``image``; the masks."""
     start = time.perf_counter()
     predictor.set_image(image, trunk=way == WAYS[0])
-    times = [(time.perf_counter() - start) * 1e3]
+    times, masks = [(time.perf_counter() - start) * 1e3], []
     for n, point in enumerate(points):
         start = time.perf_counter()
-        predictor.segment(points=[point], point_labels=[1])
+        masks.append(predictor.segment(points=[point], point_labels=[1]).mask)
         times.append((time.perf_counter() - start) * 1e3)
         if n == 0 and way == WAYS[2]:
             predictor.complete_levels()
-    return times
+    return times, masks
 
 
 def main() -> None:
@@ -66,9 +71,11 @@ def main() -> None:
     parser.add_argument("--split", default="tune")
     parser.add_argument("--objects", type=int, default=3)
     parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--block-margin", type=int, default=predictor_module.BLOCK_MARGIN)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "first-clicks.json")
     args = parser.parse_args()
     ensure_allocator_env()  # as every segmask command runs (backend.allocator)
+    predictor_module.BLOCK_MARGIN = args.block_margin
     dataset = CocoInstances(args.data, args.split)
     predictor = load_predictor(args.checkpoint, trunk_engine="onnxruntime", feature_dtype=torch.float16)
     scenes = []
@@ -81,10 +88,14 @@ def main() -> None:
     scenes = scenes[: args.images]
     first_clicks(predictor, dataset.image(scenes[0][0]), scenes[0][1], WAYS[0])  # warm-up
     samples: dict[str, list[list[float]]] = {way: [] for way in WAYS}
+    block_ious = []  # each object's first-click mask from a block against the whole pyramid's
     for index, points in tqdm(scenes, desc="images", unit="image"):
         image = dataset.image(index)
+        masks = {}
         for way in WAYS:  # interleaved, so background load hits them alike
-            samples[way].append(first_clicks(predictor, image, points, way))
+            times, masks[way] = first_clicks(predictor, image, points, way)
+            samples[way].append(times)
+        block_ious.append(mask_iou(masks[WAYS[1]][0], masks[WAYS[0]][0]))
     medians = {way: np.median(np.array(rows), axis=0).tolist() for way, rows in samples.items()}
     totals = {way: float(np.median(np.array(rows).sum(axis=1))) for way, rows in samples.items()}
     header = ["way", "features ms", *(f"object {n + 1} ms" for n in range(args.objects)), "sum ms"]
@@ -94,6 +105,8 @@ def main() -> None:
             header, [[way, *(f"{v:.0f}" for v in medians[way]), f"{totals[way]:.0f}"] for way in WAYS]
         )
     )
+    ious = np.array(block_ious)
+    print(f"first object's mask, blocks vs whole pyramid: IoU mean {ious.mean():.5f}, min {ious.min():.4f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
@@ -102,9 +115,11 @@ def main() -> None:
                 "machine": platform.platform(),
                 "torch_threads": torch.get_num_threads(),
                 "split": args.split,
+                "block_margin": args.block_margin,
                 "images": [dataset.images[i]["id"] for i, _ in scenes],
                 "median_ms": medians,
                 "median_sum_ms": totals,
+                "block_vs_whole_iou": block_ious,
                 "samples_ms": samples,
             },
             indent=2,

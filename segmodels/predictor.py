@@ -47,7 +47,8 @@ PAPER_SCALES = tuple(float(2.0**e) for e in np.arange(-2.5, 0.51, 0.5))
 PAD = 64
 # Context (trunk-input pixels, a multiple of 16) around the windows a prompt reads when the trunk runs on
 # their block of a level, not the whole level: with 96 a first click's mask matched the whole level's (IoU
-# >= 0.999 on 52 tune-split clicks), with 64 down to 0.977 (the trunk's zero padding at the block's edge).
+# 1.0 on the 20 tune images' largest objects, bench/bench_first_clicks.py), with 64 down to 0.982, with 32
+# to 0.50 (the trunk's zero padding at the block's edge).
 BLOCK_MARGIN = 96
 # Logit of the mask threshold used where the window ends (pixels outside it are background).
 OUTSIDE_LOGIT = -30.0
