@@ -6,7 +6,7 @@ import time
 
 from backend.access import LabelStudioAccess
 from backend.errors import ServiceError
-from backend.job_protocol import JobKind, JobOutcome
+from backend.job_protocol import DETECT, JobKind, JobOutcome
 from backend.model_lock import ModelWait, waiting_until
 from backend.rescore import rescore
 from backend.runtime import Runtime
@@ -44,7 +44,11 @@ class EmbeddedDispatcher:
 
     def run(self, kind: JobKind, requests: list[dict], timeout: float) -> list[JobOutcome]:
         deadline = time.monotonic() + timeout
-        return [self._run_one(kind, request, ModelWait(deadline, timeout)) for request in requests]
+        # Pre-annotation yields the model to waiting clicks and task opens, image by image.
+        yields = kind == DETECT
+        return [
+            self._run_one(kind, request, ModelWait(deadline, timeout, yields=yields)) for request in requests
+        ]
 
     def _run_one(self, kind: JobKind, request: dict, wait: ModelWait) -> JobOutcome:
         if time.monotonic() >= wait.deadline:

@@ -10,32 +10,38 @@ last check once they hold it (``admit``: the click lane's claim, backend.click_l
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 
 from backend.errors import ServiceError
 
-# Holds of the model remembered for busy_share (at least a few seconds' worth of clicks).
-HOLDS_KEPT = 256
-
 
 @dataclass
 class ModelWait:
     """A request's deadline for getting the model (monotonic time), its time limit (s), the seconds it has
     waited for the model so far, and ``admit``: called each time the request gets the model, before it
-    uses it; a ServiceError it raises refuses the request (the model is released)."""
+    uses it; a ServiceError it raises refuses the request (the model is released). A request that
+    ``yields`` (pre-annotation) gets the model only when no other request waits for it, so an annotator's
+    click waits for the hold in progress at most, never for a queue of pre-annotated images."""
 
     deadline: float
     limit: float
     waited: float = 0.0
     admit: Callable[[], None] | None = None
+    yields: bool = False
 
 
 _current_wait: ContextVar[ModelWait | None] = ContextVar("segmask_model_wait", default=None)
+
+
+def yielding() -> ModelWait:
+    """The wait of background model work done in a request's stead (rescoring a project): no deadline,
+    and it yields to every request (:attr:`ModelWait.yields`)."""
+    return ModelWait(math.inf, math.inf, yields=True)
 
 
 @contextlib.contextmanager
@@ -48,28 +54,34 @@ def waiting_until(wait: ModelWait) -> Iterator[ModelWait]:
         _current_wait.reset(token)
 
 
+@dataclass(eq=False)
+class _Waiter:
+    """One thread waiting for a :class:`ModelLock` (compared by identity)."""
+
+    yields: bool
+
+
 class ModelLock:
     """A lock that a request inside :func:`waiting_until` waits for until its deadline at most, then gets a
     503 ``worker_timeout``; the time it waited is added to its :class:`ModelWait`. Anything else waits as
-    long as it takes."""
+    long as it takes. The model goes to the longest waiting request that does not yield
+    (:attr:`ModelWait.yields`), else to the longest waiting one: first come, first served, so that no
+    click waits behind clicks that came after it."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._waiting = 0  # threads in __enter__, counted under _count_lock (a hint for background work)
-        self._count_lock = threading.Lock()
-        # When the current hold began, and the (start, end) monotonic times of the last holds.
-        self._held_since: float | None = None
-        self._holds: deque[tuple[float, float]] = deque(maxlen=HOLDS_KEPT)
+        self._cond = threading.Condition()
+        self._held = False
+        self._queue: list[_Waiter] = []  # in the order they came
 
     def __enter__(self) -> ModelLock:
         wait = _current_wait.get()
         if wait is None:
-            self._acquire(None)
-            self._held_since = time.monotonic()
+            self._acquire(None, yields=False)
             return self
         started = time.monotonic()
         # A free model is taken even after the deadline: the request is here, and it costs no one a wait.
-        acquired = self._acquire(max(wait.deadline - started, 0.0))
+        timeout = None if math.isinf(wait.deadline) else max(wait.deadline - started, 0.0)
+        acquired = self._acquire(timeout, wait.yields)
         wait.waited += time.monotonic() - started
         if not acquired:
             raise ServiceError(
@@ -82,53 +94,57 @@ class ModelLock:
             try:
                 wait.admit()
             except BaseException:
-                self._lock.release()
+                self._release()
                 raise
-        self._held_since = time.monotonic()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._held_since is not None:
-            self._holds.append((self._held_since, time.monotonic()))
-            self._held_since = None
-        self._lock.release()
+        self._release()
 
-    def _acquire(self, timeout: float | None) -> bool:
-        counted = False
-        try:
-            with self._count_lock:
-                self._waiting += 1
-                counted = True
-            return self._lock.acquire() if timeout is None else self._lock.acquire(timeout=timeout)
-        finally:
-            if counted:
-                with self._count_lock:
-                    self._waiting -= 1
+    def _acquire(self, timeout: float | None, yields: bool) -> bool:
+        """Wait until the model is free and this waiter is next (:meth:`_next`), for ``timeout`` seconds at
+        most (None: as long as it takes); True once held."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        me = _Waiter(yields)
+        with self._cond:
+            self._queue.append(me)
+            try:
+                while self._held or self._next() is not me:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    self._cond.wait(left)
+                self._held = True
+                return True
+            finally:
+                self._queue.remove(me)
+                # Whoever is next now (this one gave up, or took the model and left the queue) re-checks.
+                self._cond.notify_all()
+
+    def _next(self) -> _Waiter:
+        """The waiter the free model goes to (the queue is not empty)."""
+        return next((w for w in self._queue if not w.yields), self._queue[0])
+
+    def _release(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
 
     @contextlib.contextmanager
     def background(self) -> Iterator[None]:
-        """Hold the model for background work: neither counted as waiting nor in :meth:`busy_share`, so
-        that work never makes the model look busy to the requests it yields to."""
-        with self._lock:
+        """Hold the model for background work, which yields to every request that waits or comes while it
+        waits."""
+        self._acquire(None, yields=True)
+        try:
             yield
+        finally:
+            self._release()
 
     def locked(self) -> bool:
         """Whether someone holds the model (as ``threading.Lock.locked``)."""
-        return self._lock.locked()
+        return self._held
 
     @property
     def waiting(self) -> int:
         """How many threads are waiting for the model now."""
-        return self._waiting
-
-    def busy_share(self, window: float) -> float:
-        """The share of the last ``window`` seconds the model was held (the current hold included)."""
-        now = time.monotonic()
-        since = self._held_since
-        holds = [*self._holds, *([(since, now)] if since is not None else [])]
-        busy = sum(max(0.0, min(end, now) - max(start, now - window)) for start, end in holds)
-        return min(busy / window, 1.0)
-
-    def idle(self) -> bool:
-        """Whether nobody holds the model or waits for it (background work may take it now)."""
-        return not self._waiting and not self._lock.locked()
+        return len(self._queue)

@@ -17,6 +17,7 @@ import time
 from backend.jobs import current_runtime
 from backend.labelstudio import detections_prediction
 from backend.labelstudio_api import project_config, project_tasks
+from backend.model_lock import waiting_until, yielding
 from backend.runtime import Runtime
 from backend.training import TrainRequest
 from backend.training_board import JobBoard, now
@@ -42,14 +43,16 @@ def rescore(runtime: Runtime, req: TrainRequest) -> dict:
     for task in project_tasks(client, req.project):
         if any(not a.get("was_cancelled") for a in task.get("annotations") or []):
             continue
-        result = runtime.detect(
-            {
-                "image": {"url": config.image_url(task, to_name), "project": str(req.project)},
-                "output": "brush" if output.type == "BrushLabels" else "polygon",
-                "classes": sorted(output.class_to_label),
-                "uncertainty": True,
-            }
-        )
+        # Annotators' requests (embedded mode shares this runtime with them) go first, image by image.
+        with waiting_until(yielding()):
+            result = runtime.detect(
+                {
+                    "image": {"url": config.image_url(task, to_name), "project": str(req.project)},
+                    "output": "brush" if output.type == "BrushLabels" else "polygon",
+                    "classes": sorted(output.class_to_label),
+                    "uncertainty": True,
+                }
+            )
         pred = detections_prediction(result, output)
         client.predictions.create(
             task=task["id"],

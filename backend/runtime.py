@@ -26,14 +26,15 @@ coordinates are converted to pixels with the working image's size, and polygons 
 no scaling changes.
 
 Only model work holds ``Runtime.lock``: a request downloads and decodes its image before taking it, so a
-slow image delays its own request only.
+slow image delays its own request only. The lock serves waiting requests first come, first served, clicks
+before pre-annotation (backend.model_lock), and long work holds it in short turns: a detection or warm-up
+runs the trunk one pyramid level per hold.
 
 A prompt on an image runs only the part of the trunk it reads (a first click: a block of each pyramid
 level, segmodels.predictor.MaskPredictor.cover), so its answer is not delayed by the rest; the runtime then
-runs the rest over the whole pyramid in a background thread, one level at a time under ``lock`` and only
-while no request wants it, in the annotator's time between clicks, so the first click on the next object
-of that image finds it done. A busy model (requests waiting, or held most of the last seconds) has no such
-time: there a prompt on a new image runs the trunk over the whole pyramid at once, and no block is redone.
+runs the rest over the whole pyramid in a background thread, one level per hold of ``lock``, which it
+takes only when no request waits for it (in the annotator's time between clicks, on a busy model in the
+gaps between requests), so the first click on the next object of that image finds it done.
 """
 
 from __future__ import annotations
@@ -64,15 +65,8 @@ from segmodels.predictor import FEATURE_DTYPES, MaskPredictor, load_predictor
 from segmodels.uncertainty import detect_with_uncertainty
 
 log = logging.getLogger(__name__)
-# Images a background completion may have queued at once (a key each; see the module docstring), how
-# long it waits for the model to be idle before giving an image up, and how often it looks (seconds).
+# Images a background completion may have queued at once (a key each; see the module docstring).
 COMPLETION_QUEUE = 16
-COMPLETION_PATIENCE = 30.0
-COMPLETION_POLL = 0.02
-# A model held for more than this share of the last window (seconds) is busy: a prompt on a new image then
-# runs the trunk over whole levels at once (see the module docstring).
-BUSY_SHARE = 0.5
-BUSY_WINDOW = 5.0
 
 
 @dataclass
@@ -154,9 +148,6 @@ class Runtime:
             points, positive, box = _prompt_pixels(prompt, scaled.features.width, scaled.features.height)
             started = time.perf_counter()
             with torch.inference_mode():
-                if self._busy() and not any(level.taps for level in scaled.features.levels):
-                    # No idle time to complete the levels later: no block that the next objects would redo.
-                    self.predictor.complete_levels()
                 mask = self.predictor.segment(points, positive.astype(int), box).mask
             seconds["model"] = time.perf_counter() - started
             self.features.trim()
@@ -169,13 +160,7 @@ class Runtime:
         """Compute and cache the features of the request's image (no objects): Label Studio opened a task
         while pre-annotation is off, and its clicks will follow."""
         image = self._fetch(request)
-        with self.lock:
-            scaled = self._set_features(image)
-            started = time.perf_counter()
-            with torch.inference_mode():
-                self.predictor.complete_levels()
-            self.features.trim()
-            image.seconds["features"] += time.perf_counter() - started
+        scaled = self._complete_in_turns(image)
         return self._result(scaled, [], image.seconds)
 
     def detect(self, request: dict) -> dict:
@@ -186,6 +171,7 @@ class Runtime:
         classes = _classes(request.get("classes"))
         image = self._fetch(request)
         seconds = image.seconds
+        self._complete_in_turns(image)
         with self.lock:
             scaled = self._set_features(image)
             started = time.perf_counter()
@@ -252,10 +238,24 @@ class Runtime:
         image.seconds["features"] += time.perf_counter() - started
         return scaled
 
-    def _busy(self) -> bool:
-        """Whether other requests wait for the model, or it was held for more than :data:`BUSY_SHARE` of the
-        last :data:`BUSY_WINDOW` seconds."""
-        return bool(self.lock.waiting) or self.lock.busy_share(BUSY_WINDOW) > BUSY_SHARE
+    def _complete_in_turns(self, image: FetchedImage) -> WorkingFeatures:
+        """Run the trunk over every level of ``image``'s pyramid (a detection reads them all), one level per
+        hold of the model, so a click arriving meanwhile waits for one level at most; returns the
+        features. One turn per level at most: features evicted meanwhile are completed by the caller's own
+        hold."""
+        for _ in self.predictor.scales:
+            with self.lock:
+                scaled = self._set_features(image)
+                left = [level for level in scaled.features.levels if not level.complete]
+                if left:
+                    started = time.perf_counter()
+                    with torch.inference_mode():
+                        self.predictor.complete(left[0])
+                    image.seconds["features"] += time.perf_counter() - started
+                    self.features.trim()
+            if len(left) <= 1:
+                break
+        return scaled
 
     def _complete_later(self, key: str) -> None:
         """Queue the image ``key`` for :meth:`_complete_features`, starting its thread when none runs."""
@@ -279,8 +279,8 @@ class Runtime:
 
     def _complete_features(self) -> None:
         """The background thread: run the trunk over every level of each queued image still cached, one
-        level per hold of ``lock``, taken only when no request holds it or waits for it (one arriving
-        meanwhile waits for one level at most); ends when the queue is empty."""
+        level per hold of ``lock``, taken only when no request waits for it (one arriving meanwhile waits
+        for one level at most); ends when the queue is empty."""
         while True:
             with self._completion_lock:
                 if not self._incomplete:
@@ -294,14 +294,8 @@ class Runtime:
                 log.exception("completing the features of image %s failed", key)
 
     def _complete_one_level(self, key: str) -> bool:
-        """Complete one level of the cached features of ``key`` once the model is idle (requests first);
-        False when there is none left, the image is no longer cached, or the model stayed busy for
-        :data:`COMPLETION_PATIENCE` seconds (a later first click then completes what it needs itself)."""
-        deadline = time.monotonic() + COMPLETION_PATIENCE
-        while not self.lock.idle():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(COMPLETION_POLL)
+        """Complete one level of the cached features of ``key`` when no request waits for the model; False
+        when there is none left or the image is no longer cached."""
         with self.lock.background(), torch.inference_mode():
             scaled = self.features.peek(key)
             levels = [] if scaled is None else [lv for lv in scaled.features.levels if not lv.complete]

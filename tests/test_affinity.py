@@ -10,10 +10,10 @@ from rq.registry import FinishedJobRegistry
 from rq_worker import REDIS_URL, require_redis, start_worker, stop
 from upload_server import UPLOAD_TOKEN
 
-import backend.runtime as runtime_module
 from backend.affinity import AffinityMap, image_key, working_key
 from backend.app import create_app
 from backend.click_lane import alive_key, lane_key
+from backend.model_lock import ModelLock
 from backend.settings import Settings
 
 DOG_IMAGE = 42
@@ -37,6 +37,19 @@ def _dog_click(ls_request, coco128) -> dict:
     """Label Studio's keypoint request: one positive click inside the dog of DOG_IMAGE."""
     x, y, _ = interior_point(coco128, DOG_IMAGE, "dog")
     return keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(x, y, True)])
+
+
+class CountingLock(ModelLock):
+    """The runtime's model lock, counting its holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holds = 0
+
+    def __enter__(self) -> ModelLock:
+        held = super().__enter__()
+        self.holds += 1
+        return held
 
 
 def test_the_image_key_tells_projects_and_urls_apart():
@@ -78,16 +91,6 @@ def test_after_a_click_on_an_unopened_image_its_features_are_completed_in_the_ba
     hits = runtime.features.hits
     assert client.post("/predict", json=click).status_code == 200
     assert runtime.features.hits == hits + 1
-
-
-def test_on_a_busy_model_a_click_on_a_new_image_runs_the_whole_pyramid_at_once(
-    upload_server, ls_request, coco128, monkeypatch
-):
-    monkeypatch.setattr(runtime_module, "BUSY_SHARE", -1.0)  # any use of the model counts as busy
-    client, runtime = _embedded(Settings.from_env({}), upload_server, ls_request)
-    click = _dog_click(ls_request, coco128)
-    assert client.post("/predict", json=click).status_code == 200
-    assert all(level.complete for level in runtime.predictor.features.levels)
 
 
 @pytest.fixture
@@ -197,3 +200,16 @@ def free_redis_url():
     from rq_worker import free_port
 
     return f"redis://127.0.0.1:{free_port()}/0"
+
+
+def test_pre_annotation_of_a_new_image_holds_the_model_one_pyramid_level_at_a_time(
+    upload_server, ls_request, coco128
+):
+    client, runtime = _embedded(Settings.from_env({}), upload_server, ls_request)
+    runtime.lock = CountingLock()
+    body = with_image(ls_request("predict-batch"), DOG_IMAGE)
+    body["tasks"] = body["tasks"][:1]
+    assert client.post("/predict", json=body).status_code == 200
+    levels = runtime.predictor.features.levels
+    assert all(level.complete for level in levels)
+    assert runtime.lock.holds == len(levels) + 1  # a turn per level, then the detection

@@ -282,3 +282,36 @@ def test_peeking_is_neither_a_hit_nor_a_use():
     assert cache.peek("a").nbytes == 40 and cache.peek("z") is None
     cache.get("c", lambda: Blob(40))  # a stayed the least recently used
     assert "a" not in cache and cache.hits == 0
+
+
+class CountedBlob:
+    """A fake cache entry that counts how often the cache measures it."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.measured = size, 0
+
+    @property
+    def nbytes(self) -> int:
+        self.measured += 1
+        return self.size
+
+
+def test_only_entries_handed_out_since_the_last_trim_are_measured_again():
+    cache: FeatureCache[CountedBlob] = FeatureCache(1000)
+    a, _ = cache.get("a", lambda: CountedBlob(30))
+    cache.trim()
+    before = a.measured
+    for _ in range(5):
+        cache.get("b", lambda: CountedBlob(30))
+        cache.trim()
+    assert a.measured == before  # a busy server's 50 cached images are not walked on every request
+
+
+def test_a_peeked_entry_that_grew_is_measured_at_the_next_trim():
+    cache: FeatureCache[Blob] = FeatureCache(100)
+    cache.get("a", lambda: Blob(30))
+    cache.get("b", lambda: Blob(30))
+    cache.trim()
+    cache.peek("a").nbytes = 80  # the background thread completed a level of a's features
+    cache.trim()
+    assert "a" not in cache and "b" in cache and cache.nbytes == 30

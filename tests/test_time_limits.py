@@ -17,7 +17,7 @@ from backend.embedded_dispatcher import EmbeddedDispatcher
 from backend.errors import ServiceError
 from backend.images import ImageFetcher
 from backend.job_protocol import DETECT, SEGMENT, JobKind, JobOutcome
-from backend.model_lock import ModelLock, ModelWait, waiting_until
+from backend.model_lock import ModelLock, ModelWait, waiting_until, yielding
 from backend.settings import Settings
 
 #: Seconds between the bytes of a drip: each read returns long before any socket timeout.
@@ -223,11 +223,13 @@ class FakeRuntime:
         self.model = model
         self.lock = ModelLock()  # as Runtime's
         self.model_calls = 0
+        self.ran: list[str] = []  # the kinds, in the order they got the model
 
     def run(self, kind: JobKind, request: dict) -> dict:
         time.sleep(self.prepare)
         with self.lock:
             self.model_calls += 1
+            self.ran.append(kind.name)
             time.sleep(self.model)
         return {"objects": [], "request": request}
 
@@ -301,6 +303,21 @@ def test_a_batch_waiting_for_the_model_stops_at_its_deadline() -> None:
     assert runtime.model_calls == 0
 
 
+def test_embedded_pre_annotation_lets_a_click_that_came_later_go_first() -> None:
+    runtime = FakeRuntime(model=0.05)
+    dispatcher = EmbeddedDispatcher(runtime)
+    with model_busy(runtime):
+        batch = threading.Thread(target=dispatcher.run, args=(DETECT, [{"n": 0}, {"n": 1}], 30))
+        batch.start()
+        _wait_for(lambda: runtime.lock.waiting == 1, "the batch did not wait for the model")
+        click = threading.Thread(target=dispatcher.run, args=(SEGMENT, [{"n": 2}], 30))
+        click.start()
+        _wait_for(lambda: runtime.lock.waiting == 2, "the click did not wait for the model")
+    batch.join(5)
+    click.join(5)
+    assert runtime.ran == ["segment", "detect", "detect"]
+
+
 def test_queued_is_the_wait_for_the_model_and_running_the_rest() -> None:
     runtime = FakeRuntime(prepare=0.1, model=0.1)
     dispatcher = EmbeddedDispatcher(runtime)
@@ -329,39 +346,102 @@ def test_work_outside_the_model_lock_is_not_serialised() -> None:
     assert time.monotonic() - started < 1.5  # four 0.5 s downloads side by side, not one after another
 
 
-def test_the_model_is_idle_only_when_nobody_holds_it_or_waits_for_it() -> None:
-    lock = ModelLock()
-    assert lock.idle()
+def test_background_work_yields_to_clicks_and_queues_with_pre_annotation() -> None:
+    lock, order = ModelLock(), []
 
-    def take() -> None:
-        with lock:
-            pass
+    def background() -> None:
+        with lock.background():
+            order.append("background")
 
+    far = time.monotonic() + 30
     with lock:
-        assert not lock.idle()
-        waiter = threading.Thread(target=take)
-        waiter.start()
-        deadline = time.monotonic() + 5
-        while lock.waiting != 1:
-            assert time.monotonic() < deadline, "the waiting thread was not counted"
-            time.sleep(0.01)
-    waiter.join(5)
-    assert lock.waiting == 0 and lock.idle()
+        worker = threading.Thread(target=background)
+        worker.start()
+        _wait_for(lambda: lock.waiting == 1, "the background work did not wait for the model")
+        waits = {"pre-annotation": ModelWait(far, 30, yields=True), "click": ModelWait(far, 30)}
+        threads = _queue_behind(lock, waits, order)
+    for thread in [worker, *threads]:
+        thread.join(5)
+    assert order == ["click", "background", "pre-annotation"]
 
 
-def test_the_busy_share_is_the_part_of_the_window_the_model_was_held() -> None:
-    lock = ModelLock()
-    assert lock.busy_share(1.0) == 0.0
+def _wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 5
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def _queue_behind(lock: ModelLock, waits: dict[str, ModelWait], order: list[str]) -> list[threading.Thread]:
+    """One thread per named wait, started in that order while the caller holds ``lock``, each appending
+    its name to ``order`` once it gets the model (or its name and status when it gives up)."""
+
+    def take(name: str) -> None:
+        try:
+            with waiting_until(waits[name]), lock:
+                order.append(name)
+        except ServiceError as exc:
+            order.append(f"{name}: {exc.status}")
+
+    threads, before = [], lock.waiting
+    for n, name in enumerate(waits):
+        threads.append(threading.Thread(target=take, args=(name,)))
+        threads[-1].start()
+        _wait_for(lambda n=n: lock.waiting == before + n + 1, f"{name} was not counted as waiting")
+    return threads
+
+
+def test_a_waiting_click_gets_the_model_before_pre_annotation_that_waited_longer() -> None:
+    lock, order = ModelLock(), []
+    far = time.monotonic() + 30
     with lock:
-        time.sleep(0.3)
-        assert 0.25 <= lock.busy_share(1.0) <= 0.6  # the current hold counts
-    assert 0.25 <= lock.busy_share(1.0) <= 0.6
-    assert lock.busy_share(0.01) < 1.0  # a window after the hold ended
+        threads = _queue_behind(
+            lock, {"pre-annotation": ModelWait(far, 30, yields=True), "click": ModelWait(far, 30)}, order
+        )
+    for thread in threads:
+        thread.join(5)
+    assert order == ["click", "pre-annotation"]
 
 
-def test_background_holds_do_not_make_the_model_look_busy() -> None:
+def test_waiting_clicks_get_the_model_in_the_order_they_came() -> None:
+    lock, order = ModelLock(), []
+    far = time.monotonic() + 30
+    with lock:
+        threads = _queue_behind(lock, {f"click {n}": ModelWait(far, 30) for n in range(5)}, order)
+    for thread in threads:
+        thread.join(5)
+    assert order == [f"click {n}" for n in range(5)]
+
+
+def test_rescoring_yields_to_requests_and_waits_without_a_deadline() -> None:
+    lock, order = ModelLock(), []
+    with lock:
+        threads = _queue_behind(
+            lock, {"rescore": yielding(), "click": ModelWait(time.monotonic() + 30, 30)}, order
+        )
+    for thread in threads:
+        thread.join(5)
+    assert order == ["click", "rescore"]
+
+
+def test_pre_annotation_takes_a_free_model_at_once() -> None:
     lock = ModelLock()
-    with lock.background():
-        assert lock.locked() and not lock.idle()
-        time.sleep(0.1)
-    assert lock.busy_share(1.0) == 0.0 and lock.idle()
+    wait = ModelWait(time.monotonic(), 1.0, yields=True)  # no time left to wait: only a free model
+    with waiting_until(wait), lock:
+        assert lock.locked()
+
+
+def test_pre_annotation_behind_a_click_that_gave_up_gets_the_model() -> None:
+    lock, order = ModelLock(), []
+    with lock:
+        click, annotation = _queue_behind(
+            lock,
+            {
+                "click": ModelWait(time.monotonic() + 0.5, 0.5),
+                "pre-annotation": ModelWait(time.monotonic() + 30, 30, yields=True),
+            },
+            order,
+        )
+        click.join(5)  # it gave up while the model was still held
+    annotation.join(5)
+    assert order == ["click: 503", "pre-annotation"]

@@ -110,6 +110,7 @@ class Segmenter:
         with self.lock, torch.inference_mode():
             self.predictor.set_features(scaled.features)
             mask = self.predictor.segment(points, labels, work_box).mask
+            self.features.trim()
         return scaled.mask_to_original(mask)
 
     def detect(self, image: np.ndarray, threshold: float | None = None) -> list[Detection]:
@@ -120,6 +121,7 @@ class Segmenter:
         with self.lock, torch.inference_mode():
             self.predictor.set_features(scaled.features)
             detections = self.predictor.detect(threshold, self.settings.max_detections)
+            self.features.trim()
         return [scaled.detection_to_original(det) for det in detections]
 
 
