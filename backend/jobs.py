@@ -9,6 +9,7 @@ ServiceError that stops a job reaches the server as that error, not as a failed 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -19,6 +20,7 @@ from rq.utils import now as utcnow
 from backend.affinity import AffinityMap
 from backend.errors import ServiceError
 from backend.job_protocol import DETECT, SEGMENT, WARM, JobKind, encode_job_result
+from backend.model_lock import waiting_until, yielding
 from backend.runtime import Runtime
 from backend.settings import Settings
 
@@ -86,7 +88,9 @@ def _run(kind: JobKind, request: dict) -> dict:
     if job and job.worker_name:
         _remember(runtime, job.connection, request, job.worker_name)
     try:
-        value: dict | ServiceError = runtime.run(kind, request)
+        # Pre-annotation yields the model, level by level, to clicks on this worker's click lane.
+        with waiting_until(yielding()) if kind == DETECT else contextlib.nullcontext():
+            value: dict | ServiceError = runtime.run(kind, request)
     except ServiceError as exc:
         log.warning("%s job refused: %s (%s)", kind.name, exc.message, exc.kind)
         value = exc

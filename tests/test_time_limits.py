@@ -445,3 +445,29 @@ def test_pre_annotation_behind_a_click_that_gave_up_gets_the_model() -> None:
         click.join(5)  # it gave up while the model was still held
     annotation.join(5)
     assert order == ["click: 503", "pre-annotation"]
+
+
+def test_a_workers_pre_annotation_job_yields_the_model_to_a_click_on_its_lane(monkeypatch) -> None:
+    import backend.jobs as jobs
+
+    order: list[str] = []
+
+    class Runtime:  # a worker's runtime: the click lane's thread and the RQ job share its model lock
+        settings = Settings.from_env({}, affinity_ttl=0)
+        lock = ModelLock()
+
+        def run(self, kind: JobKind, request: dict) -> dict:
+            with self.lock:
+                order.append(kind.name)
+            return {"objects": [], "model_version": "v"}
+
+    runtime = Runtime()
+    monkeypatch.setattr(jobs, "_runtime", runtime)
+    with runtime.lock:
+        job = threading.Thread(target=jobs.detect_job, args=({"image": {"url": "/x.jpg"}},))
+        job.start()
+        _wait_for(lambda: runtime.lock.waiting == 1, "the job did not wait for the model")
+        threads = _queue_behind(runtime.lock, {"click": ModelWait(time.monotonic() + 30, 30)}, order)
+    for thread in [job, *threads]:
+        thread.join(5)
+    assert order == ["click", "detect"]
