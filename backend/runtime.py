@@ -15,11 +15,11 @@ Requests and results are plain JSON:
   ``"confidence"`` in [0, 1]);
 - warm request: ``{"image"}``;
 - result: ``{"model_version", "width", "height", "objects": [{"score", "label"?, "polygon": [[x%, y%]] |
-  "rle": [int]}], "seconds": {"image" (fetch), "features" (decode when not cached, and a warm-up's trunk),
-  "model" (with the trunk where a prompt or a detection runs it), "encode"}}``. ``width``/``height`` are
-  the original image's (Label Studio compares them with its ``original_width``/``original_height``) and
-  brush RLE is at that size. A problem the client must see is raised as a ServiceError (backend.job_protocol
-  says how it crosses RQ).
+  "rle": [int]}], "seconds": {"image" (fetch), "features" (decode when not cached, and the trunk of a
+  warm-up or detection), "model" (with the trunk where a prompt runs it), "encode"}}``.
+  ``width``/``height`` are the original image's (Label Studio compares them with its
+  ``original_width``/``original_height``) and brush RLE is at that size. A problem the client must see is
+  raised as a ServiceError (backend.job_protocol says how it crosses RQ).
 
 The model works on the image downscaled to ``SEGMASK_MAX_WORK_SIDE`` (backend.working_size): percent
 coordinates are converted to pixels with the working image's size, and polygons come back in percent, which
