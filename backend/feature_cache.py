@@ -24,11 +24,11 @@ class FeatureCache(Generic[T]):
 
     Features grow after they are cached (memoised prompt masks and cells, a detection's dense heads, trunk
     levels completed later). Callers change an entry only between being handed it (:meth:`get`,
-    :meth:`peek`) and their next :meth:`trim`, so the cache measures those entries again before it evicts
-    and keeps the others' last sizes: measuring every entry on every access cost a quarter of a busy
-    server's time with 50 images cached. Entries must not change while the cache runs (the runtimes change
-    features, and call the cache, only under their model lock). An entry larger than the whole budget is
-    returned but not kept.
+    :meth:`peek`, :meth:`touch`) and their next :meth:`trim`, so the cache measures those entries again
+    before it evicts and keeps the others' last sizes: measuring every entry on every access cost a quarter
+    of a busy server's time with 50 images cached. Entries must not change while the cache runs (the
+    runtimes change features, and call the cache, only under their model lock). An entry larger than the
+    whole budget is returned but not kept.
     """
 
     def __init__(self, capacity_bytes: int) -> None:
@@ -81,6 +81,15 @@ class FeatureCache(Generic[T]):
             self._handed.add(key)
             self._evict()
         return value, False
+
+    def touch(self, value: T) -> None:
+        """Mark the cached entry ``value`` (found by identity; nothing when it is not cached) as about to
+        change, so the next trim measures it again: for callers that keep an entry across trims (the CVAT
+        agent reuses one image's features for all its clicks)."""
+        with self._lock:
+            key = next((k for k, item in self._items.items() if item is value), None)
+            if key is not None:
+                self._handed.add(key)
 
     def trim(self) -> None:
         """Measure the entries handed out since the last trim and evict until every entry fits: call it

@@ -75,27 +75,30 @@ class ModelLock:
 
     def __enter__(self) -> ModelLock:
         wait = _current_wait.get()
-        if wait is None:
-            self._acquire(None, yields=False)
-            return self
         started = time.monotonic()
-        # A free model is taken even after the deadline: the request is here, and it costs no one a wait.
-        timeout = None if math.isinf(wait.deadline) else max(wait.deadline - started, 0.0)
-        acquired = self._acquire(timeout, wait.yields)
-        wait.waited += time.monotonic() - started
-        if not acquired:
-            raise ServiceError(
-                503,
-                "worker_timeout",
-                f"the model was busy with other requests: waited {wait.waited:.1f} s, the request's time "
-                f"limit ({wait.limit:g} s); it was not processed",
-            )
-        if wait.admit is not None:
-            try:
+        timeout, yields = None, False
+        if wait is not None:
+            # A free model is taken even after the deadline: the request is here, and it costs no one a wait.
+            timeout = None if math.isinf(wait.deadline) else max(wait.deadline - started, 0.0)
+            yields = wait.yields
+        acquired = self._acquire(timeout, yields)
+        try:
+            if wait is None:
+                return self
+            wait.waited += time.monotonic() - started
+            if not acquired:
+                raise ServiceError(
+                    503,
+                    "worker_timeout",
+                    f"the model was busy with other requests: waited {wait.waited:.1f} s, the request's "
+                    f"time limit ({wait.limit:g} s); it was not processed",
+                )
+            if wait.admit is not None:
                 wait.admit()
-            except BaseException:
+        except BaseException:  # a refusal, or an RQ job timeout raised here: never keep the model
+            if acquired:
                 self._release()
-                raise
+            raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -108,14 +111,19 @@ class ModelLock:
         me = _Waiter(yields)
         with self._cond:
             self._queue.append(me)
+            granted = False
             try:
                 while self._held or self._next() is not me:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         return False
                     self._cond.wait(left)
-                self._held = True
+                self._held = granted = True
                 return True
+            except BaseException:  # e.g. an RQ job timeout (a signal) after the model was granted
+                if granted:
+                    self._held = False
+                raise
             finally:
                 self._queue.remove(me)
                 # Whoever is next now (this one gave up, or took the model and left the queue) re-checks.

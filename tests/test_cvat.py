@@ -28,7 +28,7 @@ from cvat_sdk.masks import decode_mask
 from nuclio_sdk import Event
 from nuclio_sdk.test import Platform
 
-from backend.cvat.runtime import label_plan, shared_segmenter
+from backend.cvat.runtime import Segmenter, label_plan, shared_segmenter, shared_settings
 from backend.label_mapping import class_to_label
 from backend.settings import DEFAULT_DATA_DIR
 
@@ -366,3 +366,13 @@ def test_an_interaction_of_more_points_than_the_limit_is_a_400(pixels):
     with pytest.raises(ServiceError) as raised:
         shared_segmenter().segment(pixels, [DOG_CLICK] * MAX_PROMPT_POINTS, [[250.0, 270.0]])
     assert raised.value.status == 400 and raised.value.kind == "too_many_points"
+
+
+def test_features_reused_across_clicks_are_measured_as_they_grow(pixels):
+    segmenter = Segmenter(shared_settings())  # its own cache: these two images only
+    features = segmenter.image_features(pixels)  # what the agent keeps for every click on this image
+    segmenter.segment(features, [DOG_CLICK])
+    other = pixels[:64, :64].copy()
+    segmenter.segment(other, [[10.0, 10.0]])  # another image's request trims the cache
+    segmenter.segment(features, [DOG_CLICK], [[250.0, 270.0]])  # the first image's features grow
+    assert segmenter.features.nbytes == features.nbytes + segmenter.image_features(other).nbytes

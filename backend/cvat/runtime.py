@@ -108,6 +108,7 @@ class Segmenter:
         labels = np.array([1] * len(pos_points) + [0] * len(neg_points), dtype=int)
         work_box = None if box is None else scaled.box_to_working(np.asarray(box, dtype=np.float64))
         with self.lock, torch.inference_mode():
+            self.features.touch(scaled)  # it grows now; it may have been handed out before the last trim
             self.predictor.set_features(scaled.features)
             mask = self.predictor.segment(points, labels, work_box).mask
             self.features.trim()
@@ -119,6 +120,7 @@ class Segmenter:
         threshold = self.settings.score_threshold if threshold is None else float(threshold)
         scaled = self.image_features(image)
         with self.lock, torch.inference_mode():
+            self.features.touch(scaled)
             self.predictor.set_features(scaled.features)
             detections = self.predictor.detect(threshold, self.settings.max_detections)
             self.features.trim()
