@@ -243,7 +243,8 @@ class Runtime:
         hold of the model, so a click arriving meanwhile waits for one level at most; returns the
         features. One turn per level at most: features evicted meanwhile are completed by the caller's own
         hold."""
-        for _ in self.predictor.scales:
+        turns = len(self.predictor.scales)
+        while True:
             with self.lock:
                 scaled = self._set_features(image)
                 left = [level for level in scaled.features.levels if not level.complete]
@@ -253,9 +254,9 @@ class Runtime:
                         self.predictor.complete(left[0])
                     image.seconds["features"] += time.perf_counter() - started
                     self.features.trim()
-            if len(left) <= 1:
-                break
-        return scaled
+            turns -= 1
+            if len(left) <= 1 or turns <= 0:
+                return scaled
 
     def _complete_later(self, key: str) -> None:
         """Queue the image ``key`` for :meth:`_complete_features`, starting its thread when none runs."""
