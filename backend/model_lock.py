@@ -111,19 +111,14 @@ class ModelLock:
         me = _Waiter(yields)
         with self._cond:
             self._queue.append(me)
-            granted = False
             try:
                 while self._held or self._next() is not me:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         return False
                     self._cond.wait(left)
-                self._held = granted = True
+                self._held = True
                 return True
-            except BaseException:  # e.g. an RQ job timeout (a signal) after the model was granted
-                if granted:
-                    self._held = False
-                raise
             finally:
                 self._queue.remove(me)
                 # Whoever is next now (this one gave up, or took the model and left the queue) re-checks.
@@ -141,12 +136,9 @@ class ModelLock:
     @contextlib.contextmanager
     def background(self) -> Iterator[None]:
         """Hold the model for background work, which yields to every request that waits or comes while it
-        waits."""
-        self._acquire(None, yields=True)
-        try:
+        waits (:func:`yielding`)."""
+        with waiting_until(yielding()), self:
             yield
-        finally:
-            self._release()
 
     def locked(self) -> bool:
         """Whether someone holds the model (as ``threading.Lock.locked``)."""

@@ -247,16 +247,22 @@ class Runtime:
         while True:
             with self.lock:
                 scaled = self._set_features(image)
-                left = [level for level in scaled.features.levels if not level.complete]
-                if left:
-                    started = time.perf_counter()
-                    with torch.inference_mode():
-                        self.predictor.complete(left[0])
-                    image.seconds["features"] += time.perf_counter() - started
-                    self.features.trim()
+                started = time.perf_counter()
+                left = self._complete_next_level(scaled)
+                image.seconds["features"] += time.perf_counter() - started
             turns -= 1
-            if len(left) <= 1 or turns <= 0:
+            if left <= 1 or turns <= 0:
                 return scaled
+
+    def _complete_next_level(self, scaled: WorkingFeatures) -> int:
+        """Run the trunk over the first level of ``scaled`` it has not covered whole, and trim the cache (the
+        caller holds ``lock``); returns how many levels were incomplete."""
+        left = [level for level in scaled.features.levels if not level.complete]
+        if left:
+            with torch.inference_mode():
+                self.predictor.complete(left[0], scaled.features.image)
+            self.features.trim()
+        return len(left)
 
     def _complete_later(self, key: str) -> None:
         """Queue the image ``key`` for :meth:`_complete_features`, starting its thread when none runs."""
@@ -297,14 +303,9 @@ class Runtime:
     def _complete_one_level(self, key: str) -> bool:
         """Complete one level of the cached features of ``key`` when no request waits for the model; False
         when there is none left or the image is no longer cached."""
-        with self.lock.background(), torch.inference_mode():
+        with self.lock.background():
             scaled = self.features.peek(key)
-            levels = [] if scaled is None else [lv for lv in scaled.features.levels if not lv.complete]
-            if not levels:
-                return False
-            self.predictor.complete(levels[0], scaled.features.image)
-            self.features.trim()
-            return True
+            return scaled is not None and self._complete_next_level(scaled) > 0
 
     def _result(self, scaled: WorkingFeatures, objects: list[dict], seconds: dict) -> dict:
         """The job result; ``width``/``height`` are the original image's."""
