@@ -54,10 +54,35 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "--split",
         default="train",
         choices=["train", "fit", "all"],
-        help="clicks, quality: the images trained on (fit leaves out the tune split, to choose settings "
-        "on it)",
+        help="the images trained on (fit leaves out the tune split, to choose settings on it)",
+    )
+    p.add_argument(
+        "--click-centred",
+        type=float,
+        default=0.0,
+        help="deepmask, sharpmask: share of mask windows centred on an annotator's click instead of the "
+        "object's box centre (0..1)",
+    )
+    p.add_argument(
+        "--mask-sampling",
+        default="category",
+        choices=["category", "instance"],
+        help="deepmask, sharpmask: mask windows drawn by category (the papers'), or uniformly among "
+        "instances of at least 32x32 px",
     )
     p.add_argument("--max-images", type=int, help="quality: only the first N images of the split, by id")
+    p.add_argument(
+        "--paste-probability",
+        type=float,
+        default=0.5,
+        help="clicks: chance of copy-paste augmentation per training crop (another instance pasted over it)",
+    )
+    p.add_argument(
+        "--min-area",
+        type=float,
+        default=32.0**2,
+        help="clicks: the smallest instances (px) the head trains on, all equally likely",
+    )
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -92,6 +117,9 @@ def run_train(args: argparse.Namespace) -> None:
         augment=not args.no_augment,
         compact=args.compact,
         stop_after_steps=args.stop_after_steps,
+        split=args.split,
+        click_centred=args.click_centred,
+        mask_sampling=args.mask_sampling,
     )
     print(train(cfg))
 
@@ -110,6 +138,8 @@ def run_click_training(args: argparse.Namespace) -> None:
         lr=args.lr,
         seed=args.seed,
         device=args.device,
+        min_area=args.min_area,
+        paste_probability=args.paste_probability,
     )
     print(train_click_head(cfg))
 

@@ -31,6 +31,15 @@ def click_point(mask: np.ndarray) -> tuple[float, float]:
     return deepest_point(boundary_distance(mask))
 
 
+def interior_points(gt: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``(n, 2)`` random pixel-centre points ``(x, y)`` of ``gt (H, W) bool`` at least a third as far from
+    its boundary as its deepest point."""
+    depth = boundary_distance(gt)
+    rows, cols = np.nonzero(depth >= depth.max() / 3)
+    k = rng.integers(len(rows), size=n)
+    return np.stack([cols[k] + 0.5, rows[k] + 0.5], axis=1).astype(np.float64)
+
+
 def next_click(pred: np.ndarray, gt: np.ndarray) -> tuple[tuple[float, float], int] | None:
     """The next corrective click for ``pred`` vs ``gt``: ``((x, y), label)`` with label 1 (positive, in
     ``gt & ~pred``) or 0 (negative, in ``pred & ~gt``); None when they agree. A tie goes to the positive."""

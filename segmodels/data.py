@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 import torch
 
+from segmodels.annotator import click_point, interior_points
 from segmodels.deepmask import INPUT, OBJECT, WINDOW
 from segmodels.geometry import coco_segmentation_to_mask
 from segmodels.splits import in_split
@@ -33,6 +34,11 @@ SCALE_JITTER = 0.25
 NEG_MIN_OFFSET = 48
 NEG_SCALE_OCTAVES = (1.0, 2.0)
 RANDOM_NEG_SCALES = (-3.0, 1.0)
+MASK_SAMPLING = ("category", "instance")
+# The smallest objects evaluated (COCO's medium and large): instance sampling draws among these.
+EVALUATED_AREA = 32.0**2
+# Random interior clicks drawn once per instance for click-centred mask windows.
+CLICKS_PER_INSTANCE = 32
 
 
 def has_segmentation(segmentation: list | dict | None) -> bool:
@@ -245,19 +251,37 @@ class WindowSampler:
 
     - mask samples: a uniformly drawn category, a random instance of it, scale jitter of +-1/4 octave around
       the canonical size, shift of +-16 px, random flip; the target is the instance's mask in the window.
-      Only instances with a mask count here (box-only annotations are no mask targets);
+      Only instances with a mask count here (box-only annotations are no mask targets). A share
+      ``click_centred`` of them is centred on an annotator's click instead of the box centre: the object's
+      deepest interior point or, as often, a random one at least a third as deep (where people click), with
+      the same shift, which covers the 2x2 windows nearest a click that the predictor reads. With
+      ``mask_sampling="instance"`` the instance is drawn uniformly among those with a mask of at least
+      32x32 px (the objects evaluated), not by category;
     - score samples: 50% positives drawn as above (box-only instances included: a box is enough to centre
       and scale an object); 50% negatives, half of them centred on an instance at a scale 1-2 octaves off,
       half random windows (scales 2^-3..2^1) whose centre is >= 48 px from every object centre or whose
       scale is off by an octave or more.
     """
 
-    def __init__(self, dataset: CocoInstances, seed: int = 0, augment: bool = True) -> None:
+    def __init__(
+        self,
+        dataset: CocoInstances,
+        seed: int = 0,
+        augment: bool = True,
+        click_centred: float = 0.0,
+        mask_sampling: str = "category",
+    ) -> None:
+        if not 0.0 <= click_centred <= 1.0:
+            raise ValueError(f"click_centred is a share in [0, 1], got {click_centred}")
+        if mask_sampling not in MASK_SAMPLING:
+            raise ValueError(f"mask_sampling is one of {MASK_SAMPLING}, got {mask_sampling!r}")
         if not dataset.instances:
             raise ValueError(f"no instances with area >= {MIN_AREA} in {dataset.root}")
         self.dataset = dataset
         self.rng = np.random.default_rng(seed)
         self.augment = augment
+        self.click_centred = click_centred
+        self._clicks: dict[int, np.ndarray] = {}
         self.categories = sorted(dataset.instances_by_category)
         self.masked_by_category = {
             cat: masked
@@ -265,6 +289,11 @@ class WindowSampler:
             if (masked := [inst for inst in members if inst.has_mask])
         }
         self.mask_categories = sorted(self.masked_by_category)
+        self.evaluated: list[Instance] | None = None
+        if mask_sampling == "instance":
+            self.evaluated = [i for i in dataset.instances if i.has_mask and i.area >= EVALUATED_AREA]
+            if not self.evaluated:
+                raise ValueError(f"no instance of {dataset.root} has a mask of 32x32 px or more")
 
     def _random_instance(self) -> Instance:
         cat = self.categories[self.rng.integers(len(self.categories))]
@@ -272,18 +301,36 @@ class WindowSampler:
         return members[self.rng.integers(len(members))]
 
     def _random_masked_instance(self) -> Instance:
-        """A uniformly drawn category among those with a mask, then one of its instances that has a mask."""
+        """A uniformly drawn category among those with a mask, then one of its instances that has a mask;
+        with instance sampling, one of the instances with a mask of at least 32x32 px."""
+        if self.evaluated is not None:
+            return self.evaluated[self.rng.integers(len(self.evaluated))]
         if not self.mask_categories:
             raise ValueError(f"no instance of {self.dataset.root} has a mask (box-only annotations)")
         cat = self.mask_categories[self.rng.integers(len(self.mask_categories))]
         members = self.masked_by_category[cat]
         return members[self.rng.integers(len(members))]
 
-    def _jittered(self, inst: Instance, octaves: float) -> tuple[tuple[float, float], float]:
+    def _jittered(
+        self, inst: Instance, octaves: float, centre: tuple[float, float] | None = None
+    ) -> tuple[tuple[float, float], float]:
+        """A window at ``octaves`` from the canonical scale, around ``centre`` (default: the box centre)
+        shifted by up to ``SHIFT`` window pixels."""
         scale = OBJECT / inst.size * 2.0**octaves
         dx, dy = self.rng.uniform(-SHIFT, SHIFT, size=2)
-        cx, cy = inst.centre
+        cx, cy = inst.centre if centre is None else centre
         return (cx - dx / scale, cy - dy / scale), scale
+
+    def _click(self, inst: Instance) -> tuple[float, float]:
+        """An annotator's click ``(x, y)`` in image pixels: the deepest point or a random interior one."""
+        if inst.annotation_id not in self._clicks:
+            gt = self.dataset.mask(inst)
+            self._clicks[inst.annotation_id] = np.concatenate(
+                [[click_point(gt)], interior_points(gt, CLICKS_PER_INSTANCE, self.rng)]
+            )
+        clicks = self._clicks[inst.annotation_id]
+        k = 0 if self.rng.random() < 0.5 else int(self.rng.integers(1, len(clicks)))
+        return float(clicks[k, 0]), float(clicks[k, 1])
 
     def _input(self, image_index: int, centre: tuple[float, float], scale: float, flip: bool) -> np.ndarray:
         return crop_window(self.dataset.pyramid(image_index), centre, scale, flip)
@@ -295,7 +342,9 @@ class WindowSampler:
     def mask_sample(self) -> tuple[np.ndarray, np.ndarray]:
         """``(192, 192, 3) uint8`` input and ``(160, 160) float32`` target."""
         inst = self._random_masked_instance()
-        centre, scale = self._jittered(inst, self.rng.uniform(-SCALE_JITTER, SCALE_JITTER))
+        # No draw when the share is 0: the papers' sampling keeps its random stream (and its models).
+        click = self._click(inst) if self.click_centred and self.rng.random() < self.click_centred else None
+        centre, scale = self._jittered(inst, self.rng.uniform(-SCALE_JITTER, SCALE_JITTER), click)
         flip = bool(self.rng.integers(2)) if self.augment else False
         target = crop_mask(self.dataset.mask_u8(inst), centre, scale, flip)
         return self._input(inst.image_index, centre, scale, flip), target

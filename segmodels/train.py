@@ -182,7 +182,13 @@ def train(cfg: TrainConfig) -> Path | None:
     model, init_meta = build_model(cfg)
     model.to(device).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler = WindowSampler(CocoInstances(cfg.data, "train"), seed=cfg.seed, augment=cfg.augment)
+    sampler = WindowSampler(
+        CocoInstances(cfg.data, cfg.split),
+        seed=cfg.seed,
+        augment=cfg.augment,
+        click_centred=cfg.click_centred,
+        mask_sampling=cfg.mask_sampling,
+    )
     validate = Validation(cfg, device)
     step = 0
     history: list[dict] = []

@@ -51,6 +51,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     compact: bool = False
     stop_after_steps: int | None = None
+    split: str = "train"
+    click_centred: float = 0.0
+    mask_sampling: str = "category"
 
     @property
     def total_steps(self) -> int:

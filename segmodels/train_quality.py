@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from segmodels.annotator import boundary_distance, click_point
+from segmodels.annotator import click_point, interior_points
 from segmodels.checkpoint import load_checkpoint
 from segmodels.data import CocoInstances
 from segmodels.device import resolve_device
@@ -75,15 +75,6 @@ class QualitySamples:
     @property
     def clicks_by_instance(self) -> list[np.ndarray]:
         return [np.flatnonzero(self.instance == i) for i in np.unique(self.instance)]
-
-
-def interior_points(gt: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``(n, 2)`` random pixel-centre points ``(x, y)`` of ``gt (H, W) bool`` at least a third as far from
-    its boundary as its deepest point."""
-    depth = boundary_distance(gt)
-    rows, cols = np.nonzero(depth >= depth.max() / 3)
-    k = rng.integers(len(rows), size=n)
-    return np.stack([cols[k] + 0.5, rows[k] + 0.5], axis=1).astype(np.float64)
 
 
 def window_iou(logits: np.ndarray, box: np.ndarray, gt: np.ndarray, threshold_logit: float) -> float:

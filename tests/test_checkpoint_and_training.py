@@ -83,3 +83,33 @@ def test_checkpoint_files_get_the_permissions_of_ordinary_new_files(model, tmp_p
     umask = os.umask(0)
     os.umask(umask)
     assert {(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {0o666 & ~umask}
+
+
+@pytest.mark.slow
+def test_segmask_train_records_the_split_and_the_window_sampling_it_trained_with(coco128, tmp_path: Path):
+    from backend.cli import build_parser, run_train
+
+    out = tmp_path / "sm"
+    args = build_parser().parse_args(
+        ["train", "deepmask", "--data", str(coco128), "--out", str(out), "--epochs", "1"]
+        + ["--steps-per-epoch", "2", "--batch-size", "2", "--split", "fit"]
+        + ["--click-centred", "0.5", "--mask-sampling", "instance", "--trunk-trainable-from", "none"]
+    )
+    run_train(args)
+    config = read_metadata(out)["training"]["deepmask"]["config"]
+    assert (config["split"], config["click_centred"], config["mask_sampling"]) == ("fit", 0.5, "instance")
+
+
+@pytest.mark.slow
+def test_segmask_train_clicks_records_its_augmentation_and_smallest_objects(coco128, tmp_path: Path):
+    from backend.cli import build_parser, run_train
+    from segmodels.predictor import DEFAULT_CHECKPOINT
+
+    out = tmp_path / "clicks"
+    args = build_parser().parse_args(
+        ["train", "clicks", "--data", str(coco128), "--init", str(DEFAULT_CHECKPOINT), "--out", str(out)]
+        + ["--steps", "1", "--split", "fit", "--paste-probability", "0", "--min-area", "100"]
+    )
+    run_train(args)
+    record = read_metadata(out)["training"]["clicks"]
+    assert (record["paste_probability"], record["min_area"]) == (0.0, 100.0)

@@ -99,3 +99,37 @@ def test_batches_are_float_tensors_in_unit_range(train):
 def test_sampling_is_reproducible_from_the_seed(train):
     a, b = WindowSampler(train, seed=8).mask_batch(3), WindowSampler(train, seed=8).mask_batch(3)
     assert all(np.array_equal(p.numpy(), q.numpy()) for p, q in zip(a, b, strict=True))
+
+
+def _object_near_centre(target: np.ndarray) -> bool:
+    """Whether the target has object pixels within the 16 px shift of the window's centre."""
+    c = WINDOW // 2
+    return bool(target[c - 17 : c + 17, c - 17 : c + 17].any())
+
+
+def test_click_centred_windows_hold_the_clicked_object_at_their_centre(train):
+    """Centred on an interior click (shifted by at most 16 px), a window always has its object near the
+    centre; centred on the box centre, a curved or hollow object can lie wholly away from it."""
+    clicked = WindowSampler(train, seed=9, augment=False, click_centred=1.0)
+    boxed = WindowSampler(train, seed=9, augment=False)
+    assert all(_object_near_centre(clicked.mask_sample()[1]) for _ in range(300))
+    assert not all(_object_near_centre(boxed.mask_sample()[1]) for _ in range(300))
+
+
+def test_click_centred_share_must_be_a_share(train):
+    with pytest.raises(ValueError, match="click_centred"):
+        WindowSampler(train, click_centred=1.5)
+
+
+def test_instance_sampling_draws_evaluated_instances_uniformly(train):
+    sampler = WindowSampler(train, seed=10, mask_sampling="instance")
+    draws = [sampler._random_masked_instance() for _ in range(4000)]
+    assert all(inst.has_mask and inst.area >= 32**2 for inst in draws)
+    person = [i for i in sampler.evaluated if i.category_id == 1]
+    share = np.mean([inst.category_id == 1 for inst in draws])
+    assert abs(share - len(person) / len(sampler.evaluated)) < 0.04
+
+
+def test_unknown_mask_sampling_is_refused(train):
+    with pytest.raises(ValueError, match="mask_sampling"):
+        WindowSampler(train, mask_sampling="image")
