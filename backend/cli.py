@@ -74,14 +74,13 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--paste-probability",
         type=float,
-        default=0.5,
-        help="clicks: chance of copy-paste augmentation per training crop (another instance pasted over it)",
+        help="clicks: chance of copy-paste augmentation per training crop (another instance pasted over it; "
+        "default 0.5)",
     )
     p.add_argument(
         "--min-area",
         type=float,
-        default=32.0**2,
-        help="clicks: the smallest instances (px) the head trains on, all equally likely",
+        help="clicks: the smallest instances (px) the head trains on, all equally likely (default 32x32)",
     )
 
 
@@ -138,8 +137,11 @@ def run_click_training(args: argparse.Namespace) -> None:
         lr=args.lr,
         seed=args.seed,
         device=args.device,
-        min_area=args.min_area,
-        paste_probability=args.paste_probability,
+        **{
+            name: value
+            for name in ("min_area", "paste_probability")
+            if (value := getattr(args, name)) is not None
+        },
     )
     print(train_click_head(cfg))
 

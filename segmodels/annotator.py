@@ -31,13 +31,14 @@ def click_point(mask: np.ndarray) -> tuple[float, float]:
     return deepest_point(boundary_distance(mask))
 
 
-def interior_points(gt: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``(n, 2)`` random pixel-centre points ``(x, y)`` of ``gt (H, W) bool`` at least a third as far from
-    its boundary as its deepest point."""
+def annotator_clicks(gt: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``(n + 1, 2)`` points ``(x, y)`` where people click on ``gt (H, W) bool``: first its deepest point
+    (:func:`click_point`), then ``n`` random pixel centres at least a third as far from its boundary."""
     depth = boundary_distance(gt)
     rows, cols = np.nonzero(depth >= depth.max() / 3)
     k = rng.integers(len(rows), size=n)
-    return np.stack([cols[k] + 0.5, rows[k] + 0.5], axis=1).astype(np.float64)
+    interior = np.stack([cols[k] + 0.5, rows[k] + 0.5], axis=1)
+    return np.concatenate([[deepest_point(depth)], interior]).astype(np.float64)
 
 
 def next_click(pred: np.ndarray, gt: np.ndarray) -> tuple[tuple[float, float], int] | None:

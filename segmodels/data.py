@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import torch
 
-from segmodels.annotator import click_point, interior_points
+from segmodels.annotator import annotator_clicks
 from segmodels.deepmask import INPUT, OBJECT, WINDOW
 from segmodels.geometry import coco_segmentation_to_mask
 from segmodels.splits import in_split
@@ -172,6 +172,13 @@ class CocoInstances:
             )
         return self._masks[inst.annotation_id]
 
+    def masked_instances(self, min_area: float) -> list[Instance]:
+        """The instances with a mask and an area of at least ``min_area`` px (ValueError when none has)."""
+        found = [inst for inst in self.instances if inst.has_mask and inst.area >= min_area]
+        if not found:
+            raise ValueError(f"no instance with a mask and area >= {min_area} px in {self.root}")
+        return found
+
     def mask_u8(self, inst: Instance) -> np.ndarray:
         """The instance mask as ``uint8`` 0/255, the form warps read (cached)."""
         if inst.annotation_id not in self._masks_u8:
@@ -289,11 +296,7 @@ class WindowSampler:
             if (masked := [inst for inst in members if inst.has_mask])
         }
         self.mask_categories = sorted(self.masked_by_category)
-        self.evaluated: list[Instance] | None = None
-        if mask_sampling == "instance":
-            self.evaluated = [i for i in dataset.instances if i.has_mask and i.area >= EVALUATED_AREA]
-            if not self.evaluated:
-                raise ValueError(f"no instance of {dataset.root} has a mask of 32x32 px or more")
+        self.evaluated = dataset.masked_instances(EVALUATED_AREA) if mask_sampling == "instance" else None
 
     def _random_instance(self) -> Instance:
         cat = self.categories[self.rng.integers(len(self.categories))]
@@ -324,9 +327,8 @@ class WindowSampler:
     def _click(self, inst: Instance) -> tuple[float, float]:
         """An annotator's click ``(x, y)`` in image pixels: the deepest point or a random interior one."""
         if inst.annotation_id not in self._clicks:
-            gt = self.dataset.mask(inst)
-            self._clicks[inst.annotation_id] = np.concatenate(
-                [[click_point(gt)], interior_points(gt, CLICKS_PER_INSTANCE, self.rng)]
+            self._clicks[inst.annotation_id] = annotator_clicks(
+                self.dataset.mask(inst), CLICKS_PER_INSTANCE, self.rng
             )
         clicks = self._clicks[inst.annotation_id]
         k = 0 if self.rng.random() < 0.5 else int(self.rng.integers(1, len(clicks)))

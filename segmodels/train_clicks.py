@@ -32,7 +32,15 @@ from segmodels.annotator import boundary_distance, deepest_point, next_click
 from segmodels.backbones import fold_batchnorm
 from segmodels.checkpoint import load_checkpoint
 from segmodels.click_head import CROP, OBJECT_SHARE, ClickHead, click_maps
-from segmodels.data import CocoInstances, Instance, crop_mask, crop_window, photometric_jitter, to_tensor
+from segmodels.data import (
+    EVALUATED_AREA,
+    CocoInstances,
+    Instance,
+    crop_mask,
+    crop_window,
+    photometric_jitter,
+    to_tensor,
+)
 from segmodels.device import resolve_device, to_device
 from segmodels.train_common import fit_head, save_with_head
 
@@ -56,7 +64,7 @@ class ClickTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     max_iterations: int = 3
-    min_area: float = 32.0**2
+    min_area: float = EVALUATED_AREA
     paste_probability: float = 0.5
     previous_mask_probability: float = 0.5
     seed: int = 0
@@ -68,9 +76,7 @@ class ClickSampler:
 
     def __init__(self, dataset: CocoInstances, min_area: float, paste_probability: float, seed: int) -> None:
         self.dataset = dataset
-        self.instances: list[Instance] = [i for i in dataset.instances if i.has_mask and i.area >= min_area]
-        if not self.instances:
-            raise ValueError(f"no instance with a mask and area >= {min_area} px in {dataset.root}")
+        self.instances: list[Instance] = dataset.masked_instances(min_area)
         self.paste_probability = paste_probability
         self.rng = np.random.default_rng(seed)
 

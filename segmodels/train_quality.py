@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from segmodels.annotator import click_point, interior_points
+from segmodels.annotator import annotator_clicks
 from segmodels.checkpoint import load_checkpoint
 from segmodels.data import CocoInstances
 from segmodels.device import resolve_device
@@ -122,7 +122,7 @@ def collect_samples(
             predictor.set_image(np.ascontiguousarray(image[:, ::-1]) if flip else image)
             for inst in instances:
                 gt = dataset.mask(inst)[:, ::-1] if flip else dataset.mask(inst)
-                points = np.concatenate([[click_point(gt)], interior_points(gt, config.extra_clicks, rng)])
+                points = annotator_clicks(gt, config.extra_clicks, rng)
                 rows += [(*click_samples(predictor, p, gt), inst.index) for p in points]
     if not rows:
         raise ValueError(f"no instance with a mask and area > {config.min_area} px in {dataset.root}")
