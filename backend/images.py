@@ -596,7 +596,7 @@ class ImageFetcher:
 
         try:
             with peer_check(check):
-                return self._session().get(
+                response = self._session().get(
                     url, headers=headers, stream=True, allow_redirects=False, timeout=remaining
                 )
         except requests.RequestException as exc:
@@ -605,6 +605,12 @@ class ImageFetcher:
             raise ServiceError(
                 422, "image_unreachable", f"cannot download {describe_url(url)}: {type(exc).__name__}"
             ) from None
+        if deadline.passed:
+            # The deadline's shutdown may have ended the headers early (http.client takes the end of the
+            # stream for the end of the headers): never follow or read a response cut that way.
+            response.close()
+            raise self._timed_out(url)
+        return response
 
     def _timed_out(self, url: str) -> ServiceError:
         return ServiceError(
