@@ -74,8 +74,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--paste-probability",
         type=float,
-        help="clicks: chance of copy-paste augmentation per training crop (another instance pasted over it; "
-        "default 0.5)",
+        help="chance of copy-paste augmentation per training crop or mask window (another instance pasted "
+        "over it; clicks: default 0.5; deepmask, sharpmask: default 0)",
     )
     p.add_argument(
         "--min-area",
@@ -119,6 +119,7 @@ def run_train(args: argparse.Namespace) -> None:
         split=args.split,
         click_centred=args.click_centred,
         mask_sampling=args.mask_sampling,
+        paste_probability=args.paste_probability or 0.0,
     )
     print(train(cfg))
 

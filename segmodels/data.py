@@ -263,7 +263,9 @@ class WindowSampler:
       deepest interior point or, as often, a random one at least a third as deep (where people click), with
       the same shift, which covers the 2x2 windows nearest a click that the predictor reads. With
       ``mask_sampling="instance"`` the instance is drawn uniformly among those with a mask of at least
-      32x32 px (the objects evaluated), not by category;
+      32x32 px (the objects evaluated), not by category. With chance ``paste_probability``, copy-paste
+      (Ghiasi et al., 2021): another instance is pasted over the window at 0.2-0.6 of its side and a random
+      place, hiding what it covers of the target, unless it would hide more than half of it;
     - score samples: 50% positives drawn as above (box-only instances included: a box is enough to centre
       and scale an object); 50% negatives, half of them centred on an instance at a scale 1-2 octaves off,
       half random windows (scales 2^-3..2^1) whose centre is >= 48 px from every object centre or whose
@@ -277,9 +279,12 @@ class WindowSampler:
         augment: bool = True,
         click_centred: float = 0.0,
         mask_sampling: str = "category",
+        paste_probability: float = 0.0,
     ) -> None:
         if not 0.0 <= click_centred <= 1.0:
             raise ValueError(f"click_centred is a share in [0, 1], got {click_centred}")
+        if not 0.0 <= paste_probability <= 1.0:
+            raise ValueError(f"paste_probability is a probability in [0, 1], got {paste_probability}")
         if mask_sampling not in MASK_SAMPLING:
             raise ValueError(f"mask_sampling is one of {MASK_SAMPLING}, got {mask_sampling!r}")
         if not dataset.instances:
@@ -288,6 +293,7 @@ class WindowSampler:
         self.rng = np.random.default_rng(seed)
         self.augment = augment
         self.click_centred = click_centred
+        self.paste_probability = paste_probability
         self._clicks: dict[int, np.ndarray] = {}
         self.categories = sorted(dataset.instances_by_category)
         self.masked_by_category = {
@@ -349,7 +355,28 @@ class WindowSampler:
         centre, scale = self._jittered(inst, self.rng.uniform(-SCALE_JITTER, SCALE_JITTER), click)
         flip = bool(self.rng.integers(2)) if self.augment else False
         target = crop_mask(self.dataset.mask_u8(inst), centre, scale, flip)
-        return self._input(inst.image_index, centre, scale, flip), target
+        image = self._input(inst.image_index, centre, scale, flip)
+        # No draw when the chance is 0, as above.
+        if self.paste_probability and self.rng.random() < self.paste_probability:
+            self._paste(image, target, inst)
+        return image, target
+
+    def _paste(self, image: np.ndarray, target: np.ndarray, inst: Instance) -> None:
+        """Paste another instance with a mask over ``image (INPUT, INPUT, 3)`` in place, its larger side
+        0.2-0.6 of the window's, its centre anywhere in it; the pixels it covers leave ``target (WINDOW,
+        WINDOW)``. Nothing is pasted when it would hide more than half of the target or is ``inst``."""
+        other = self._random_masked_instance()
+        scale = self.rng.uniform(0.2, 0.6) * INPUT / other.size
+        place = self.rng.uniform(0, INPUT, size=2) - INPUT / 2
+        centre = (other.centre[0] - place[0] / scale, other.centre[1] - place[1] / scale)
+        covers = crop_mask(self.dataset.mask_u8(other), centre, scale, False, INPUT) > 0
+        margin = (INPUT - WINDOW) // 2
+        hidden = covers[margin : margin + WINDOW, margin : margin + WINDOW]
+        if other is inst or target[hidden].sum() > target.sum() / 2:
+            return
+        patch = self._input(other.image_index, centre, scale, False)
+        image[covers] = patch[covers]
+        target[hidden] = 0.0
 
     def is_positive_window(self, image_index: int, centre: tuple[float, float], scale: float) -> bool:
         """Whether any instance is centred (within 48 px) at a scale within an octave of canonical."""

@@ -188,6 +188,7 @@ def train(cfg: TrainConfig) -> Path | None:
         augment=cfg.augment,
         click_centred=cfg.click_centred,
         mask_sampling=cfg.mask_sampling,
+        paste_probability=cfg.paste_probability,
     )
     validate = Validation(cfg, device)
     step = 0

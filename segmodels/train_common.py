@@ -54,6 +54,7 @@ class TrainConfig:
     split: str = "train"
     click_centred: float = 0.0
     mask_sampling: str = "category"
+    paste_probability: float = 0.0
 
     @property
     def total_steps(self) -> int:

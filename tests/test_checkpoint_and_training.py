@@ -94,10 +94,12 @@ def test_segmask_train_records_the_split_and_the_window_sampling_it_trained_with
         ["train", "deepmask", "--data", str(coco128), "--out", str(out), "--epochs", "1"]
         + ["--steps-per-epoch", "2", "--batch-size", "2", "--split", "fit"]
         + ["--click-centred", "0.5", "--mask-sampling", "instance", "--trunk-trainable-from", "none"]
+        + ["--paste-probability", "0.25"]
     )
     run_train(args)
     config = read_metadata(out)["training"]["deepmask"]["config"]
-    assert (config["split"], config["click_centred"], config["mask_sampling"]) == ("fit", 0.5, "instance")
+    names = ("split", "click_centred", "mask_sampling", "paste_probability")
+    assert tuple(config[name] for name in names) == ("fit", 0.5, "instance", 0.25)
 
 
 @pytest.mark.slow

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from segmodels.data import CocoInstances, WindowSampler
-from segmodels.deepmask import OBJECT, WINDOW
+from segmodels.data import CocoInstances, WindowSampler, crop_mask
+from segmodels.deepmask import INPUT, OBJECT, WINDOW
 from segmodels.splits import in_split
 
 
@@ -133,3 +133,37 @@ def test_instance_sampling_draws_evaluated_instances_uniformly(train):
 def test_unknown_mask_sampling_is_refused(train):
     with pytest.raises(ValueError, match="mask_sampling"):
         WindowSampler(train, mask_sampling="image")
+
+
+def test_copy_paste_hides_part_of_the_target_under_another_object(train):
+    """A pasted instance replaces the pixels it covers and takes them out of the target, never more than
+    half of it; the rest of the window and of the target are unchanged."""
+    plain = WindowSampler(train, seed=11, augment=False)
+    pasting = WindowSampler(train, seed=12, augment=False, paste_probability=1.0)
+    hid_some = False
+    for _ in range(40):
+        inst = plain._random_masked_instance()
+        centre, scale = plain._jittered(inst, 0.0)
+        image = plain._input(inst.image_index, centre, scale, False)
+        target = crop_mask(train.mask_u8(inst), centre, scale, False)
+        before_image, before_target = image.copy(), target.copy()
+        pasting._paste(image, target, inst)
+        lost = (before_target > 0) & (target == 0)
+        assert not ((target > 0) & (before_target == 0)).any()
+        assert target.sum() >= before_target.sum() / 2
+        margin = (INPUT - WINDOW) // 2
+        changed = (image != before_image).any(axis=2)[margin : margin + WINDOW, margin : margin + WINDOW]
+        assert (lost & changed).sum() >= 0.95 * lost.sum()  # pasted pixels may equal the old ones
+        hid_some |= bool(lost.any())
+    assert hid_some
+
+
+def test_no_copy_paste_keeps_the_papers_samples(train):
+    a = WindowSampler(train, seed=13).mask_batch(3)
+    b = WindowSampler(train, seed=13, paste_probability=0.0).mask_batch(3)
+    assert all(np.array_equal(p.numpy(), q.numpy()) for p, q in zip(a, b, strict=True))
+
+
+def test_paste_probability_must_be_a_probability(train):
+    with pytest.raises(ValueError, match="paste_probability"):
+        WindowSampler(train, paste_probability=-0.1)
