@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from segmodels.annotator import annotator_clicks
-from segmodels.deepmask import INPUT, OBJECT, WINDOW
+from segmodels.deepmask import CONTEXT, INPUT, OBJECT, WINDOW
 from segmodels.geometry import coco_segmentation_to_mask
 from segmodels.splits import in_split
 
@@ -368,11 +368,12 @@ class WindowSampler:
         other = self._random_masked_instance()
         scale = self.rng.uniform(0.2, 0.6) * INPUT / other.size
         place = self.rng.uniform(0, INPUT, size=2) - INPUT / 2
+        if other is inst:
+            return
         centre = (other.centre[0] - place[0] / scale, other.centre[1] - place[1] / scale)
         covers = crop_mask(self.dataset.mask_u8(other), centre, scale, False, INPUT) > 0
-        margin = (INPUT - WINDOW) // 2
-        hidden = covers[margin : margin + WINDOW, margin : margin + WINDOW]
-        if other is inst or target[hidden].sum() > target.sum() / 2:
+        hidden = covers[CONTEXT : CONTEXT + WINDOW, CONTEXT : CONTEXT + WINDOW]
+        if target[hidden].sum() > target.sum() / 2:
             return
         patch = self._input(other.image_index, centre, scale, False)
         image[covers] = patch[covers]

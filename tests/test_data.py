@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from segmodels.data import CocoInstances, WindowSampler, crop_mask
-from segmodels.deepmask import INPUT, OBJECT, WINDOW
+from segmodels.deepmask import CONTEXT, OBJECT, WINDOW
 from segmodels.splits import in_split
 
 
@@ -151,8 +151,7 @@ def test_copy_paste_hides_part_of_the_target_under_another_object(train):
         lost = (before_target > 0) & (target == 0)
         assert not ((target > 0) & (before_target == 0)).any()
         assert target.sum() >= before_target.sum() / 2
-        margin = (INPUT - WINDOW) // 2
-        changed = (image != before_image).any(axis=2)[margin : margin + WINDOW, margin : margin + WINDOW]
+        changed = (image != before_image).any(axis=2)[CONTEXT : CONTEXT + WINDOW, CONTEXT : CONTEXT + WINDOW]
         assert (lost & changed).sum() >= 0.95 * lost.sum()  # pasted pixels may equal the old ones
         hid_some |= bool(lost.any())
     assert hid_some
