@@ -53,8 +53,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--split",
         default="train",
-        choices=["train", "fit", "all"],
-        help="the images trained on (fit leaves out the tune split, to choose settings on it)",
+        choices=["train", "fit", "fit2", "all"],
+        help="the images trained on (fit leaves out the tune split, to choose settings on it; fit2 leaves "
+        "out tune2, a second fold)",
     )
     p.add_argument(
         "--click-centred",
@@ -176,9 +177,9 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--images-from",
         default="val",
-        choices=["val", "train", "all", "tune", "fit"],
+        choices=["val", "train", "all", "tune", "fit", "tune2", "fit2"],
         help="the fixed split by image id (val, the test split: id %% 5 == 0; tune: id %% 5 == 1; fit: the "
-        "other train images)",
+        "other train images; tune2: id %% 5 == 2, fit2: the train images outside it)",
     )
     p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the shipped model)")
     p.add_argument("--out", type=Path, help="report directory (default: reports/eval-SPLIT)")

@@ -9,13 +9,22 @@ by corrective clicks, at most 20 interactions each. Variants (``--variants`` pic
   as before the click head (threshold 0.5);
 - ``box threshold 0.2``: the same checkpoint with the box threshold of the defaults;
 - ``click head``: the checkpoint with a click head (``--after``), all defaults;
-- ``click head: first click unrefined``: the first click's mask straight from the DeepMask window;
+- ``click head: as the last release``: one click-head step on a first click, no GrabCut for a box;
+- ``click head: first click unrefined`` / ``1 step``: the first click's mask straight from the DeepMask
+  window / after one step of the click head (the default takes two, each zoomed on the mask before it);
+- ``click head: first click 1.6x context``, ``click head: first click 1.3x context``: the first click's
+  first step sees a zoom window 1.6x (1.3x) wider than the window mask's;
+- ``click head: corrections 2 steps``: two steps of the click head for every corrective click;
 - ``click head: box threshold 0.5``: the box threshold as before;
 - ``click head: three box zooms``: box windows at 0.8, 1 and 1.25 of the canonical scale, the one whose
   mask's tight box fits the box best;
 - ``click head: box fallback 0.7``: the filled box when the mask's tight box fits the box by IoU < 0.7;
-- ``click head: box unrefined``: the box's mask without the click head's step over the whole box (the
-  default refines it, keeping the refined mask when its tight box fits the box at least as well).
+- ``click head: box unrefined``: the box's DeepMask mask as it is: no step of the click head over the whole
+  box (the default takes one, kept when its mask's tight box fits the box at least as well), no GrabCut;
+- ``click head: box refined without fit check``: the refined box mask whether or not it fits the box better;
+- ``click head: box 2 steps``: up to two refining steps, each kept when it fits the box at least as well;
+- ``click head: box without GrabCut``: the box's mask without GrabCut's last step (the default lets
+  GrabCut seeded by the mask decide its boundary inside the box, segmodels/grabcut_refine.py).
 
 Prints a table (mIoU@1/@3/@5 with standard errors, NoC@85/@90, never reaching 0.85, box mIoU, box then
 clicks) and writes ``bench/results/interactive-SPLIT.json``::
@@ -50,11 +59,19 @@ def variants(before: Path, after: Path) -> dict[str, tuple[Path, dict]]:
         "shipped": (before, {"box_threshold": 0.5}),
         "box threshold 0.2": (before, {}),
         "click head": (after, {}),
-        "click head: first click unrefined": (after, {"refine_first_click": False}),
+        "click head: as the last release": (after, {"first_click_steps": 1, "box_grabcut": False}),
+        "click head: first click unrefined": (after, {"first_click_steps": 0}),
+        "click head: first click 1 step": (after, {"first_click_steps": 1}),
+        "click head: first click 1.6x context": (after, {"first_click_context": 1.6}),
+        "click head: first click 1.3x context": (after, {"first_click_context": 1.3}),
+        "click head: corrections 2 steps": (after, {"correction_steps": 2}),
         "click head: box threshold 0.5": (after, {"box_threshold": 0.5}),
         "click head: three box zooms": (after, {"box_zooms": (0.8, 1.0, 1.25)}),
         "click head: box fallback 0.7": (after, {"box_min_fit": 0.7}),
-        "click head: box unrefined": (after, {"refine_box": False}),
+        "click head: box unrefined": (after, {"box_steps": 0, "box_grabcut": False}),
+        "click head: box refined without fit check": (after, {"box_fit_check": False}),
+        "click head: box 2 steps": (after, {"box_steps": 2}),
+        "click head: box without GrabCut": (after, {"box_grabcut": False}),
     }
 
 
@@ -120,7 +137,7 @@ def main() -> None:
     parser.add_argument("--split", default="tune")
     parser.add_argument("--before", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--after", type=Path, required=True, help="a checkpoint with a click head")
-    parser.add_argument("--variants", help="comma-separated names (default: all)")
+    parser.add_argument("--variants", help="comma-separated names (default: all; no name holds a comma)")
     parser.add_argument("--max-images", type=int)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

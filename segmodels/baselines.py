@@ -14,6 +14,9 @@ from segmodels.geometry import mask_to_box
 from segmodels.predictor import box_mask
 
 GRABCUT_ITERATIONS = 5
+# OpenCV's per-thread random generator seeds GrabCut's colour models: seeded on each call, so that the
+# baseline's score does not depend on what ran before it.
+GRABCUT_SEED = 0
 
 
 def filled_box_mask(gt: np.ndarray) -> np.ndarray:
@@ -36,6 +39,7 @@ def grabcut_mask(image: np.ndarray, box: np.ndarray) -> np.ndarray | None:
     labels = np.zeros((height, width), np.uint8)
     background, foreground = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    cv2.setRNGSeed(GRABCUT_SEED)
     cv2.grabCut(
         bgr,
         labels,

@@ -167,6 +167,13 @@ def mask_to_box(mask: np.ndarray) -> np.ndarray:
     return np.array([columns[0], rows[0], columns[-1] + 1, rows[-1] + 1], dtype=np.float32)
 
 
+def scale_box(box: np.ndarray, factor: float) -> np.ndarray:
+    """``box`` (xyxy) scaled by ``factor`` about its centre, in the same units."""
+    box = np.asarray(box, np.float64)
+    centre, half = (box[:2] + box[2:]) / 2, (box[2:] - box[:2]) / 2 * factor
+    return np.concatenate([centre - half, centre + half])
+
+
 def box_iou_xyxy(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
     """Intersection over union of two ``[x1, y1, x2, y2]`` boxes (any one unit, e.g. pixels); 0.0 when the
     union is empty. COCO's ``[x, y, w, h]`` boxes need converting first."""

@@ -69,9 +69,9 @@ def test_a_click_sequence_continues_from_the_memoised_previous_prompt(with_head,
     steps = []
     original = with_head.correct
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         steps.append(1)
-        return original(*args)
+        return original(*args, **kwargs)
 
     with_head.correct = counted
     try:

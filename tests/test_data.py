@@ -23,6 +23,16 @@ def test_split_holds_out_image_ids_divisible_by_five(coco128):
     assert all(i % 5 == 0 for i in val_ids) and len(val_ids) == 21
 
 
+@pytest.mark.parametrize(("tune", "fit", "fold"), [("tune", "fit", 1), ("tune2", "fit2", 2)])
+def test_each_tuning_fold_and_its_fit_split_partition_the_train_images(tune, fit, fold):
+    train_ids = [i for i in range(1, 200) if in_split(i, "train")]
+    tune_ids = {i for i in train_ids if in_split(i, tune)}
+    fit_ids = {i for i in train_ids if in_split(i, fit)}
+    assert not tune_ids & fit_ids and tune_ids | fit_ids == set(train_ids)
+    assert all(i % 5 == fold for i in tune_ids)
+    assert not any(in_split(i, tune) or in_split(i, fit) for i in range(0, 200, 5))
+
+
 def test_unknown_split_is_refused():
     with pytest.raises(ValueError, match="split"):
         in_split(5, "test")

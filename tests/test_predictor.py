@@ -79,12 +79,30 @@ def test_box_prompt_mask_stays_inside_the_box(untrained, image):
 def test_a_box_refined_by_the_click_head_stays_inside_the_box(image):
     torch.manual_seed(0)
     model = SegmentationModel(ModelConfig(click_head=True))
-    predictor = MaskPredictor(model, scales=(0.5, 1.0), refine_box=True)
+    predictor = MaskPredictor(model, scales=(0.5, 1.0), box_steps=1)
     predictor.set_image(image)
     result = predictor.segment(box=[40, 30, 100, 90])
     ys, xs = np.nonzero(result.mask)
     if len(xs):
         assert xs.min() >= 40 - 2 and xs.max() < 100 + 2 and ys.min() >= 30 - 2 and ys.max() < 90 + 2
+
+
+def test_a_box_refined_by_grabcut_stays_inside_the_box(image):
+    torch.manual_seed(0)
+    model = SegmentationModel(ModelConfig(click_head=True))
+    predictor = MaskPredictor(model, scales=(0.5, 1.0), box_steps=2, box_grabcut=True)
+    predictor.set_image(image)
+    result = predictor.segment(box=[40, 30, 100, 90])
+    ys, xs = np.nonzero(result.mask)
+    if len(xs):
+        assert xs.min() >= 40 - 2 and xs.max() < 100 + 2 and ys.min() >= 30 - 2 and ys.max() < 90 + 2
+
+
+def test_click_head_step_counts_below_their_minimum_are_refused():
+    model = SegmentationModel(ModelConfig())
+    for steps in ({"first_click_steps": -1}, {"box_steps": -1}, {"correction_steps": 0}):
+        with pytest.raises(ValueError, match="click-head steps"):
+            MaskPredictor(model, scales=(1.0,), **steps)
 
 
 def test_second_prompt_reuses_the_image_features(untrained, image):
