@@ -2,11 +2,13 @@
 
 The model's mask seeds GrabCut (Rother et al., 2004): pixels outside the box are background, the mask's
 interior (eroded) is foreground, the rest of the mask probable foreground and the rest of the box probable
-background, so the colour models decide only the pixels near the mask's boundary and inside the box. Images
-are ``(H, W, 3) uint8 RGB``, masks ``bool (H, W)``, boxes xyxy pixels.
+background, so the colour models decide only the pixels near the mask's boundary and inside the box.
+Images are ``(H, W, 3) uint8 RGB``, masks ``bool (H, W)``, boxes xyxy pixels.
 """
 
 from __future__ import annotations
+
+import math
 
 import cv2
 import numpy as np
@@ -32,24 +34,34 @@ def refine_in_box(
     iterations: int = ITERATIONS,
     max_side: int = MAX_SIDE,
 ) -> np.ndarray:
-    """GrabCut from ``mask`` inside ``box`` (xyxy pixels) -> bool (H, W), equal to ``mask`` outside the
-    box's crop. ``mask`` is returned unchanged when it is empty, has no interior of :data:`SURE_DEPTH`
-    px, leaves no background in the crop, or when GrabCut finds no foreground. The crop is resized to
-    ``max_side`` px at most (~50 ms on a CPU core)."""
+    """GrabCut from ``mask`` inside ``box`` (xyxy pixels; a pixel is inside when its centre is) -> bool
+    (H, W) holding only pixels inside the box, which GrabCut decides: the model's masks spill a little over
+    a tight box, and the box says where the object ends. ``mask`` is returned unchanged when it is empty,
+    when the box holds no pixel of the image, when the mask has no interior of :data:`SURE_DEPTH` px, when
+    the crop leaves no background, or when GrabCut finds no foreground. GrabCut runs on the box's crop
+    resized to ``max_side`` px at most (~50 ms on a CPU core); the sure pixels keep their labels at full
+    resolution."""
     height, width = mask.shape
-    if not mask.any():
+    c0, c1 = max(0, math.ceil(box[0] - 0.5)), min(width, math.floor(box[2] - 0.5) + 1)
+    r0, r1 = max(0, math.ceil(box[1] - 0.5)), min(height, math.floor(box[3] - 0.5) + 1)
+    if not mask.any() or c1 <= c0 or r1 <= r0:
         return mask
-    x0, y0 = max(0, int(box[0]) - MARGIN), max(0, int(box[1]) - MARGIN)
-    x1, y1 = min(width, int(np.ceil(box[2])) + MARGIN), min(height, int(np.ceil(box[3])) + MARGIN)
-    labels = _seed_labels(mask[y0:y1, x0:x1], np.asarray(box, np.float64) - [x0, y0, x0, y0])
-    crop = image[y0:y1, x0:x1]
-    factor = min(1.0, max_side / max(labels.shape))
+    y0, y1, x0, x1 = (
+        max(0, r0 - MARGIN),
+        min(height, r1 + MARGIN),
+        max(0, c0 - MARGIN),
+        min(width, c1 + MARGIN),
+    )
+    inside = np.zeros((y1 - y0, x1 - x0), bool)
+    inside[r0 - y0 : r1 - y0, c0 - x0 : c1 - x0] = True
+    full = _seed_labels(mask[y0:y1, x0:x1], inside)
+    labels, crop = full, image[y0:y1, x0:x1]
+    factor = min(1.0, max_side / max(full.shape))
     if factor < 1.0:
-        size = (max(1, round(labels.shape[1] * factor)), max(1, round(labels.shape[0] * factor)))
-        labels = cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST)
+        size = (max(1, round(full.shape[1] * factor)), max(1, round(full.shape[0] * factor)))
+        labels = cv2.resize(full, size, interpolation=cv2.INTER_NEAREST)
         crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
-    sure_fg = labels == cv2.GC_FGD
-    if not (labels == cv2.GC_BGD).any() or not sure_fg.any():
+    if not (labels == cv2.GC_BGD).any() or not (labels == cv2.GC_FGD).any():
         return mask
     background, foreground = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     bgr = cv2.cvtColor(np.ascontiguousarray(crop), cv2.COLOR_RGB2BGR)
@@ -59,21 +71,17 @@ def refine_in_box(
     found = ((labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)).astype(np.uint8)
     if factor < 1.0:
         found = cv2.resize(found * 255, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR) > 127
+    found = (found.astype(bool) | (full == cv2.GC_FGD)) & inside
     if not found.any():
         return mask
-    result = mask.copy()
-    result[y0:y1, x0:x1] = found.astype(bool)
+    result = np.zeros_like(mask)
+    result[y0:y1, x0:x1] = found
     return result
 
 
-def _seed_labels(mask: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """GrabCut's initial labels for a crop: ``mask (h, w)`` bool, ``box`` xyxy pixels in the crop."""
-    height, width = mask.shape
-    labels = np.full((height, width), cv2.GC_BGD, np.uint8)
-    bx0, by0 = max(0, int(round(box[0]))), max(0, int(round(box[1])))
-    bx1, by1 = min(width, int(round(box[2]))), min(height, int(round(box[3])))
-    inside = np.zeros_like(mask)
-    inside[by0:by1, bx0:bx1] = True
+def _seed_labels(mask: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """GrabCut's initial labels for a crop of ``mask`` and of the box's pixels ``inside`` (bool (h, w))."""
+    labels = np.full(mask.shape, cv2.GC_BGD, np.uint8)
     labels[inside] = cv2.GC_PR_BGD
     labels[mask & inside] = cv2.GC_PR_FGD
     kernel = np.ones((2 * SURE_DEPTH + 1, 2 * SURE_DEPTH + 1), np.uint8)

@@ -839,8 +839,9 @@ class MaskPredictor:
         return Mask(honour_prompt(result.mask, pts[positive], pts[~positive], bx), result.score)
 
     def _click_sequence(self, pts: np.ndarray, positive: np.ndarray, box: np.ndarray | None) -> Mask:
-        """The first prompt's mask, then one :meth:`correct` per further click, each memoised on the image's
-        features by the prompt so far (an annotator's next click costs one step, not a replay)."""
+        """The first prompt's mask, then ``correction_steps`` :meth:`correct` per further click, each result
+        memoised on the image's features by the prompt so far (an annotator's next click costs that, not a
+        replay)."""
         order: np.ndarray = np.arange(len(pts))
         if box is None:
             first = int(np.argmax(positive))
@@ -886,11 +887,9 @@ class MaskPredictor:
         """The object in ``box`` (xyxy pixels): of the windows centred on the box at
         ``box_zooms`` of the canonical scale, the mask (at the box threshold, clipped to the box) whose
         tight box best matches ``box``; the filled box when every mask is empty or none matches it by IoU
-        >= ``box_min_fit``. With a click head, up to ``box_steps`` steps of the head over the whole box (a
-        positive click at that mask's deepest point) refine it; with ``box_fit_check``, a step is kept only
-        when its mask's tight box fits ``box`` at least as well as the one before, else refining stops.
-        With ``box_grabcut``, GrabCut's colour models seeded by the mask decide its boundary inside the box
-        last (segmodels.grabcut_refine)."""
+        >= ``box_min_fit``. With a click head, up to ``box_steps`` steps of the head refine it
+        (:meth:`_refine_box`). With ``box_grabcut``, GrabCut's colour models seeded by the mask decide its
+        boundary inside the box last, for any checkpoint (segmodels.grabcut_refine)."""
         feats = self._require_features()
         inside = box_mask(box, feats.height, feats.width)
         best, fit = Mask(inside, 0.0), -1.0
@@ -900,19 +899,26 @@ class MaskPredictor:
             score = _mask_box_fit(candidate.mask, box)
             if score > fit:
                 best, fit = candidate, score
-        best = best if fit >= self.box_min_fit else Mask(inside, 0.0)
-        if self.model.click_head is None or not self.box_steps:
-            return best
-        seed = click_point(best.mask) if best.mask.any() else ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
-        result = best
+        result = best if fit >= self.box_min_fit else Mask(inside, 0.0)
+        if self.model.click_head is not None and self.box_steps:
+            result = self._refine_box(result, box, inside)
+        if self.box_grabcut:
+            result = Mask(refine_in_box(feats.image, result.mask, box) & inside, result.score)
+        return result
+
+    def _refine_box(self, first: Mask, box: np.ndarray, inside: np.ndarray) -> Mask:
+        """Up to ``box_steps`` steps of the click head over the whole ``box`` (xyxy pixels; ``inside``: its
+        pixels with the prompt's tolerance), a positive click at ``first``'s deepest point (the box's centre
+        when it is empty); with ``box_fit_check`` a step is kept only when its tight box fits ``box`` at
+        least as well as the one before, else refining stops."""
+        seed = click_point(first.mask) if first.mask.any() else ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+        result = first
         for _ in range(self.box_steps):
             refined = self.correct(result.mask, np.array([seed], np.float64), np.ones(1, bool), region=box)
             refined.mask &= inside
             if self.box_fit_check and _mask_box_fit(refined.mask, box) < _mask_box_fit(result.mask, box):
                 break
             result = refined
-        if self.box_grabcut:
-            result = Mask(refine_in_box(feats.image, result.mask, box) & inside, result.score)
         return result
 
     @torch.no_grad()

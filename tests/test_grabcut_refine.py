@@ -34,19 +34,23 @@ def test_a_mask_that_holds_part_of_the_object_grows_to_its_colour_boundary():
 
 def test_a_boundary_that_spills_onto_the_background_is_trimmed():
     spill = disk(200, 240, (120, 100), 54)  # a band of background around the object, within SURE_DEPTH
-    refined = refine_in_box(IMAGE, spill, BOX)
+    refined = refine_in_box(IMAGE, spill, np.array([60.0, 40.0, 180.0, 160.0]))
     assert mask_iou(spill, TRUTH) < 0.87
     assert mask_iou(refined, TRUTH) > 0.95
 
 
-def test_nothing_outside_the_boxs_crop_changes():
+def test_the_result_holds_only_pixels_inside_the_box_and_keeps_the_sure_interior():
+    spill = disk(200, 240, (120, 100), 30) | disk(200, 240, (175, 100), 12)  # crosses the box's right side
+    refined = refine_in_box(IMAGE, spill, BOX, max_side=32)
+    outside = np.ones_like(spill)
+    outside[50:150, 70:170] = False
+    assert not refined[outside].any()
+    assert refined[disk(200, 240, (120, 100), 30 - 5)].all()
+
+
+def test_a_box_without_a_pixel_of_the_image_leaves_the_mask_as_it_was():
     part = disk(200, 240, (120, 100), 30)
-    part[0:5, 0:5] = True  # outside the box and its margin
-    refined = refine_in_box(IMAGE, part, BOX)
-    assert refined[0:5, 0:5].all()
-    far = np.ones_like(part)
-    far[30:170, 50:190] = False
-    assert np.array_equal(refined[far], part[far])
+    assert np.array_equal(refine_in_box(IMAGE, part, np.array([250.0, 0.0, 400.0, 100.0])), part)
 
 
 def test_a_mask_without_an_interior_is_returned_as_it_was():

@@ -98,6 +98,15 @@ def test_a_box_refined_by_grabcut_stays_inside_the_box(image):
         assert xs.min() >= 40 - 2 and xs.max() < 100 + 2 and ys.min() >= 30 - 2 and ys.max() < 90 + 2
 
 
+def test_a_box_reaching_far_past_the_image_is_served_inside_the_image(image):
+    torch.manual_seed(0)
+    predictor = MaskPredictor(SegmentationModel(ModelConfig(click_head=True)), scales=(0.5, 1.0))
+    predictor.set_image(image)
+    result = predictor.segment(box=[185, 0, 2400, 120])  # starts past the right edge; its tolerance does not
+    assert result.mask.shape == image.shape[:2]
+    assert not result.mask[:, :130].any()
+
+
 def test_click_head_step_counts_below_their_minimum_are_refused():
     model = SegmentationModel(ModelConfig())
     for steps in ({"first_click_steps": -1}, {"box_steps": -1}, {"correction_steps": 0}):
