@@ -903,7 +903,7 @@ class MaskPredictor:
         if self.model.click_head is not None and self.box_steps:
             result = self._refine_box(result, box, inside)
         if self.box_grabcut:
-            result = Mask(refine_in_box(feats.image, result.mask, box) & inside, result.score)
+            result = Mask(refine_in_box(feats.image, result.mask, box), result.score)  # within the box
         return result
 
     def _refine_box(self, first: Mask, box: np.ndarray, inside: np.ndarray) -> Mask:

@@ -76,21 +76,13 @@ def test_box_prompt_mask_stays_inside_the_box(untrained, image):
         assert xs.min() >= 40 - 2 and xs.max() < 100 + 2 and ys.min() >= 30 - 2 and ys.max() < 90 + 2
 
 
-def test_a_box_refined_by_the_click_head_stays_inside_the_box(image):
+@pytest.mark.parametrize(
+    "refinement", [{"box_steps": 1, "box_grabcut": False}, {"box_steps": 2, "box_grabcut": True}]
+)
+def test_a_box_refined_by_the_click_head_and_grabcut_stays_inside_the_box(image, refinement):
     torch.manual_seed(0)
     model = SegmentationModel(ModelConfig(click_head=True))
-    predictor = MaskPredictor(model, scales=(0.5, 1.0), box_steps=1)
-    predictor.set_image(image)
-    result = predictor.segment(box=[40, 30, 100, 90])
-    ys, xs = np.nonzero(result.mask)
-    if len(xs):
-        assert xs.min() >= 40 - 2 and xs.max() < 100 + 2 and ys.min() >= 30 - 2 and ys.max() < 90 + 2
-
-
-def test_a_box_refined_by_grabcut_stays_inside_the_box(image):
-    torch.manual_seed(0)
-    model = SegmentationModel(ModelConfig(click_head=True))
-    predictor = MaskPredictor(model, scales=(0.5, 1.0), box_steps=2, box_grabcut=True)
+    predictor = MaskPredictor(model, scales=(0.5, 1.0), **refinement)
     predictor.set_image(image)
     result = predictor.segment(box=[40, 30, 100, 90])
     ys, xs = np.nonzero(result.mask)
