@@ -65,6 +65,7 @@ def variants(before: Path, after: Path) -> dict[str, tuple[Path, dict]]:
         "click head: first click 1.6x context": (after, {"first_click_context": 1.6}),
         "click head: first click 1.3x context": (after, {"first_click_context": 1.3}),
         "click head: corrections 2 steps": (after, {"correction_steps": 2}),
+        "click head: flip-averaged": (after, {"flip_average": True}),
         "click head: box threshold 0.5": (after, {"box_threshold": 0.5}),
         "click head: three box zooms": (after, {"box_zooms": (0.8, 1.0, 1.25)}),
         "click head: box fallback 0.7": (after, {"box_min_fit": 0.7}),

@@ -75,8 +75,8 @@ BOX_MIN_FIT = 0.0
 BOX_THRESHOLD = 0.2
 # Steps of the click head on a first click's window mask, and GrabCut as a box's last step: chosen on two
 # tuning folds (image_id % 5 == 1 and == 2, every stage trained without the fold; bench_interactive.py).
-# A second step: mIoU@1 +0.008 on both (standard errors 0.004, 0.003), NoC@85 -0.33 and -0.24. GrabCut:
-# box mIoU +0.026 (0.010) and +0.009 (0.009), the clicks after it unchanged within two standard errors.
+# A second step: mIoU@1 +0.008 and +0.006 (standard errors 0.004, 0.003), NoC@85 -0.33 and -0.30. GrabCut:
+# box mIoU +0.026 (0.010) and +0.050 (0.007), the clicks after it unchanged within two standard errors.
 FIRST_CLICK_STEPS = 2
 BOX_GRABCUT = True
 # Radius (px) of the disk a positive point always gets, and a negative one always loses.
@@ -384,7 +384,9 @@ class MaskPredictor:
     when the checkpoint metadata lists that stage. ``trunk_engine`` (:data:`segmodels.trunk_engine.ENGINES`)
     says what runs the trunk: PyTorch (the default), ONNX Runtime (CPU; same taps to float32 rounding, about
     twice as fast) or ``auto`` (ONNX Runtime on a CPU, PyTorch elsewhere). ``feature_dtype``
-    (:data:`FEATURE_DTYPES`) is what an image's trunk taps are kept as.
+    (:data:`FEATURE_DTYPES`) is what an image's trunk taps are kept as. ``flip_average`` runs the box's
+    window and every click-head step on the crop and on its mirror image too, averaging the logits (test-time
+    augmentation at twice their cost; measured mixed on the two tuning folds, so off by default).
 
     The API: ``set_image`` (or ``compute_features`` + ``set_features`` for a cache), then ``segment``,
     ``propose`` or ``detect``. ``detect`` is ``label_candidates(detection_candidates())``, the one
@@ -415,6 +417,7 @@ class MaskPredictor:
         box_grabcut: bool = BOX_GRABCUT,
         first_click_context: float = 1.0,
         correction_steps: int = 1,
+        flip_average: bool = False,
         trunk_engine: str = "torch",
         feature_dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -436,7 +439,7 @@ class MaskPredictor:
             raise ValueError("click-head steps: at least 0 for a first click or a box, 1 for a correction")
         self.first_click_steps, self.correction_steps = first_click_steps, correction_steps
         self.box_steps, self.box_fit_check, self.box_grabcut = box_steps, box_fit_check, box_grabcut
-        self.first_click_context = first_click_context
+        self.first_click_context, self.flip_average = first_click_context, flip_average
         if feature_dtype not in FEATURE_DTYPES.values():
             raise ValueError(f"feature_dtype must be one of {sorted(FEATURE_DTYPES)}, not {feature_dtype}")
         self.feature_dtype = feature_dtype
@@ -603,15 +606,19 @@ class MaskPredictor:
         feats = self._require_features()
         centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
         scale = zoom * OBJECT / max(box[2] - box[0], box[3] - box[1], 1.0)
-        x = to_tensor([crop_window(feats.pyramid, centre, scale)]).to(self.device)
-        taps = self.trunk(x)
+        crop = crop_window(feats.pyramid, centre, scale)
+        crops = [crop, crop[:, ::-1]] if self.flip_average else [crop]
+        taps = self.trunk(to_tensor(crops).to(self.device))
         logits, score, vec = self.model.deepmask(taps["s16"])
         if self.refine:
-            zero = torch.zeros(1, dtype=torch.long, device=self.device)
-            logits = self.model.sharpmask(vec, window_skips(taps, zero, zero, zero))
+            batch = torch.arange(len(crops), device=self.device)
+            zero = torch.zeros_like(batch)
+            logits = self.model.sharpmask(vec, window_skips(taps, batch, zero, zero))
+        views = logits.float().cpu().numpy()
+        mean = views[0] if len(views) == 1 else (views[0] + views[1, :, ::-1]) / 2
         half = WINDOW / 2 / scale
         wbox = np.array([centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half])
-        return WindowMask(wbox, logits[0].float().cpu().numpy(), float(score[0]))
+        return WindowMask(wbox, mean, float(score.mean()))
 
     # ---- proposals ------------------------------------------------------------------------------------
     def top_windows(self, k: int) -> list[Candidate]:
@@ -937,11 +944,15 @@ class MaskPredictor:
             region = mask_to_box(previous) if previous.any() else None
         centre, scale = zoom_window(region, points)
         crop = crop_window(feats.pyramid, centre, scale, size=CROP)
-        taps = self.trunk(to_tensor([crop]).to(self.device))
         before = crop_mask(previous.astype(np.uint8) * 255, centre, scale, False, CROP)
         maps = click_maps(crop_points(points, centre, scale), positive.astype(int))
-        prompts = torch.from_numpy(np.concatenate([maps, before[None]]))[None].to(self.device)
-        logits = click_head(taps, prompts)[0].float().cpu().numpy()
+        crops, prompts = [crop], [np.concatenate([maps, before[None]])]
+        if self.flip_average:  # the mirrored view too, its logits mirrored back and averaged
+            crops.append(crop[:, ::-1])
+            prompts.append(prompts[0][:, :, ::-1])
+        taps = self.trunk(to_tensor(crops).to(self.device))
+        views = click_head(taps, torch.from_numpy(np.stack(prompts)).to(self.device)).float().cpu().numpy()
+        logits = views[0] if len(views) == 1 else (views[0] + views[1, :, ::-1]) / 2
         half = CROP / 2 / scale
         window = np.array([centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half])
         region_logits, (y0, y1, x0, x1) = paste_window(logits, window, feats.height, feats.width)
