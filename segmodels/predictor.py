@@ -614,11 +614,9 @@ class MaskPredictor:
             batch = torch.arange(len(crops), device=self.device)
             zero = torch.zeros_like(batch)
             logits = self.model.sharpmask(vec, window_skips(taps, batch, zero, zero))
-        views = logits.float().cpu().numpy()
-        mean = views[0] if len(views) == 1 else (views[0] + views[1, :, ::-1]) / 2
         half = WINDOW / 2 / scale
         wbox = np.array([centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half])
-        return WindowMask(wbox, mean, float(score.mean()))
+        return WindowMask(wbox, _mirror_mean(logits.float().cpu().numpy()), float(score.mean()))
 
     # ---- proposals ------------------------------------------------------------------------------------
     def top_windows(self, k: int) -> list[Candidate]:
@@ -947,12 +945,12 @@ class MaskPredictor:
         before = crop_mask(previous.astype(np.uint8) * 255, centre, scale, False, CROP)
         maps = click_maps(crop_points(points, centre, scale), positive.astype(int))
         crops, prompts = [crop], [np.concatenate([maps, before[None]])]
-        if self.flip_average:  # the mirrored view too, its logits mirrored back and averaged
+        if self.flip_average:
             crops.append(crop[:, ::-1])
             prompts.append(prompts[0][:, :, ::-1])
         taps = self.trunk(to_tensor(crops).to(self.device))
-        views = click_head(taps, torch.from_numpy(np.stack(prompts)).to(self.device)).float().cpu().numpy()
-        logits = views[0] if len(views) == 1 else (views[0] + views[1, :, ::-1]) / 2
+        views = click_head(taps, torch.from_numpy(np.stack(prompts)).to(self.device))
+        logits = _mirror_mean(views.float().cpu().numpy())
         half = CROP / 2 / scale
         window = np.array([centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half])
         region_logits, (y0, y1, x0, x1) = paste_window(logits, window, feats.height, feats.width)
@@ -1165,6 +1163,12 @@ def mask_nms(
     by ``stride``): indices kept, best score first; ``fragment`` < 1 also drops masks mostly inside a kept
     one."""
     return select_masks(mask_overlaps(masks, stride), scores, iou, fragment)
+
+
+def _mirror_mean(views: np.ndarray) -> np.ndarray:
+    """``(V, S, S)`` logits of a crop and, when ``V == 2``, of its mirror image (``flip_average``) -> the
+    ``(S, S)`` logits: the first view's, or the mean of both with the mirror's mirrored back."""
+    return views[0] if len(views) == 1 else (views[0] + views[1, :, ::-1]) / 2
 
 
 def _inside(mask: np.ndarray, points: np.ndarray) -> np.ndarray:

@@ -283,13 +283,10 @@ def test_a_negative_click_leaves_pixels_far_from_it_unchanged(shipped, coco128):
 def test_flip_averaging_makes_a_click_head_step_nearly_mirror_symmetric(coco128):
     """The mirrored view's logits are mirrored back before averaging: a mirrored image and prompts give
     nearly the mirrored mask (the crops' resampling is not exactly symmetric); one view alone gives 0.95."""
-    val = CocoInstances(coco128, "val")
-    index = next(i for i, im in enumerate(val.images) if im["id"] == 25)
-    image = val.image(index)
-    gt = val.mask(max(val.instances_by_image[index], key=lambda inst: inst.area))
     predictor = load_predictor(flip_average=True)
+    gt = _largest_held_out_object(predictor, coco128, 25)
+    image = predictor.features.image
     points, positive = np.array([click_point(gt)]), np.ones(1, bool)
-    predictor.set_image(image)
     previous = predictor.segment(points, [1]).mask
     step = predictor.correct(previous, points, positive).mask
     predictor.set_image(np.ascontiguousarray(image[:, ::-1]))
