@@ -135,6 +135,15 @@ def imagenet_classes(name: str) -> list[int]:
     return []
 
 
+def other_label_classes(names: Sequence[str]) -> list[int]:
+    """ImageNet-1k indices that depict a label of this table which none of ``names`` is (for a project
+    labelling cups: the elephants, broccoli and knives, not the cups): what the frozen ImageNet classifier
+    knows about objects outside a label set, which a model fine-tuned on that set alone does not."""
+    claimed = {i for name in names for i in imagenet_classes(name)}
+    known = {i for classes in IMAGENET_CLASSES_OF.values() for i in classes}
+    return sorted(known - claimed)
+
+
 def imagenet_prior(names: Sequence[str]) -> torch.Tensor:
     """``(1000, K)`` float 0/1 matrix: column k marks the ImageNet classes of ``names[k]``."""
     prior = torch.zeros(IMAGENET_CLASSES, len(names))

@@ -155,6 +155,8 @@ class LabelHead(nn.Module):
     ``prior_weight`` are fit by :func:`fit_label_head`, a convex problem.
     """
 
+    prior: torch.Tensor
+
     def __init__(self, tail: ImageNetTail, class_names: Sequence[str]) -> None:
         super().__init__()
         self.tail = tail
@@ -175,10 +177,13 @@ class LabelHead(nn.Module):
             out[rows] = weights[rows] @ features[b].flatten(1).T
         return out
 
+    def imagenet_probabilities(self, pooled: torch.Tensor) -> torch.Tensor:
+        """``(R, D)`` pooled features -> ``(R, 1000)`` float32: the frozen ImageNet classifier's softmax."""
+        return self.tail.classifier(pooled).float().softmax(dim=1)
+
     def prior_logits(self, pooled: torch.Tensor) -> torch.Tensor:
         """``(R, D)`` -> ``(R, K)`` log ImageNet probability mass of each label (``log(m_k + 1e-4)``)."""
-        mass = self.tail.classifier(pooled).float().softmax(dim=1) @ self.prior
-        return torch.log(mass + PRIOR_FLOOR)
+        return torch.log(self.imagenet_probabilities(pooled) @ self.prior + PRIOR_FLOOR)
 
     def logits(self, pooled: torch.Tensor, prior_logits: torch.Tensor) -> torch.Tensor:
         """``(R, D)`` pooled features and their ``(R, K)`` :meth:`prior_logits` -> ``(R, K)`` logits."""

@@ -10,7 +10,12 @@ from torch import nn
 
 from segmodels.backbones import ImageNetTail, build_imagenet_tail
 from segmodels.finetune import remap_classes
-from segmodels.imagenet_labels import IMAGENET_CLASSES_OF, imagenet_classes, imagenet_prior
+from segmodels.imagenet_labels import (
+    IMAGENET_CLASSES_OF,
+    imagenet_classes,
+    imagenet_prior,
+    other_label_classes,
+)
 from segmodels.model import ModelConfig, SegmentationModel
 from segmodels.multipathnet import LabelHead, MultiPathNet, box_coverage, fit_label_head, mask_coverage
 
@@ -52,6 +57,15 @@ def test_prior_columns_mark_each_labels_imagenet_classes():
     prior = imagenet_prior(NAMES)
     assert prior.shape == (1000, 3)
     assert prior[:, 0].sum() == 118 and prior[963, 1] == 1 and prior[:, 2].sum() == 0
+
+
+def test_other_label_classes_are_the_known_objects_a_label_set_does_not_claim():
+    other = set(other_label_classes(["Cups", "person"]))
+    assert set(imagenet_classes("elephant")) <= other and set(imagenet_classes("dog")) <= other
+    assert not other & set(imagenet_classes("cup")) and not other & set(imagenet_classes("person"))
+    # Labels the table does not know claim nothing; the whole table claims everything.
+    assert other_label_classes(["vehicle"]) == sorted({i for c in IMAGENET_CLASSES_OF.values() for i in c})
+    assert other_label_classes(list(IMAGENET_CLASSES_OF)) == []
 
 
 def test_box_coverage_is_the_share_of_each_cell_inside_the_box():

@@ -12,6 +12,7 @@ from segmodels.uncertainty import (
     detect_with_uncertainty,
     image_uncertainty,
     object_uncertainty,
+    other_object_mass,
     project_columns,
 )
 
@@ -40,6 +41,27 @@ def test_only_doubt_between_the_projects_labels_counts():
     assert u[0] > u[1] > u[2] == u[3] == 0.0
     # A window on nothing: however torn MultiPathNet is, DeepMask's objectness says there is no object.
     assert object_uncertainty(np.array([0.9, 0.01]), probs[[0, 0]], PROJECT) == pytest.approx([0.45, 0.005])
+
+
+def test_an_object_known_to_be_outside_the_project_counts_for_less():
+    probs = np.array([[0.05, 0.45, 0.45, 0.05, 0.00]] * 3)
+    other = np.array([0.0, 0.5, 1.0])
+    assert object_uncertainty(np.full(3, 0.9), probs, PROJECT, other) == pytest.approx([0.45, 0.225, 0.0])
+
+
+def test_the_imagenet_classifier_knows_animals_food_and_vehicles_a_project_does_not_label(coco128: Path):
+    held_out = CocoInstances(coco128, "val")
+    predictor = load_predictor(device="cpu")
+    for name in ("dog", "airplane", "broccoli", "pizza"):
+        largest = max(
+            (i for i in held_out.instances if held_out.categories[i.category_id] == name),
+            key=lambda i: i.area,
+        )
+        predictor.set_image(held_out.image(largest.image_index))
+        mask = held_out.mask(largest)
+        # To a project of people and chairs it is something else; to a project that labels it, it is not.
+        assert other_object_mass(predictor, [mask], ["person", "chair"])[0] > 0.9, name
+        assert other_object_mass(predictor, [mask], [name, "chair"])[0] < 0.1, name
 
 
 def test_a_one_label_project_measures_doubt_about_its_object_and_no_label_measures_nothing():
