@@ -53,7 +53,7 @@ from segmodels.data import CocoInstances
 from segmodels.finetune import FinetuneConfig, evaluate_checkpoint, finetune, heldout_instances
 from segmodels.predictor import DEFAULT_CHECKPOINT, load_predictor
 from segmodels.splits import in_split
-from segmodels.uncertainty import image_uncertainty
+from segmodels.uncertainty import TOP_OBJECTS, image_uncertainty
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = DEFAULT_DATA_DIR
@@ -116,16 +116,16 @@ def starting_checkpoint(
 
 
 def rank_by_uncertainty(
-    checkpoint: Path, dataset: CocoInstances, image_ids: list[int], classes: list[str]
+    checkpoint: Path, dataset: CocoInstances, image_ids: list[int], classes: list[str], top: int
 ) -> list[tuple[int, float]]:
     """``(image id, uncertainty)`` under ``checkpoint`` for a project labelling ``classes`` (what rescore
-    passes), most uncertain first."""
+    passes), the image scored by its ``top`` most uncertain objects, most uncertain first."""
     predictor = load_predictor(checkpoint)
     index_of = {im["id"]: i for i, im in enumerate(dataset.images)}
     scores = []
     for image_id in image_ids:
         predictor.set_image(dataset.image(index_of[image_id]))
-        scores.append((image_id, image_uncertainty(predictor, classes=classes)["uncertainty"]))
+        scores.append((image_id, image_uncertainty(predictor, classes=classes, top=top)["uncertainty"]))
     return sorted(scores, key=lambda s: -s[1])
 
 
@@ -146,6 +146,7 @@ class Simulation:
         self.heldout = CocoInstances(project, "val")
         self.setting = {
             "classes": self.classes,
+            "top_objects": args.top_objects,
             "finetune_config": asdict(cfg),
             "majority_baseline": majority_baseline(self.heldout),
         }
@@ -191,7 +192,7 @@ class Simulation:
         if strategy == "random":
             picked = sorted(int(i) for i in rng.choice(rest, self.args.k, replace=False))
             return picked, time.monotonic() - start, None
-        ranking = rank_by_uncertainty(model, self.dataset, rest, self.classes)
+        ranking = rank_by_uncertainty(model, self.dataset, rest, self.classes, self.args.top_objects)
         picked = [i for i, _ in ranking[: self.args.k]]
         return picked, time.monotonic() - start, [u for _, u in ranking]
 
@@ -373,6 +374,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="no simulation: merge the runs of these JSON outputs (e.g. one seed each, run in parallel)",
     )
+    p.add_argument(
+        "--top-objects",
+        type=int,
+        default=TOP_OBJECTS,
+        help=f"an image scores the mean of its this many most uncertain objects (default {TOP_OBJECTS}; "
+        "100, every candidate: ranks by the sum, the expected number of wrong labels)",
+    )
     p.add_argument("--classes", default=",".join(CLASSES), help="the project's label set, comma-separated")
     p.add_argument("--data", type=Path, default=DATA, help="COCO128 directory")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="the shipped checkpoint")
@@ -439,8 +447,8 @@ def combine(paths: list[Path]) -> dict:
     counts; the report then says ``partial``."""
     parts = [json.loads(path.read_text()) for path in paths]
     for part in parts[1:]:
-        same = ("classes", "finetune_config", "majority_baseline")
-        if any(part[key] != parts[0][key] for key in same):
+        same = ("classes", "top_objects", "finetune_config", "majority_baseline")
+        if any(part.get(key) != parts[0].get(key) for key in same):
             raise ValueError(f"{paths}: the runs differ in {same}")
     keep = ("args", "seconds", "pretrain_seconds", "machine", "git", "partial")
     return {
