@@ -115,9 +115,7 @@ def collect(
         ]
         # Without a label head there is nothing to refit: the inputs stay empty (out_of_fold_probs).
         pooled, prior = predictor.label_head_inputs(list(masks)) if has_head else (torch.zeros(0), None)
-        gt_pooled = (
-            predictor.label_head_inputs([m for m, _ in known])[0] if has_head and known else pooled[:0]
-        )
+        gt_pooled = predictor.label_head_features([m for m, _ in known]) if has_head and known else pooled[:0]
         rows.append(
             ImageRows(
                 image_id=int(dataset.images[index]["id"]),

@@ -38,7 +38,7 @@ from segmodels.deepmask import CELLS, INPUT, OBJECT, STRIDE, WINDOW
 from segmodels.geometry import box_iou_xyxy, mask_to_box, mask_to_polygon, scale_box
 from segmodels.grabcut_refine import refine_in_box
 from segmodels.model import SegmentationModel
-from segmodels.multipathnet import decode_boxes, mask_coverage
+from segmodels.multipathnet import LabelHead, decode_boxes, mask_coverage
 from segmodels.quality_head import window_features
 from segmodels.sharpmask import window_skips
 from segmodels.trunk_engine import build_trunk_engine
@@ -700,22 +700,32 @@ class MaskPredictor:
             features = self.model.require_multipathnet().imagenet_features(_Float32Taps(level.taps))
             level.taps["imagenet"] = features.to(self.feature_dtype)
 
-    @torch.no_grad()
-    def label_head_inputs(self, masks: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """What MultiPathNet's label head reads for R bool ``(H, W)`` image-pixel ``masks`` of the current
-        image: ImageNet features pooled over each mask ``(R, D)`` and their log ImageNet mass per class
-        ``(R, K)`` (``LabelHead.logits`` of both are the label logits). For refitting the head elsewhere."""
+    def _label_head(self) -> LabelHead:
         head = self.model.require_multipathnet().label_head
         if head is None:
             raise RuntimeError("this checkpoint's MultiPathNet has no label head")
+        return head
+
+    @torch.no_grad()
+    def label_head_features(self, masks: Sequence[np.ndarray]) -> torch.Tensor:
+        """``(R, D)`` float32: the ImageNet features MultiPathNet's label head pools over each of R bool
+        ``(H, W)`` image-pixel ``masks`` of the current image."""
+        head = self._label_head()
         level = self._classifier_level()
         self._imagenet_features(level)
         features = level.taps["imagenet"].float()
         grid = (int(features.shape[-2]), int(features.shape[-1]))
         coverage = mask_coverage(masks, (level.sx, level.sy), PAD, grid).to(features.device)
         batch = torch.zeros(len(masks), dtype=torch.long, device=features.device)
-        pooled = head.pool(features, coverage, batch)
-        return pooled.float(), head.prior_logits(pooled).float()
+        return head.pool(features, coverage, batch).float()
+
+    @torch.no_grad()
+    def label_head_inputs(self, masks: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """What MultiPathNet's label head reads for R bool ``(H, W)`` image-pixel ``masks`` of the current
+        image: :meth:`label_head_features` ``(R, D)`` and their log ImageNet mass per class ``(R, K)``
+        (``LabelHead.logits`` of both are the label logits). For refitting the head elsewhere."""
+        pooled = self.label_head_features(masks)
+        return pooled, self._label_head().prior_logits(pooled).float()
 
     def detection_candidates(
         self, proposals: int = 100, timings: dict[str, float] | None = None

@@ -97,8 +97,7 @@ def other_object_mass(
     head = predictor.model.require_multipathnet().label_head
     if head is None or not len(masks):
         return np.zeros(len(masks))
-    pooled, _ = predictor.label_head_inputs(masks)
-    imagenet = head.imagenet_probabilities(pooled)
+    imagenet = head.imagenet_probabilities(predictor.label_head_features(masks))
     return imagenet[:, other_label_classes(project)].sum(dim=1).double().cpu().numpy()
 
 
