@@ -52,6 +52,7 @@ def build_dispatcher(settings: Settings) -> Dispatcher:
         # must not pay for.
         from backend.embedded_dispatcher import EmbeddedDispatcher
         from backend.runtime import Runtime
+        from backend.torch_threads import process_plan
 
-        return EmbeddedDispatcher(Runtime(settings))
+        return EmbeddedDispatcher(Runtime(settings, slots=process_plan(settings).slots))
     return RQDispatcher(settings)

@@ -23,12 +23,12 @@ class FeatureCache(Generic[T]):
     """LRU of per-image features keyed by the image's content hash, bounded in bytes (thread-safe).
 
     Features grow after they are cached (memoised prompt masks and cells, a detection's dense heads, trunk
-    levels completed later). Callers change an entry only between being handed it (:meth:`get`,
-    :meth:`peek`, :meth:`touch`) and their next :meth:`trim`, so the cache measures those entries again
-    before it evicts and keeps the others' last sizes: measuring every entry on every access cost a quarter
-    of a busy server's time with 50 images cached. Entries must not change while the cache runs (the
-    runtimes change features, and call the cache, only under their model lock). An entry larger than the
-    whole budget is returned but not kept.
+    levels completed later), so whoever changes an entry measures it again with :meth:`trim`: ``trim(key)``
+    measures that entry alone (a runtime serving several requests at once must not measure an image
+    another request is changing), ``trim()`` every entry handed out since the last ``trim()`` (for a single
+    caller; measuring every entry on every access cost a quarter of a busy server's time with 50 images
+    cached). Other entries keep their last sizes. An entry larger than the whole budget is returned but
+    not kept.
     """
 
     def __init__(self, capacity_bytes: int) -> None:
@@ -50,9 +50,8 @@ class FeatureCache(Generic[T]):
 
     @property
     def nbytes(self) -> int:
-        """Bytes the cached entries hold now."""
+        """Bytes the cached entries held when last measured."""
         with self._lock:
-            self._measure()
             return sum(self._sizes.values())
 
     def peek(self, key: str) -> T | None:
@@ -70,14 +69,14 @@ class FeatureCache(Generic[T]):
                 self._items.move_to_end(key)
                 self._handed.add(key)
                 self.hits += 1
-                value = self._items[key]
-                self._evict()
-                return value, True
+                return self._items[key], True
             self.misses += 1
         value = compute()
+        size = value.nbytes
         with self._lock:
             self._items[key] = value
             self._items.move_to_end(key)
+            self._sizes[key] = size
             self._handed.add(key)
             self._evict()
         return value, False
@@ -91,23 +90,20 @@ class FeatureCache(Generic[T]):
             if key is not None:
                 self._handed.add(key)
 
-    def trim(self) -> None:
-        """Measure the entries handed out since the last trim and evict until every entry fits: call it
-        after changing an entry (a prompt ran part of the trunk on it), so the budget holds before the next
-        access."""
+    def trim(self, key: str | None = None) -> None:
+        """Measure the entry ``key`` again (None: every entry handed out since the last ``trim()``) and
+        evict until every entry fits: call it after changing an entry (a prompt ran part of the trunk on
+        it), so the budget holds before the next access."""
         with self._lock:
+            keys = set(self._handed) if key is None else {key}
+            for changed in keys & self._items.keys():
+                self._sizes[changed] = self._items[changed].nbytes
+            self._handed -= keys
             self._evict()
-            self._handed.clear()
-
-    def _measure(self) -> None:
-        """Measure again every entry handed out since the last :meth:`trim` (every new entry is)."""
-        for key in self._handed:
-            self._sizes[key] = self._items[key].nbytes
 
     def _evict(self) -> None:
         """Drop every entry that alone exceeds the budget (not the others for its sake), then least recently
         used ones until the rest fit."""
-        self._measure()
         for key in [key for key, size in self._sizes.items() if size > self.capacity_bytes]:
             self._drop(key)
         total = sum(self._sizes.values())

@@ -26,9 +26,12 @@ coordinates are converted to pixels with the working image's size, and polygons 
 no scaling changes.
 
 Only model work holds ``Runtime.lock``: a request downloads and decodes its image before taking it, so a
-slow image delays its own request only. The lock serves waiting requests first come, first served, clicks
-before pre-annotation (backend.model_lock), and long work holds it in short turns: a detection or warm-up
-runs the trunk one pyramid level per hold.
+slow image delays its own request only. The lock has ``slots`` places (backend.torch_threads sizes them to
+the cores, one PyTorch thread each: a click's small convolutions keep one core busy, not two), so that many
+requests run at once, never two on one image, each on its own view of the loaded model
+(:class:`LoadedModel`). It serves waiting requests first come, first served, clicks before pre-annotation
+(backend.model_lock), and long work holds it in short turns: a detection or warm-up runs the trunk one
+pyramid level per hold.
 
 A prompt on an image runs only the part of the trunk it reads (a first click: a block of each pyramid
 level, segmodels.predictor.MaskPredictor.cover), so its answer is not delayed by the rest; the runtime then
@@ -39,11 +42,14 @@ gaps between requests), so the first click on the next object of that image find
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import copy
 import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,49 +89,95 @@ class FetchedImage:
     data: bytes | None = None
 
 
-class Runtime:
-    """What a model process keeps warm: the predictor, the image fetcher and the feature cache, and how to
-    reach Label Studio (``access``; by default from the settings and Redis's /setup registry).
+@dataclass(frozen=True)
+class LoadedModel:
+    """A loaded model version: its predictor and the feature cache of its images (features of one version
+    never serve another). A hold of the model lock gets a copy of it with a predictor view of its own
+    (:meth:`view`)."""
 
-    One predictor serves one request at a time (it holds the current image's features); ``lock``
-    serialises requests when several threads share a runtime (embedded mode).
+    version: str
+    predictor: MaskPredictor
+    features: FeatureCache[WorkingFeatures]
+
+    def view(self) -> LoadedModel:
+        """The same weights and cache, and a predictor whose current image is this view's alone."""
+        return LoadedModel(self.version, copy.copy(self.predictor), self.features)
+
+
+class Runtime:
+    """What a model process keeps warm: the model and its feature cache (:class:`LoadedModel`), the image
+    fetcher, and how to reach Label Studio (``access``; by default from the settings and Redis's /setup
+    registry).
+
+    ``lock`` lets ``slots`` requests use the model at once when several threads share a runtime (embedded
+    mode; a worker's job and its click lane), never two on one image.
     """
 
     def __init__(
-        self, settings: Settings, fetcher: ImageFetcher | None = None, access: LabelStudioAccess | None = None
+        self,
+        settings: Settings,
+        fetcher: ImageFetcher | None = None,
+        access: LabelStudioAccess | None = None,
+        slots: int = 1,
     ) -> None:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.fetcher = fetcher or ImageFetcher(settings)
         self.access = access or LabelStudioAccess.from_settings(settings)
-        self.lock = ModelLock()
+        self.lock = ModelLock(slots)
         # Decodes run one at a time, outside ``lock``: a full-size decode (up to SEGMASK_MAX_IMAGE_PIXELS x 3
         # bytes, before downscaling) per server thread at once could take gigabytes.
         self._decode_lock = threading.Lock()
         self.store = open_store(settings)
-        self.model_version = ""
-        self._load_current()
+        self._reload_lock = threading.Lock()
+        self.loaded = self._load(self.store.current_version())
         # Images whose features a prompt left incomplete (bounded: a key each, the oldest dropped first), and
         # the thread completing them, which runs only while there are some.
         self._incomplete: deque[str] = deque(maxlen=COMPLETION_QUEUE)
         self._completion_lock = threading.Lock()
         self._completer: threading.Thread | None = None
 
+    @property
+    def model_version(self) -> str:
+        """The version loaded now."""
+        return self.loaded.version
+
+    @property
+    def predictor(self) -> MaskPredictor:
+        """The predictor of the version loaded now (each hold of the model uses a view of it)."""
+        return self.loaded.predictor
+
+    @property
+    def features(self) -> FeatureCache[WorkingFeatures]:
+        """The feature cache of the version loaded now."""
+        return self.loaded.features
+
+    @contextlib.contextmanager
+    def _model(self, key: str, background: bool = False) -> Iterator[LoadedModel]:
+        """Hold a place of ``lock`` for work on the image ``key`` (yielding to every request when
+        ``background``), with a view of the store's current version (:meth:`_load_current`)."""
+        with self.lock.background(key) if background else self.lock.hold(key):
+            with self._reload_lock:
+                self._load_current()
+                model = self.loaded.view()
+            yield model
+
     def _load_current(self) -> None:
         """Serve the store's current version, loading it if it is not the one loaded (no restart needed)."""
         version = self.store.current_version()
-        if version == self.model_version:
-            return
+        if version != self.loaded.version:
+            self.loaded = self._load(version)
+
+    def _load(self, version: str) -> LoadedModel:
+        """The store's ``version`` (its current one), loaded, with an empty feature cache."""
         started = time.perf_counter()
         path = self.store.current_dir()
-        self.predictor: MaskPredictor = load_predictor(
+        predictor = load_predictor(
             path,
             self.device,
             trunk_engine=self.settings.trunk_engine,
             feature_dtype=FEATURE_DTYPES[self.settings.feature_precision],
         )
-        self.features: FeatureCache[WorkingFeatures] = FeatureCache(self.settings.feature_cache_mb << 20)
-        self.model_version = version
         log.info(
             "model %s loaded from %s on %s in %.1f s",
             version,
@@ -133,6 +185,7 @@ class Runtime:
             self.device,
             time.perf_counter() - started,
         )
+        return LoadedModel(version, predictor, FeatureCache(self.settings.feature_cache_mb << 20))
 
     def run(self, kind: JobKind, request: dict) -> dict:
         """The result of the job ``kind`` on ``request``: :meth:`segment`, :meth:`detect` or :meth:`warm`."""
@@ -143,25 +196,25 @@ class Runtime:
         prompt = request.get("prompt") or {}
         image = self._fetch(request)
         seconds = image.seconds
-        with self.lock:
-            scaled = self._set_features(image)
+        with self._model(image.key) as model:
+            scaled = self._set_features(model, image)
             points, positive, box = _prompt_pixels(prompt, scaled.features.width, scaled.features.height)
             started = time.perf_counter()
             with torch.inference_mode():
-                mask = self.predictor.segment(points, positive.astype(int), box).mask
+                mask = model.predictor.segment(points, positive.astype(int), box).mask
             seconds["model"] = time.perf_counter() - started
-            self.features.trim()
+            model.features.trim(image.key)
             if not all(level.complete for level in scaled.features.levels):
                 self._complete_later(image.key)
         obj = encode_mask(mask, _prompt_score(mask, points, positive), request.get("output"), scaled, seconds)
-        return self._result(scaled, [obj] if obj else [], seconds)
+        return self._result(model.version, scaled, [obj] if obj else [], seconds)
 
     def warm(self, request: dict) -> dict:
         """Compute and cache the features of the request's image (no objects): Label Studio opened a task
         while pre-annotation is off, and its clicks will follow."""
         image = self._fetch(request)
-        scaled = self._complete_in_turns(image)
-        return self._result(scaled, [], image.seconds)
+        version, scaled = self._complete_in_turns(image)
+        return self._result(version, scaled, [], image.seconds)
 
     def detect(self, request: dict) -> dict:
         """Labelled objects of one image (pre-annotation)."""
@@ -172,25 +225,25 @@ class Runtime:
         image = self._fetch(request)
         seconds = image.seconds
         self._complete_in_turns(image)
-        with self.lock:
-            scaled = self._set_features(image)
+        with self._model(image.key) as model:
+            scaled = self._set_features(model, image)
             started = time.perf_counter()
             with torch.inference_mode():
                 if request.get("uncertainty"):
                     detections, measure = detect_with_uncertainty(
-                        self.predictor, threshold, limit, classes=classes
+                        model.predictor, threshold, limit, classes=classes
                     )
                 else:
-                    detections = self.predictor.detect(threshold, limit, classes=classes)
+                    detections = model.predictor.detect(threshold, limit, classes=classes)
                     measure = {}
             seconds["model"] = time.perf_counter() - started
-            self.features.trim()
+            model.features.trim(image.key)
         objects = []
         for det in detections:
             obj = encode_mask(det.mask, det.score, request.get("output"), scaled, seconds)
             if obj:
                 objects.append({**obj, "label": det.label})
-        result = self._result(scaled, objects, seconds)
+        result = self._result(model.version, scaled, objects, seconds)
         if measure:
             result.update(uncertainty=float(measure["uncertainty"]), confidence=float(measure["confidence"]))
         return result
@@ -220,48 +273,50 @@ class Runtime:
             height, width = image.shape[:2]
             return working_image(image, self.settings.max_work_side), width, height
 
-    def _set_features(self, image: FetchedImage) -> WorkingFeatures:
-        """Set ``image``'s features on the predictor, from the cache or made now (the caller holds ``lock``);
-        adds the seconds spent to ``image.seconds["features"]``. New features have no trunk taps yet: each
-        prompt or detection runs the trunk on what it reads (MaskPredictor.compute_features), and keeps it."""
-        self._load_current()
+    def _set_features(self, model: LoadedModel, image: FetchedImage) -> WorkingFeatures:
+        """Set ``image``'s features on the hold's predictor, from the cache or made now (the caller holds
+        ``model``); adds the seconds spent to ``image.seconds["features"]``. New features have no trunk taps
+        yet: each prompt or detection runs the trunk on what it reads (MaskPredictor.compute_features), and
+        keeps it."""
         started = time.perf_counter()
 
         def compute() -> WorkingFeatures:
             # Decoded here only when the features were evicted (or the model changed) since the fetch.
             pixels, width, height = image.decoded or self._decode(image.data)
-            return WorkingFeatures(self.predictor.compute_features(pixels, trunk=False), width, height)
+            return WorkingFeatures(model.predictor.compute_features(pixels, trunk=False), width, height)
 
         with torch.inference_mode():
-            scaled, _ = self.features.get(image.key, compute)
-        self.predictor.set_features(scaled.features)
+            scaled, _ = model.features.get(image.key, compute)
+        model.predictor.set_features(scaled.features)
         image.seconds["features"] += time.perf_counter() - started
         return scaled
 
-    def _complete_in_turns(self, image: FetchedImage) -> WorkingFeatures:
+    def _complete_in_turns(self, image: FetchedImage) -> tuple[str, WorkingFeatures]:
         """Run the trunk over every level of ``image``'s pyramid (a detection reads them all), one level per
-        hold of the model, so a click arriving meanwhile waits for one level at most; returns the
-        features. One turn per level at most: features evicted meanwhile are completed by the caller's own
-        hold."""
+        hold of the model, so a click arriving meanwhile waits for one level at most; returns the model
+        version and the features. One turn per level at most: features evicted meanwhile are completed by
+        the caller's own hold."""
         turns = len(self.predictor.scales)
         while True:
-            with self.lock:
-                scaled = self._set_features(image)
+            with self._model(image.key) as model:
+                scaled = self._set_features(model, image)
                 started = time.perf_counter()
-                left = self._complete_next_level(scaled)
+                left = self._complete_next_level(model, image.key, scaled)
                 image.seconds["features"] += time.perf_counter() - started
             turns -= 1
             if left <= 1 or turns <= 0:
-                return scaled
+                return model.version, scaled
 
-    def _complete_next_level(self, scaled: WorkingFeatures) -> int:
-        """Run the trunk over the first level of ``scaled`` it has not covered whole, and trim the cache (the
-        caller holds ``lock``); returns how many levels were incomplete."""
+    @staticmethod
+    def _complete_next_level(model: LoadedModel, key: str, scaled: WorkingFeatures) -> int:
+        """Run the trunk over the first level of ``scaled`` (the features of image ``key``) it has not
+        covered whole, and trim the cache (the caller holds ``model``); returns how many levels were
+        incomplete."""
         left = [level for level in scaled.features.levels if not level.complete]
         if left:
             with torch.inference_mode():
-                self.predictor.complete(left[0], scaled.features.image)
-            self.features.trim()
+                model.predictor.complete(left[0], scaled.features.image)
+            model.features.trim(key)
         return len(left)
 
     def _complete_later(self, key: str) -> None:
@@ -303,14 +358,15 @@ class Runtime:
     def _complete_one_level(self, key: str) -> bool:
         """Complete one level of the cached features of ``key`` when no request waits for the model; False
         when there is none left or the image is no longer cached."""
-        with self.lock.background():
-            scaled = self.features.peek(key)
-            return scaled is not None and self._complete_next_level(scaled) > 0
+        with self._model(key, background=True) as model:
+            scaled = model.features.peek(key)
+            return scaled is not None and self._complete_next_level(model, key, scaled) > 0
 
-    def _result(self, scaled: WorkingFeatures, objects: list[dict], seconds: dict) -> dict:
-        """The job result; ``width``/``height`` are the original image's."""
+    @staticmethod
+    def _result(version: str, scaled: WorkingFeatures, objects: list[dict], seconds: dict) -> dict:
+        """The job result of the model ``version``; ``width``/``height`` are the original image's."""
         return {
-            "model_version": self.model_version,
+            "model_version": version,
             "width": scaled.width,
             "height": scaled.height,
             "objects": objects,

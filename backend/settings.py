@@ -228,9 +228,18 @@ class Settings:
     torch_threads: int = _setting(
         "SEGMASK_TORCH_THREADS",
         0,
-        "PyTorch threads of a process that runs the model (a worker; the server in embedded mode), set "
-        "at its start and logged. 0: OMP_NUM_THREADS when that is set, else the usable cores (CPU affinity, "
-        "capped by a cgroup v2 CPU quota) divided by SEGMASK_WORKERS_PER_HOST, at least 1.",
+        "PyTorch threads of each request a process that runs the model (a worker; the server in embedded "
+        "mode) serves at once (SEGMASK_MODEL_SLOTS), set at its start and logged. 0: OMP_NUM_THREADS when "
+        "that is set, else its share of the usable cores (CPU affinity, capped by a cgroup v2 CPU quota, "
+        "divided by SEGMASK_WORKERS_PER_HOST) divided among its model slots, at least 1.",
+    )
+    model_slots: int = _setting(
+        "SEGMASK_MODEL_SLOTS",
+        0,
+        "Requests a process that runs the model serves at once (never two on one image), each on "
+        "SEGMASK_TORCH_THREADS threads. 0: one per thread of its share of the cores (usable cores / "
+        "SEGMASK_WORKERS_PER_HOST); a worker runs two at most (a job and a click of its click lane). 1: one "
+        "request at a time on every thread of the share.",
     )
     workers_per_host: int = _setting(
         "SEGMASK_WORKERS_PER_HOST",

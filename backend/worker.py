@@ -36,6 +36,8 @@ from backend.torch_threads import apply_torch_threads
 log = logging.getLogger(__name__)
 # Seconds: an idle worker blocks on its queues for WORKER_TTL - 15 s between heartbeats.
 WORKER_TTL = 20
+# Requests a worker runs at once at most: its RQ job and a click of its click lane.
+WORKER_CONCURRENCY = 2
 
 
 class WarmWorker(SimpleWorker):
@@ -105,8 +107,8 @@ def run_worker(settings: Settings, queues: tuple[str, ...] = PRIORITIES, burst: 
     keeps the process, and its warm model, alive: it waits for Redis to answer again and starts a fresh
     RQ worker on the same runtime.
     """
-    apply_torch_threads(settings)
-    install_runtime(Runtime(settings))
+    plan = apply_torch_threads(settings, concurrency=WORKER_CONCURRENCY)
+    install_runtime(Runtime(settings, slots=plan.slots))
     while True:
         worker = build_worker(settings, queues)
         lane = click_lane(worker, settings, queues, burst)

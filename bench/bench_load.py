@@ -25,7 +25,9 @@ RSS at warm-up and end of every process) and, per set-up, the largest N with zer
     .venv/bin/python bench/bench_load.py [--annotators 10,25,50] [--setups embedded,rq1,rq2] [--seconds 60]
 
 Set-ups: ``embedded`` (no Redis), ``rqN`` (Redis and N workers on this machine, each told so with
-SEGMASK_WORKERS_PER_HOST=N), ``rqN-unsized`` (the same without it: every worker sizes PyTorch to every core).
+SEGMASK_WORKERS_PER_HOST=N), ``rqN-unsized`` (the same without it: every worker sizes PyTorch to every core);
+``-slotsK`` after any of them sets SEGMASK_MODEL_SLOTS=K in every model process (``embedded-slots1``: one
+request at a time).
 """
 
 from __future__ import annotations
@@ -76,15 +78,34 @@ class Setup:
     # Whether the workers are told how many share the machine (SEGMASK_WORKERS_PER_HOST), so that each
     # takes its share of the cores; "rqN-unsized" leaves it at 1: every worker takes every core.
     sized: bool = True
+    # SEGMASK_MODEL_SLOTS of every model process ("-slotsK"); 0: the default (auto).
+    slots: int = 0
 
     @classmethod
     def parse(cls, name: str) -> Setup:
-        if name == "embedded":
-            return cls(name, 0)
-        count, _, suffix = name.removeprefix("rq").partition("-")
-        if name.startswith("rq") and count.isdigit() and int(count) > 0 and suffix in ("", "unsized"):
-            return cls(name, int(count), sized=not suffix)
-        raise SystemExit(f"unknown set-up {name!r}: embedded, rqN or rqN-unsized (N workers), e.g. rq2")
+        base, *options = name.split("-")
+        slots = [o.removeprefix("slots") for o in options if o.startswith("slots")]
+        unknown = [o for o in options if o != "unsized" and not o.startswith("slots")]
+        count = base.removeprefix("rq")
+        workers = (
+            0
+            if base == "embedded"
+            else int(count)
+            if base.startswith("rq") and count.isdigit() and int(count) > 0
+            else -1
+        )
+        if (
+            workers < 0
+            or unknown
+            or len(slots) > 1
+            or (slots and not (slots[0].isdigit() and int(slots[0]) > 0))
+            or ("unsized" in options and not workers)
+        ):
+            raise SystemExit(
+                f"unknown set-up {name!r}: embedded or rqN (N workers), optionally -unsized (rqN only) and "
+                "-slotsK (SEGMASK_MODEL_SLOTS=K), e.g. rq2, embedded-slots1"
+            )
+        return cls(name, workers, sized="unsized" not in options, slots=int(slots[0]) if slots else 0)
 
 
 @dataclass
@@ -113,6 +134,8 @@ class Backend:
             "SEGMASK_LOCAL_FILES_ROOT": str(DATA / "images"),
             "SEGMASK_LOG_LEVEL": "WARNING",
         }
+        if setup.slots:
+            env["SEGMASK_MODEL_SLOTS"] = str(setup.slots)
         self.queue: Queue | None = None
         if setup.workers:
             prefix = f"load-{uuid.uuid4().hex[:6]}"
@@ -478,7 +501,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--annotators", default="10,25,50", help="comma-separated numbers of annotators")
-    parser.add_argument("--setups", default="embedded,rq1,rq2", help="embedded and/or rqN (N workers)")
+    parser.add_argument("--setups", default="embedded,rq1,rq2", help="set-ups, see above")
     parser.add_argument("--seconds", type=float, default=60.0, help="load time of each run")
     parser.add_argument("--clicks", type=int, default=6, help="most clicks per object")
     parser.add_argument("--objects", type=int, default=3, help="objects labelled per image, largest first")

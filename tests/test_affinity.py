@@ -1,7 +1,9 @@
 """Clicks find their image's features: warm on task open, and cache affinity across real RQ workers."""
 
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -13,6 +15,7 @@ from upload_server import UPLOAD_TOKEN
 from backend.affinity import AffinityMap, image_key, working_key
 from backend.app import create_app
 from backend.click_lane import alive_key, lane_key
+from backend.images import content_key
 from backend.model_lock import ModelLock
 from backend.settings import Settings
 
@@ -39,6 +42,14 @@ def _dog_click(ls_request, coco128) -> dict:
     return keypoints(ls_request("predict-interactive-keypoint"), DOG_IMAGE, [(x, y, True)])
 
 
+def _cached_levels(runtime, coco128, image_id: int) -> list:
+    """The pyramid levels of COCO128 image ``image_id``'s features in the runtime's cache."""
+    key = content_key((coco128 / "images" / f"{image_id:012d}.jpg").read_bytes())
+    cached = runtime.features.peek(key)
+    assert cached is not None, f"image {image_id} is not cached"
+    return cached.features.levels
+
+
 class CountingLock(ModelLock):
     """The runtime's model lock, counting its holds."""
 
@@ -46,10 +57,11 @@ class CountingLock(ModelLock):
         super().__init__()
         self.holds = 0
 
-    def __enter__(self) -> ModelLock:
-        held = super().__enter__()
-        self.holds += 1
-        return held
+    @contextlib.contextmanager
+    def hold(self, key: str | None) -> Iterator[None]:
+        with super().hold(key):
+            self.holds += 1
+            yield
 
 
 def test_the_image_key_tells_projects_and_urls_apart():
@@ -71,7 +83,9 @@ def test_with_preannotation_off_opening_a_task_returns_no_objects_and_keeps_its_
     assert answer.status_code == 200, answer.get_json()
     [prediction] = answer.get_json()["results"]
     assert prediction["result"] == [] and prediction["model_version"]
-    assert all(level.complete for level in runtime.predictor.features.levels)  # the trunk ran, whole
+    assert all(
+        level.complete for level in _cached_levels(runtime, coco128, DOG_IMAGE)
+    )  # the trunk ran, whole
     misses = runtime.features.misses
     assert client.post("/predict", json=_dog_click(ls_request, coco128)).status_code == 200
     assert runtime.features.misses == misses  # the click's features were there
@@ -83,7 +97,7 @@ def test_after_a_click_on_an_unopened_image_its_features_are_completed_in_the_ba
     client, runtime = _embedded(Settings.from_env({}), upload_server, ls_request)
     click = _dog_click(ls_request, coco128)
     assert client.post("/predict", json=click).status_code == 200
-    levels = runtime.predictor.features.levels  # the clicked image's, as cached
+    levels = _cached_levels(runtime, coco128, DOG_IMAGE)
     deadline = time.monotonic() + 60
     while not all(level.complete for level in levels):
         assert time.monotonic() < deadline, "the background completion did not finish in 60 s"
@@ -210,6 +224,6 @@ def test_pre_annotation_of_a_new_image_holds_the_model_one_pyramid_level_at_a_ti
     body = with_image(ls_request("predict-batch"), DOG_IMAGE)
     body["tasks"] = body["tasks"][:1]
     assert client.post("/predict", json=body).status_code == 200
-    levels = runtime.predictor.features.levels
+    levels = _cached_levels(runtime, coco128, DOG_IMAGE)
     assert all(level.complete for level in levels)
     assert runtime.lock.holds == len(levels) + 1  # a turn per level, then the detection

@@ -29,7 +29,7 @@ from upload_server import UPLOAD_TOKEN
 
 from backend.app import predict_request_limit
 from backend.settings import Settings
-from backend.torch_threads import torch_thread_count, usable_cores
+from backend.torch_threads import ThreadPlan, thread_plan, usable_cores
 
 SERVER_THREADS = 16
 MAX_PREDICTS = 10  # more than the 8 threads the server used to have, all of them waiting at once
@@ -41,18 +41,37 @@ HOLD_S = 1.5
 
 
 @pytest.mark.parametrize(
-    "env, cores, omp, expected",
+    "env, cores, omp, concurrency, slots, threads",
     [
-        ({}, 8, "", 8),
-        ({"SEGMASK_WORKERS_PER_HOST": "2"}, 8, "", 4),
-        ({"SEGMASK_WORKERS_PER_HOST": "2"}, 2, "", 1),
-        ({"SEGMASK_WORKERS_PER_HOST": "3"}, 2, "", 1),  # never 0
-        ({"SEGMASK_WORKERS_PER_HOST": "2"}, 8, "1", 1),  # an OMP_NUM_THREADS set by the deployer stands
-        ({"SEGMASK_TORCH_THREADS": "3", "SEGMASK_WORKERS_PER_HOST": "2"}, 8, "1", 3),  # explicit wins
+        ({}, 8, "", None, 8, 1),  # embedded: a request per core, one thread each
+        ({}, 8, "", 2, 2, 4),  # a worker runs two at most (its job and its click lane)
+        ({"SEGMASK_WORKERS_PER_HOST": "2"}, 8, "", None, 4, 1),
+        ({"SEGMASK_WORKERS_PER_HOST": "2"}, 2, "", None, 1, 1),
+        ({"SEGMASK_WORKERS_PER_HOST": "3"}, 2, "", None, 1, 1),  # never 0
+        (
+            {"SEGMASK_WORKERS_PER_HOST": "2"},
+            8,
+            "2",
+            None,
+            2,
+            2,
+        ),  # an OMP_NUM_THREADS set by the deployer stands
+        (
+            {"SEGMASK_TORCH_THREADS": "3", "SEGMASK_WORKERS_PER_HOST": "2"},
+            8,
+            "1",
+            None,
+            1,
+            3,
+        ),  # explicit wins
+        ({"SEGMASK_MODEL_SLOTS": "1"}, 8, "", None, 1, 8),  # one request at a time on every core
+        ({"SEGMASK_MODEL_SLOTS": "3"}, 2, "", 2, 3, 1),  # explicit slots win over the cap
     ],
 )
-def test_torch_threads_follow_the_setting_and_the_auto_rule(env, cores, omp, expected):
-    assert torch_thread_count(Settings.from_env(env), cores, omp) == expected
+def test_model_slots_and_torch_threads_follow_the_settings_and_the_auto_rule(
+    env, cores, omp, concurrency, slots, threads
+):
+    assert thread_plan(Settings.from_env(env), cores, omp, concurrency) == ThreadPlan(slots, threads)
 
 
 def test_usable_cores_obey_a_cgroup_cpu_quota(tmp_path):
@@ -174,8 +193,9 @@ def _timed_get(url: str) -> tuple[requests.Response, float]:
 
 def test_the_embedded_server_sizes_its_torch_threads(embedded_server):
     _, log = embedded_server
-    share = max(1, usable_cores() // 2)
-    assert f"PyTorch threads: {share} intra-op, {share} inter-op" in log.read_text()
+    plan = thread_plan(Settings.from_env({"SEGMASK_WORKERS_PER_HOST": "2"}), usable_cores())
+    threads = f"PyTorch threads: {plan.threads} intra-op, {plan.threads} inter-op"
+    assert f"{threads}, for each of {plan.slots} model slots" in log.read_text()
 
 
 def test_health_and_metrics_answer_at_once_while_clicks_wait_for_the_model(

@@ -4,8 +4,10 @@ lock in embedded mode. Real model, real image files read as Label Studio local f
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from backend.cvat.shapes import nuclio_interaction_result
 from backend.feature_cache import FeatureCache
 from backend.images import ImageFetcher, content_key
 from backend.ls_geometry import percent_to_points
+from backend.model_lock import ModelLock
 from backend.runtime import Runtime
 from backend.settings import Settings
 from backend.working_size import WorkingFeatures, working_image, working_shape
@@ -153,6 +156,58 @@ def test_the_feature_cache_budget_is_in_megabytes(files, dog):
     assert result["objects"] and len(runtime.features) == 0  # ~50 MB of features: used, not kept
 
 
+# ---- model slots: requests served at once ------------------------------------------------------------
+
+
+class PeakLock(ModelLock):
+    """A model lock recording the most holds it had at once."""
+
+    def __init__(self, slots: int) -> None:
+        super().__init__(slots)
+        self.peak = 0
+
+    @contextlib.contextmanager
+    def hold(self, key: str | None) -> Iterator[None]:
+        with super().hold(key):
+            self.peak = max(self.peak, self.holding)
+            yield
+
+
+def test_clicks_on_two_images_served_at_once_get_the_masks_they_get_one_at_a_time(
+    settings, files, coco128, dog
+):
+    bowl = interior_point(coco128, 9, "bowl")[:2]
+    sequences = {  # an annotator's first click, then a second positive one, on each image
+        "small.png": [dog, [*dog, (dog[0][0] + 5, dog[0][1] + 5)]],
+        "slow.png": [[bowl], [bowl, (bowl[0] + 5, bowl[1] - 5)]],
+    }
+    one = Runtime(settings)  # fresh, as the other: a first click runs the trunk on a block of each level
+    alone = {
+        name: [one.segment(_click(name, pts))["objects"] for pts in seq] for name, seq in sequences.items()
+    }
+    shared = Runtime(settings, slots=2)
+    shared.lock = PeakLock(2)
+    together: dict[str, list] = {}
+
+    def annotate(name: str) -> None:
+        together[name] = [shared.segment(_click(name, pts))["objects"] for pts in sequences[name]]
+
+    threads = [threading.Thread(target=annotate, args=(name,)) for name in sequences]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert together == alone
+    assert shared.lock.peak == 2
+    for done in (one, shared):  # let the background completions end before the runtimes go
+        deadline = time.monotonic() + 60
+        while not all(
+            level.complete for name in sequences for level in _cached(done, files, name).features.levels
+        ):
+            assert time.monotonic() < deadline, "the background completion did not finish"
+            time.sleep(0.05)
+
+
 # ---- embedded mode: the model lock ------------------------------------------------------------------------
 @dataclass
 class GatedFetcher:
@@ -185,7 +240,7 @@ def test_a_slow_download_does_not_hold_the_model_lock(settings, files, dog):
     fetcher.lock = runtime.lock
     assert runtime.segment(_click("small.png", dog))["objects"]  # cached from now on
     deadline = time.monotonic() + 60
-    while not all(level.complete for level in runtime.predictor.features.levels):
+    while not all(level.complete for level in _cached(runtime, files, "small.png").features.levels):
         assert time.monotonic() < deadline, "the background completion of small.png did not finish"
         time.sleep(0.05)
 
@@ -257,15 +312,6 @@ def test_an_entry_larger_than_the_budget_is_returned_but_not_kept():
     assert "big" not in cache and "a" in cache and cache.nbytes == 60
 
 
-def test_entries_that_grew_after_caching_are_measured_again():
-    cache: FeatureCache[Blob] = FeatureCache(100)
-    a, _ = cache.get("a", lambda: Blob(30))
-    cache.get("b", lambda: Blob(30))
-    a.nbytes = 80  # prompts and detections add to cached features
-    cache.get("b", lambda: pytest.fail("b is cached"))
-    assert "a" not in cache and "b" in cache and cache.nbytes == 30
-
-
 def test_trimming_after_an_entry_grew_restores_the_budget_at_once():
     cache: FeatureCache[Blob] = FeatureCache(100)
     a, _ = cache.get("a", lambda: Blob(30))
@@ -305,6 +351,18 @@ def test_only_entries_handed_out_since_the_last_trim_are_measured_again():
         cache.get("b", lambda: CountedBlob(30))
         cache.trim()
     assert a.measured == before  # a busy server's 50 cached images are not walked on every request
+
+
+def test_a_trim_of_one_image_measures_that_image_alone():
+    """Requests served at once each trim the image they changed: another request's image, which may be
+    changing meanwhile, is not measured."""
+    cache: FeatureCache[CountedBlob] = FeatureCache(1000)
+    a, _ = cache.get("a", lambda: CountedBlob(30))
+    b, _ = cache.get("b", lambda: CountedBlob(30))
+    before = b.measured
+    a.size = 50
+    cache.trim("a")
+    assert b.measured == before and cache.nbytes == 80
 
 
 def test_a_peeked_entry_that_grew_is_measured_at_the_next_trim():

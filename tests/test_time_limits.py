@@ -471,3 +471,64 @@ def test_a_workers_pre_annotation_job_yields_the_model_to_a_click_on_its_lane(mo
     for thread in [job, *threads]:
         thread.join(5)
     assert order == ["click", "detect"]
+
+
+# ---------------------------------------------------------------------------------------------- model slots
+
+
+def _holder(lock: ModelLock, key: str, order: list[str], release: threading.Event) -> threading.Thread:
+    """A started thread that holds a place of ``lock`` for image ``key`` (appending ``key`` to ``order``
+    once it has it) until ``release`` is set."""
+
+    def hold() -> None:
+        with lock.hold(key):
+            order.append(key)
+            release.wait(10)
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_lock_of_two_slots_runs_two_images_at_once_and_queues_the_third() -> None:
+    lock, order, release = ModelLock(slots=2), [], threading.Event()
+    threads = [_holder(lock, "a", order, release), _holder(lock, "b", order, release)]
+    _wait_for(lambda: len(order) == 2, "two images did not hold the model at once")
+    threads.append(_holder(lock, "c", order, release))
+    _wait_for(lambda: lock.waiting == 1, "the third image did not wait")
+    assert sorted(order) == ["a", "b"]
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert order[2] == "c" and not lock.locked()
+
+
+def _second_request_on_image_a(lock: ModelLock, order: list[str], release: threading.Event) -> list:
+    """Two started holders of image ``a``: the first holds the model, the second waits for it."""
+    first = _holder(lock, "a", order, release)
+    _wait_for(lambda: order == ["a"], "the first request did not get the model")
+    second = _holder(lock, "a", order, release)
+    _wait_for(lambda: lock.waiting == 1, "the second request on the image did not wait")
+    return [first, second]
+
+
+def test_two_requests_on_one_image_never_hold_the_model_at_once() -> None:
+    """An image's features change as a request runs, so a second request on it waits, a free place or not."""
+    lock, order, release = ModelLock(slots=2), [], threading.Event()
+    threads = _second_request_on_image_a(lock, order, release)
+    assert order == ["a"]
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert order == ["a", "a"] and not lock.locked()
+
+
+def test_a_request_waiting_for_its_image_does_not_hold_up_another_image() -> None:
+    lock, order, release = ModelLock(slots=2), [], threading.Event()
+    threads = _second_request_on_image_a(lock, order, release)
+    threads.append(_holder(lock, "b", order, release))  # came later, on a free image: served first
+    _wait_for(lambda: order == ["a", "b"], "the other image waited behind the busy one")
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert order == ["a", "b", "a"]
