@@ -54,5 +54,6 @@ def build_dispatcher(settings: Settings) -> Dispatcher:
         from backend.runtime import Runtime
         from backend.torch_threads import process_plan
 
-        return EmbeddedDispatcher(Runtime(settings, slots=process_plan(settings).slots))
+        plan = process_plan(settings)
+        return EmbeddedDispatcher(Runtime(settings, slots=plan.slots, threads=plan.threads))
     return RQDispatcher(settings)

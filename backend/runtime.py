@@ -110,7 +110,11 @@ class Runtime:
     registry).
 
     ``lock`` lets ``slots`` requests use the model at once when several threads share a runtime (embedded
-    mode; a worker's job and its click lane), never two on one image.
+    mode; a worker's job and its click lane), never two on one image. With ``threads`` (PyTorch threads per
+    slot, backend.torch_threads), a request that holds the model alone runs on every thread of the slots
+    (a lone user's detection is then not slower), one beside others on ``threads``; ONNX Runtime's trunk
+    has them all (its pool serves concurrent runs without more threads). Without, PyTorch's threads are
+    left as they are.
     """
 
     def __init__(
@@ -119,12 +123,14 @@ class Runtime:
         fetcher: ImageFetcher | None = None,
         access: LabelStudioAccess | None = None,
         slots: int = 1,
+        threads: int | None = None,
     ) -> None:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.fetcher = fetcher or ImageFetcher(settings)
         self.access = access or LabelStudioAccess.from_settings(settings)
         self.lock = ModelLock(slots)
+        self._threads = threads
         # Decodes run one at a time, outside ``lock``: a full-size decode (up to SEGMASK_MAX_IMAGE_PIXELS x 3
         # bytes, before downscaling) per server thread at once could take gigabytes.
         self._decode_lock = threading.Lock()
@@ -157,6 +163,9 @@ class Runtime:
         """Hold a place of ``lock`` for work on the image ``key`` (yielding to every request when
         ``background``), with a view of the store's current version (:meth:`_load_current`)."""
         with self.lock.background(key) if background else self.lock.hold(key):
+            if self._threads is not None:
+                # Per calling thread: PyTorch's OpenMP thread count is each thread's own setting.
+                torch.set_num_threads(self._threads * (self.lock.slots if self.lock.holding == 1 else 1))
             with self._reload_lock:
                 self._load_current()
                 model = self.loaded.view()
@@ -177,6 +186,7 @@ class Runtime:
             self.device,
             trunk_engine=self.settings.trunk_engine,
             feature_dtype=FEATURE_DTYPES[self.settings.feature_precision],
+            trunk_threads=None if self._threads is None else self._threads * self.lock.slots,
         )
         log.info(
             "model %s loaded from %s on %s in %.1f s",

@@ -237,9 +237,9 @@ class Settings:
         "SEGMASK_MODEL_SLOTS",
         0,
         "Requests a process that runs the model serves at once (never two on one image), each on "
-        "SEGMASK_TORCH_THREADS threads. 0: one per thread of its share of the cores (usable cores / "
-        "SEGMASK_WORKERS_PER_HOST); a worker runs two at most (a job and a click of its click lane). 1: one "
-        "request at a time on every thread of the share.",
+        "SEGMASK_TORCH_THREADS threads, or on every slot's threads while it runs alone. 0: one per thread of "
+        "its share of the cores (usable cores / SEGMASK_WORKERS_PER_HOST); a worker runs two at most (a job "
+        "and a click of its click lane). 1: one request at a time.",
     )
     workers_per_host: int = _setting(
         "SEGMASK_WORKERS_PER_HOST",

@@ -51,9 +51,10 @@ def thread_plan(
     ``cores`` / SEGMASK_WORKERS_PER_HOST. Threads per slot: SEGMASK_TORCH_THREADS when set, else
     OMP_NUM_THREADS (what PyTorch itself obeys) when set. Slots: SEGMASK_MODEL_SLOTS when set, else one per
     thread of the share (capped by ``concurrency``); threads not set are the share divided among the slots.
-    One thread per request is the default because a click's small convolutions keep one core busy, not two:
-    two clicks at once on a thread each served 1.6x the clicks of one at a time on two threads
-    (bench/README.md, "Model slots")."""
+    One thread per request beside others is the default because a click's small convolutions keep one core
+    busy, not two: two clicks at once on a thread each served 1.3-1.4x the clicks of one at a time on two
+    threads (bench/README.md, bench_model_slots.py); a request running alone gets every slot's threads
+    (backend.runtime.Runtime)."""
     share = max(1, cores // max(1, settings.workers_per_host))
     threads = settings.torch_threads
     if threads <= 0 and omp_num_threads.strip().isdigit():

@@ -108,7 +108,7 @@ def run_worker(settings: Settings, queues: tuple[str, ...] = PRIORITIES, burst: 
     RQ worker on the same runtime.
     """
     plan = apply_torch_threads(settings, concurrency=WORKER_CONCURRENCY)
-    install_runtime(Runtime(settings, slots=plan.slots))
+    install_runtime(Runtime(settings, slots=plan.slots, threads=plan.threads))
     while True:
         worker = build_worker(settings, queues)
         lane = click_lane(worker, settings, queues, burst)

@@ -106,7 +106,7 @@ def child(args) -> None:
         {}, device="cpu", local_files_root=str(DATA / "images"), model_slots=slots, torch_threads=threads
     )
     plan = apply_torch_threads(settings)
-    runtime = Runtime(settings, slots=plan.slots)
+    runtime = Runtime(settings, slots=plan.slots, threads=plan.threads)
     coco = json.loads((DATA / "instances.json").read_text())
     images = sorted(coco["images"], key=lambda i: i["id"])
     times: list[float] = []

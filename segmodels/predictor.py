@@ -383,7 +383,8 @@ class MaskPredictor:
     BatchNorm is folded into the convolutions and it is switched to channels-last. SharpMask refines masks
     when the checkpoint metadata lists that stage. ``trunk_engine`` (:data:`segmodels.trunk_engine.ENGINES`)
     says what runs the trunk: PyTorch (the default), ONNX Runtime (CPU; same taps to float32 rounding, about
-    twice as fast) or ``auto`` (ONNX Runtime on a CPU, PyTorch elsewhere). ``feature_dtype``
+    twice as fast) or ``auto`` (ONNX Runtime on a CPU, PyTorch elsewhere); ``trunk_threads`` are ONNX
+    Runtime's intra-op threads (default: PyTorch's at construction). ``feature_dtype``
     (:data:`FEATURE_DTYPES`) is what an image's trunk taps are kept as. ``flip_average`` runs the box's
     window and every click-head step on the crop and on its mirror image too, averaging the logits (test-time
     augmentation at twice their cost; measured mixed on the two tuning folds, so off by default).
@@ -420,6 +421,7 @@ class MaskPredictor:
         flip_average: bool = False,
         trunk_engine: str = "torch",
         feature_dtype: torch.dtype = torch.float32,
+        trunk_threads: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = copy.deepcopy(model).eval().to(self.device)
@@ -428,7 +430,7 @@ class MaskPredictor:
         if mpn is not None and mpn.label_head is not None:
             fold_batchnorm(mpn.label_head.tail)
         self.model.to(memory_format=torch.channels_last)
-        self.trunk = build_trunk_engine(self.model.trunk, trunk_engine, self.device)
+        self.trunk = build_trunk_engine(self.model.trunk, trunk_engine, self.device, trunk_threads)
         self.metadata = metadata or {}
         self.refine = "sharpmask" in self.metadata.get("stages", [])
         self.scales = tuple(scales)

@@ -97,13 +97,16 @@ class OnnxRuntimeTrunk:
         }
 
 
-def build_trunk_engine(trunk: nn.Module, engine: str, device: torch.device) -> TrunkEngine:
+def build_trunk_engine(
+    trunk: nn.Module, engine: str, device: torch.device, threads: int | None = None
+) -> TrunkEngine:
     """The engine named ``engine`` (one of :data:`ENGINES`) for ``trunk`` on ``device``. ``auto``: ONNX
-    Runtime on a CPU, PyTorch on anything else; ``onnxruntime`` runs on the CPU only."""
+    Runtime on a CPU, PyTorch on anything else; ``onnxruntime`` runs on the CPU only, with ``threads``
+    intra-op threads (default: PyTorch's)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown trunk engine {engine!r}: expected one of {', '.join(ENGINES)}")
     if engine == "onnxruntime" and device.type != "cpu":
         raise ValueError(f"the onnxruntime trunk engine runs on the CPU, not on {device}")
     if engine == "torch" or device.type != "cpu":
         return TorchTrunk(trunk)
-    return OnnxRuntimeTrunk(trunk)
+    return OnnxRuntimeTrunk(trunk, threads)

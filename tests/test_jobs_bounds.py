@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from label_studio_sdk.converter.brush import decode_rle
 from ls_bodies import interior_point
 from PIL import Image
@@ -206,6 +207,35 @@ def test_clicks_on_two_images_served_at_once_get_the_masks_they_get_one_at_a_tim
         ):
             assert time.monotonic() < deadline, "the background completion did not finish"
             time.sleep(0.05)
+
+
+class ThreadsLock(ModelLock):
+    """A model lock recording PyTorch's thread count at the end of every hold (the runtime sets it inside)."""
+
+    def __init__(self, slots: int) -> None:
+        super().__init__(slots)
+        self.threads: list[int] = []
+
+    @contextlib.contextmanager
+    def hold(self, key: str | None) -> Iterator[None]:
+        with super().hold(key):
+            yield
+            self.threads.append(torch.get_num_threads())
+
+
+def test_a_request_alone_runs_on_every_thread_of_the_slots_and_one_beside_others_on_its_own(settings, dog):
+    before = torch.get_num_threads()
+    runtime = Runtime(settings, slots=2, threads=1)
+    runtime.lock = ThreadsLock(2)
+    try:
+        runtime.detect({"image": {"url": "/data/local-files/?d=small.png", "project": "1"}})
+        assert set(runtime.lock.threads) == {2}  # alone: a lone user's pre-annotation is not slower
+        runtime.lock.threads.clear()
+        with runtime.lock.hold("another image"):
+            runtime.segment(_click("small.png", [(dog[0][0] + 1, dog[0][1])]))
+        assert set(runtime.lock.threads) == {1}
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---- embedded mode: the model lock ------------------------------------------------------------------------
