@@ -27,11 +27,11 @@ no scaling changes.
 
 Only model work holds ``Runtime.lock``: a request downloads and decodes its image before taking it, so a
 slow image delays its own request only. The lock has ``slots`` places (backend.torch_threads sizes them to
-the cores, one PyTorch thread each: a click's small convolutions keep one core busy, not two), so that many
-requests run at once, never two on one image, each on its own view of the loaded model
-(:class:`LoadedModel`). It serves waiting requests first come, first served, clicks before pre-annotation
-(backend.model_lock), and long work holds it in short turns: a detection or warm-up runs the trunk one
-pyramid level per hold.
+the cores: a click's small convolutions keep one core busy, not two), so that many requests run at once,
+never two on one image, each on its own view of the loaded model (:class:`LoadedModel`), on one PyTorch
+thread beside others and on all of them alone. It serves waiting requests first come, first served,
+clicks before pre-annotation (backend.model_lock), and long work holds it in short turns: a detection or
+warm-up runs the trunk one pyramid level per hold.
 
 A prompt on an image runs only the part of the trunk it reads (a first click: a block of each pyramid
 level, segmodels.predictor.MaskPredictor.cover), so its answer is not delayed by the rest; the runtime then
