@@ -130,7 +130,8 @@ class Runtime:
         self.fetcher = fetcher or ImageFetcher(settings)
         self.access = access or LabelStudioAccess.from_settings(settings)
         self.lock = ModelLock(slots)
-        self._threads = threads
+        # PyTorch threads of a hold beside others, and of one alone (every slot's); None: left as they are.
+        self._threads, self._all_threads = threads, None if threads is None else threads * slots
         # Decodes run one at a time, outside ``lock``: a full-size decode (up to SEGMASK_MAX_IMAGE_PIXELS x 3
         # bytes, before downscaling) per server thread at once could take gigabytes.
         self._decode_lock = threading.Lock()
@@ -165,7 +166,7 @@ class Runtime:
         with self.lock.background(key) if background else self.lock.hold(key):
             if self._threads is not None:
                 # Per calling thread: PyTorch's OpenMP thread count is each thread's own setting.
-                torch.set_num_threads(self._threads * (self.lock.slots if self.lock.holding == 1 else 1))
+                torch.set_num_threads(self._all_threads if self.lock.holding == 1 else self._threads)
             with self._reload_lock:
                 self._load_current()
                 model = self.loaded.view()
@@ -186,7 +187,7 @@ class Runtime:
             self.device,
             trunk_engine=self.settings.trunk_engine,
             feature_dtype=FEATURE_DTYPES[self.settings.feature_precision],
-            trunk_threads=None if self._threads is None else self._threads * self.lock.slots,
+            trunk_threads=self._all_threads,
         )
         log.info(
             "model %s loaded from %s on %s in %.1f s",

@@ -73,9 +73,10 @@ def process_plan(settings: Settings, concurrency: int | None = None) -> ThreadPl
 
 
 def apply_torch_threads(settings: Settings, concurrency: int | None = None) -> ThreadPlan:
-    """Size this process's PyTorch intra- and inter-op thread pools by :func:`process_plan`, log it, and
+    """Size this process's PyTorch intra- and inter-op thread pools by its :func:`thread_plan`, log it, and
     return the plan. Call it before the model does any work: PyTorch fixes the inter-op pool then."""
-    plan = process_plan(settings, concurrency)
+    cores = usable_cores()
+    plan = thread_plan(settings, cores, os.environ.get("OMP_NUM_THREADS", ""), concurrency)
     torch.set_num_threads(plan.threads)
     try:
         torch.set_num_interop_threads(plan.threads)
@@ -90,7 +91,7 @@ def apply_torch_threads(settings: Settings, concurrency: int | None = None) -> T
         settings.torch_threads,
         settings.model_slots,
         os.environ.get("OMP_NUM_THREADS", "unset"),
-        usable_cores(),
+        cores,
         settings.workers_per_host,
     )
     return plan

@@ -73,6 +73,7 @@ def answer_mask(result: dict, image: dict) -> np.ndarray:
 def annotate(runtime, images: list[dict], coco: dict, args, stop_at: float, into: list[float]) -> None:
     """One client: click its images' objects until ``stop_at``, appending each click's seconds to ``into``."""
     from segmodels.annotator import click_point, next_click
+    from segmodels.geometry import mask_iou
 
     for image in images:
         for gt in objects_of(image, coco)[: args.objects]:
@@ -85,8 +86,7 @@ def annotate(runtime, images: list[dict], coco: dict, args, stop_at: float, into
                 result = runtime.segment(click_job(image, clicks))
                 into.append(time.perf_counter() - started)
                 pred = answer_mask(result, image)
-                union = np.logical_or(pred, gt).sum()
-                if union and np.logical_and(pred, gt).sum() / union >= GOOD_IOU:
+                if mask_iou(pred, gt) >= GOOD_IOU:
                     break
                 step = next_click(pred, gt)
                 if step is None:
