@@ -16,7 +16,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a model stage on COCO-format data, or (--project) fine-tune on a Label Studio project",
     )
-    p.add_argument("stage", nargs="?", choices=["deepmask", "sharpmask", "multipathnet", "clicks", "quality"])
+    p.add_argument(
+        "stage",
+        nargs="?",
+        choices=["deepmask", "sharpmask", "multipathnet", "clicks", "first-click", "quality"],
+    )
     p.add_argument(
         "--project",
         type=int,
@@ -79,6 +83,13 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "over it; clicks: default 0.5; deepmask, sharpmask: default 0)",
     )
     p.add_argument(
+        "--window-probability",
+        type=float,
+        help="clicks, first-click: share of training crops framed as a first click is (a fragment or an "
+        "overgrown mask of the object as the previous mask, the crop zoomed on it; default 0 for clicks, "
+        "0.3 for first-click)",
+    )
+    p.add_argument(
         "--min-area",
         type=float,
         help="clicks: the smallest instances (px) the head trains on, all equally likely (default 32x32)",
@@ -91,7 +102,7 @@ def run_train(args: argparse.Namespace) -> None:
         return
     if args.stage is None or args.out is None:
         raise SystemExit("segmask train: give a STAGE and --out, or --project ID")
-    if args.stage == "clicks":
+    if args.stage in ("clicks", "first-click"):
         run_click_training(args)
         return
     if args.stage == "quality":
@@ -126,10 +137,15 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_click_training(args: argparse.Namespace) -> None:
-    from segmodels.train_clicks import ClickTrainConfig, train_click_head
+    from segmodels.train_clicks import FIRST_CLICK_WINDOW_PROBABILITY, ClickTrainConfig, train_click_head
 
     if args.init is None:
-        raise SystemExit("segmask train clicks: give --init, the checkpoint whose trunk the click head reads")
+        raise SystemExit(
+            f"segmask train {args.stage}: give --init, the checkpoint whose trunk the head reads"
+        )
+    first_click = args.stage == "first-click"
+    if first_click and args.window_probability is None:
+        args.window_probability = FIRST_CLICK_WINDOW_PROBABILITY
     cfg = ClickTrainConfig(
         data=str(args.data),
         init=str(args.init),
@@ -141,11 +157,11 @@ def run_click_training(args: argparse.Namespace) -> None:
         device=args.device,
         **{
             name: value
-            for name in ("min_area", "paste_probability")
+            for name in ("min_area", "paste_probability", "window_probability")
             if (value := getattr(args, name)) is not None
         },
     )
-    print(train_click_head(cfg))
+    print(train_click_head(cfg, first_click))
 
 
 def run_quality_training(args: argparse.Namespace) -> None:

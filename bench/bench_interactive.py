@@ -15,6 +15,8 @@ by corrective clicks, at most 20 interactions each. Variants (``--variants`` pic
 - ``click head: first click 1.6x context``, ``click head: first click 1.3x context``: the first click's
   first step sees a zoom window 1.6x (1.3x) wider than the window mask's;
 - ``click head: corrections 2 steps``: two steps of the click head for every corrective click;
+- ``click head: first click by the click head``: the click head takes a first click's steps even when the
+  checkpoint has a first-click head (``segmask train first-click``);
 - ``click head: box threshold 0.5``: the box threshold as before;
 - ``click head: three box zooms``: box windows at 0.8, 1 and 1.25 of the canonical scale, the one whose
   mask's tight box fits the box best;
@@ -66,6 +68,7 @@ def variants(before: Path, after: Path) -> dict[str, tuple[Path, dict]]:
         "click head: first click 1.3x context": (after, {"first_click_context": 1.3}),
         "click head: corrections 2 steps": (after, {"correction_steps": 2}),
         "click head: flip-averaged": (after, {"flip_average": True}),
+        "click head: first click by the click head": (after, {"first_click_head": False}),
         "click head: box threshold 0.5": (after, {"box_threshold": 0.5}),
         "click head: three box zooms": (after, {"box_zooms": (0.8, 1.0, 1.25)}),
         "click head: box fallback 0.7": (after, {"box_min_fit": 0.7}),

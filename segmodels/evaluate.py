@@ -94,6 +94,7 @@ def protocol(predictor: MaskPredictor, detection_proposals: int) -> dict:
         "box_grabcut": predictor.box_grabcut,
         "first_click_steps": predictor.first_click_steps,
         "first_click_context": predictor.first_click_context,
+        "first_click_head": predictor.model.first_click_head is not None,
         "correction_steps": predictor.correction_steps,
         "grabcut_iterations": GRABCUT_ITERATIONS,
         "mask_threshold_logit": predictor.threshold_logit,

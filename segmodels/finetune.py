@@ -11,7 +11,8 @@ model, with their own step functions (``train.train_step``, ``train_multipathnet
    from the data's instances that have a mask (box-only annotations are objectness positives only);
 2. ``sharpmask``: the refinement modules, the rest frozen (only when the checkpoint has that stage);
    then ``clicks``: the click head with iterative click simulation on the trunk as steps 1-2 left it
-   (``train_clicks.fit_click_head``; only when the checkpoint has a click head); then ``quality``: the
+   (``train_clicks.fit_click_head``; only when the checkpoint has a click head), and ``first-click`` the
+   same for the first-click head (when it has one); then ``quality``: the
    quality head continues training, with its input standardisation kept, on first-click candidates of
    the data's instances from the model of steps 1-2 (``train_quality``: the annotator's click and
    ``quality_extra_clicks`` random interior ones per instance, no mirror images; only when the checkpoint
@@ -51,7 +52,7 @@ from segmodels.eval_interactive import MIN_AREA, evaluate_clicks
 from segmodels.model import SegmentationModel
 from segmodels.predictor import MaskPredictor, load_predictor
 from segmodels.train import parameter_groups, train_step
-from segmodels.train_clicks import ClickTrainConfig, fit_click_head
+from segmodels.train_clicks import FIRST_CLICK_WINDOW_PROBABILITY, ClickTrainConfig, fit_click_head
 from segmodels.train_common import STAGES, TrainConfig
 from segmodels.train_multipathnet import (
     TapCache,
@@ -68,7 +69,7 @@ from segmodels.train_quality import QualityTrainConfig, collect_samples, fit_qua
 
 log = logging.getLogger(__name__)
 # The stages a fine-tuning job trains, in order (the click head is trained on the trunk the mask stages left).
-FINETUNE_STAGES = (*STAGES[:2], "clicks", "quality", *STAGES[2:])
+FINETUNE_STAGES = (*STAGES[:2], "clicks", "first-click", "quality", *STAGES[2:])
 
 Progress = Callable[[str, float], None]
 # Expected seconds per unit of work (a step, or an image's proposals) for the job's progress fraction and
@@ -78,6 +79,7 @@ UNIT_SECONDS = {
     "deepmask": 0.28,
     "sharpmask": 0.3,
     "clicks": 0.7,
+    "first-click": 0.7,
     "quality_samples": 1.2,
     "quality": 0.01,
     "proposals": 0.93,
@@ -309,6 +311,33 @@ def train_label_stage(
     return {**tail_means(parts), **label_fit}
 
 
+def train_click_stage(
+    model: SegmentationModel, stage: str, dataset: CocoInstances, cfg: FinetuneConfig, job: JobProgress
+) -> dict[str, float]:
+    """``cfg.click_steps`` steps of the click head (``stage`` ``clicks``) or of the first-click head
+    (``first-click``, its crops framed as ``segmask train first-click`` frames them) on ``dataset``, reading
+    the trunk as the mask stages left it; returns the mean loss over the last quarter of the steps."""
+    first_click = stage == "first-click"
+    head = model.first_click_head if first_click else model.click_head
+    if head is None:
+        raise ValueError(f"the checkpoint lists the {stage} stage but has no such head")
+    click_cfg = ClickTrainConfig(
+        str(dataset.root),
+        "",
+        "",
+        steps=cfg.click_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.click_lr,
+        window_probability=FIRST_CLICK_WINDOW_PROBABILITY if first_click else 0.0,
+        seed=cfg.seed,
+        device=cfg.device,
+    )
+    head.to(resolve_device(cfg.device)).train()
+    job.start(stage)
+    curve = fit_click_head(head, model.trunk, dataset, click_cfg, lambda loss: job.advance(loss))
+    return tail_means({"click_loss": curve})
+
+
 def train_quality_stage(
     model: SegmentationModel, refined: bool, dataset: CocoInstances, cfg: FinetuneConfig, job: JobProgress
 ) -> dict[str, float]:
@@ -359,8 +388,9 @@ def plan_stages(cfg: FinetuneConfig, init_stages: Sequence[str], dataset: CocoIn
         plan["deepmask"] = cfg.deepmask_steps
     if cfg.train_sharpmask and masked and "sharpmask" in init_stages and cfg.sharpmask_steps > 0:
         plan["sharpmask"] = cfg.sharpmask_steps
-    if cfg.train_clicks and masked and "clicks" in init_stages and cfg.click_steps > 0:
-        plan["clicks"] = cfg.click_steps
+    for stage in ("clicks", "first-click"):
+        if cfg.train_clicks and masked and stage in init_stages and cfg.click_steps > 0:
+            plan[stage] = cfg.click_steps
     if cfg.train_quality and masked and "quality" in init_stages and cfg.quality_steps > 0:
         plan["quality_samples"] = len(dataset)
         plan["quality"] = cfg.quality_steps
@@ -475,26 +505,11 @@ def run_stages(
             t0 = time.monotonic()
             losses[stage] = train_mask_stage(model, dataset, cfg.stage_config(stage, data), job)
             seconds[stage] = time.monotonic() - t0
-    if "clicks" in plan:
-        t0 = time.monotonic()
-        click_cfg = ClickTrainConfig(
-            str(data),
-            "",
-            "",
-            steps=cfg.click_steps,
-            batch_size=cfg.batch_size,
-            lr=cfg.click_lr,
-            seed=cfg.seed,
-            device=cfg.device,
-        )
-        click_head = model.click_head
-        if click_head is None:
-            raise ValueError("the checkpoint lists the clicks stage but has no click head")
-        click_head.to(resolve_device(cfg.device)).train()
-        job.start("clicks")
-        curve = fit_click_head(click_head, model.trunk, dataset, click_cfg, lambda loss: job.advance(loss))
-        losses["clicks"] = tail_means({"click_loss": curve})
-        seconds["clicks"] = time.monotonic() - t0
+    for stage in ("clicks", "first-click"):
+        if stage in plan:
+            t0 = time.monotonic()
+            losses[stage] = train_click_stage(model, stage, dataset, cfg, job)
+            seconds[stage] = time.monotonic() - t0
     if "quality" in plan:
         t0 = time.monotonic()
         losses["quality"] = train_quality_stage(model, "sharpmask" in init_stages, dataset, cfg, job)

@@ -31,6 +31,9 @@ class ModelConfig:
     click_head: bool = False
     # The quality head ranking a first click's windows (quality_head.QualityHead); older checkpoints lack it.
     quality_head: bool = False
+    # A second click head for a first click's steps only (trained on window-like previous masks); without
+    # one the click head takes them. Older checkpoints lack the key.
+    first_click_head: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -46,8 +49,8 @@ class ModelConfig:
 
 class SegmentationModel(nn.Module):
     """``trunk`` (taps s2..s16), ``deepmask`` (embedding, mask, objectness), ``sharpmask`` (refinement),
-    ``multipathnet`` (labels) when the config has classes, and ``click_head`` and ``quality_head`` when the
-    config asks for them."""
+    ``multipathnet`` (labels) when the config has classes, and ``click_head``, ``first_click_head`` and
+    ``quality_head`` when the config asks for them."""
 
     def __init__(self, config: ModelConfig, pretrained_trunk: bool = True, trunk_weights: str | None = None):
         super().__init__()
@@ -56,6 +59,7 @@ class SegmentationModel(nn.Module):
         self.deepmask = DeepMask(self.trunk.tap_channels["s16"], config.reduce_channels, config.embed_dim)
         self.sharpmask = SharpMask(self.trunk.tap_channels, config.embed_dim, config.sharpmask_k)
         self.click_head = ClickHead(self.trunk.tap_channels) if config.click_head else None
+        self.first_click_head = ClickHead(self.trunk.tap_channels) if config.first_click_head else None
         self.quality_head = QualityHead(config.embed_dim) if config.quality_head else None
         self.multipathnet: MultiPathNet | None = None
         if config.classes:

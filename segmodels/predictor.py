@@ -32,7 +32,7 @@ from segmodels.annotator import click_point
 from segmodels.backbones import fold_batchnorm
 from segmodels.calibration import METADATA_KEY, Calibration, candidate_features
 from segmodels.checkpoint import load_checkpoint
-from segmodels.click_head import CROP, click_maps, crop_points, zoom_window
+from segmodels.click_head import CROP, ClickHead, click_maps, crop_points, zoom_window
 from segmodels.data import PAD_VALUE, crop_mask, crop_window, image_pyramid, to_tensor
 from segmodels.deepmask import CELLS, INPUT, OBJECT, STRIDE, WINDOW
 from segmodels.geometry import box_iou_xyxy, mask_to_box, mask_to_polygon, scale_box
@@ -388,6 +388,8 @@ class MaskPredictor:
     (:data:`FEATURE_DTYPES`) is what an image's trunk taps are kept as. ``flip_average`` runs the box's
     window and every click-head step on the crop and on its mirror image too, averaging the logits (test-time
     augmentation at twice their cost; measured mixed on the two tuning folds, so off by default).
+    ``first_click_head=False`` lets the click head take a first click's steps even when the checkpoint has
+    a first-click head (for comparisons).
 
     The API: ``set_image`` (or ``compute_features`` + ``set_features`` for a cache), then ``segment``,
     ``propose`` or ``detect``. ``detect`` is ``label_candidates(detection_candidates())``, the one
@@ -419,6 +421,7 @@ class MaskPredictor:
         first_click_context: float = 1.0,
         correction_steps: int = 1,
         flip_average: bool = False,
+        first_click_head: bool = True,
         trunk_engine: str = "torch",
         feature_dtype: torch.dtype = torch.float32,
         trunk_threads: int | None = None,
@@ -442,6 +445,8 @@ class MaskPredictor:
         self.first_click_steps, self.correction_steps = first_click_steps, correction_steps
         self.box_steps, self.box_fit_check, self.box_grabcut = box_steps, box_fit_check, box_grabcut
         self.first_click_context, self.flip_average = first_click_context, flip_average
+        if not first_click_head:
+            self.model.first_click_head = None
         if feature_dtype not in FEATURE_DTYPES.values():
             raise ValueError(f"feature_dtype must be one of {sorted(FEATURE_DTYPES)}, not {feature_dtype}")
         self.feature_dtype = feature_dtype
@@ -885,19 +890,21 @@ class MaskPredictor:
     def click_prompt_mask(self, point: np.ndarray) -> Mask:
         """The object under one positive click (pixel ``(x, y)``): the best-ranked dense
         window around it, thresholded at the click threshold, then (with a click head)
-        ``first_click_steps`` steps of the head, each in the zoom window of the mask before it, which is
-        its previous mask; the first step's window is ``first_click_context`` times wider, so that the
-        head sees the object around a window mask that holds only part of it."""
+        ``first_click_steps`` steps of the first-click head (the click head when the checkpoint has none),
+        each in the zoom window of the mask before it, which is its previous mask; the first step's window
+        is ``first_click_context`` times wider, so that the head sees the object around a window mask that
+        holds only part of it."""
         point = np.asarray(point, np.float64).reshape(1, 2)
         window = max(self.point_windows(point, None), key=lambda w: self._rank(w, point, point[:0], None))
         result = self.window_mask(window)
         if self.model.click_head is None:
             return result
+        head = self.model.first_click_head  # None: the click head takes these steps too
         for step in range(self.first_click_steps):
             region = None
             if step == 0 and result.mask.any():
                 region = scale_box(mask_to_box(result.mask), self.first_click_context)
-            result = self.correct(result.mask, point, np.ones(1, bool), region=region)
+            result = self.correct(result.mask, point, np.ones(1, bool), region=region, head=head)
         return result
 
     def box_prompt_mask(self, box: np.ndarray) -> Mask:
@@ -940,15 +947,21 @@ class MaskPredictor:
 
     @torch.no_grad()
     def correct(
-        self, previous: np.ndarray, points: np.ndarray, positive: np.ndarray, region: np.ndarray | None = None
+        self,
+        previous: np.ndarray,
+        points: np.ndarray,
+        positive: np.ndarray,
+        region: np.ndarray | None = None,
+        head: ClickHead | None = None,
     ) -> Mask:
-        """One step of the click head: ``previous (H, W) bool`` mask, every click so far ``points (N, 2)``
-        pixel (x, y) with ``positive (N,)`` bool -> the new mask, scored by its pixels' mean probability.
-        The head sees the zoom window of ``region`` (xyxy pixels; default: the previous mask's tight box)
-        and the clicks (click_head.zoom_window); pixels outside it keep their previous value."""
+        """One step of the click head (or of ``head``, e.g. the first-click head): ``previous (H, W) bool``
+        mask, every click so far ``points (N, 2)`` pixel (x, y) with ``positive (N,)`` bool -> the new mask,
+        scored by its pixels' mean probability. The head sees the zoom window of ``region`` (xyxy pixels;
+        default: the previous mask's tight box) and the clicks (click_head.zoom_window); pixels outside it
+        keep their previous value."""
         if self.model.click_head is None:
             raise RuntimeError("this checkpoint has no click head (train one: segmask train clicks)")
-        click_head = self.model.click_head
+        click_head = self.model.click_head if head is None else head
         feats = self._require_features()
         if region is None:
             region = mask_to_box(previous) if previous.any() else None

@@ -8,9 +8,14 @@ at random, occluding part of the object, so the head learns that a neighbour is 
 
 The prompt starts as the annotator's first click (the deepest interior point, or a random interior point),
 over either no previous mask or a perturbed copy of the true mask (shifted, grown or shrunk, as a mask from
-another source would be). Then the head runs without gradients for 0..``max_iterations`` rounds, each adding
-the simulated annotator's next click on the head's own errors (annotator.next_click) and feeding its
-prediction back as the previous mask; the last round is trained. Loss: logistic plus soft IoU.
+another source would be). With chance ``window_probability`` a sample is framed as the predictor frames a
+first click instead: the previous mask is a DeepMask-window-like mask of the object (a fragment of it around
+the click, or the object spilling over its surroundings or a neighbour), and the crop is the zoom window of
+that mask and the click, so the object may be far smaller than the crop or run over its edge.
+
+Then the head runs without gradients for 0..``max_iterations`` rounds, each adding the simulated annotator's
+next click on the head's own errors (annotator.next_click) and feeding its prediction back as the previous
+mask; the last round is trained. Loss: logistic plus soft IoU.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from tqdm import tqdm
 from segmodels.annotator import boundary_distance, deepest_point, next_click
 from segmodels.backbones import fold_batchnorm
 from segmodels.checkpoint import load_checkpoint
-from segmodels.click_head import CROP, OBJECT_SHARE, ClickHead, click_maps
+from segmodels.click_head import CROP, OBJECT_SHARE, ClickHead, click_maps, zoom_window
 from segmodels.data import (
     EVALUATED_AREA,
     CocoInstances,
@@ -40,14 +45,19 @@ from segmodels.data import (
     crop_window,
     photometric_jitter,
     to_tensor,
+    window_transform,
 )
 from segmodels.device import resolve_device, to_device
+from segmodels.geometry import mask_to_box
 from segmodels.train_common import fit_head, save_with_head
 
 log = logging.getLogger(__name__)
 
 # Targets are pooled to the head's stride-2 output.
 TARGET_POOL = 2
+# A first-click head's share of crops framed as a first click is (30, 60 and 100% measured alike on the tune
+# split); the others are framed as its second step, zoomed on its first step's mask, sees them.
+FIRST_CLICK_WINDOW_PROBABILITY = 0.3
 
 
 @dataclass
@@ -67,25 +77,47 @@ class ClickTrainConfig:
     min_area: float = EVALUATED_AREA
     paste_probability: float = 0.5
     previous_mask_probability: float = 0.5
+    window_probability: float = 0.0
     seed: int = 0
     device: str = "auto"
+
+
+@dataclass
+class Sample:
+    """A training crop ``(192, 192, 3) uint8``, its target ``(192, 192) bool`` (never empty) and, for a
+    sample framed as a first click is, the previous mask ``(192, 192) bool`` and the click (crop pixels)."""
+
+    image: np.ndarray
+    target: np.ndarray
+    previous: np.ndarray | None = None
+    click: tuple[float, float] | None = None
 
 
 class ClickSampler:
     """Training crops for the click head: see the module docstring."""
 
-    def __init__(self, dataset: CocoInstances, min_area: float, paste_probability: float, seed: int) -> None:
+    def __init__(
+        self,
+        dataset: CocoInstances,
+        min_area: float,
+        paste_probability: float,
+        seed: int,
+        window_probability: float = 0.0,
+    ) -> None:
         self.dataset = dataset
         self.instances: list[Instance] = dataset.masked_instances(min_area)
-        self.paste_probability = paste_probability
+        self.paste_probability, self.window_probability = paste_probability, window_probability
         self.rng = np.random.default_rng(seed)
 
     def _crop(self, inst: Instance, side: float, jitter: float) -> tuple[np.ndarray, np.ndarray]:
         scale = side / inst.size * 2.0 ** self.rng.uniform(-jitter, jitter)
         cx, cy = inst.centre
         dx, dy = self.rng.uniform(-0.15, 0.15, size=2) * inst.size
-        flip = bool(self.rng.integers(2))
-        centre = (cx + dx, cy + dy)
+        return self._window(inst, (cx + dx, cy + dy), scale, bool(self.rng.integers(2)))
+
+    def _window(
+        self, inst: Instance, centre: tuple[float, float], scale: float, flip: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
         image = crop_window(self.dataset.pyramid(inst.image_index), centre, scale, flip, CROP)
         mask = crop_mask(self.dataset.mask_u8(inst), centre, scale, flip, CROP) > 0
         return image, mask
@@ -101,15 +133,58 @@ class ClickSampler:
         image[mask] = patch[mask]
         target &= ~mask
 
-    def sample(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(192, 192, 3) uint8`` crop and ``(192, 192) bool`` target (never empty)."""
+    def sample(self) -> Sample:
+        """A crop centred on its object, or (chance ``window_probability``) framed as a first click is."""
         while True:
             inst = self.instances[self.rng.integers(len(self.instances))]
-            image, target = self._crop(inst, OBJECT_SHARE * CROP, 0.4)
+            if self.rng.random() < self.window_probability:
+                drawn = self._first_click_view(inst)
+            else:
+                drawn = Sample(*self._crop(inst, OBJECT_SHARE * CROP, 0.4))
             if self.rng.random() < self.paste_probability:
-                self._paste(image, target)
-            if target.sum() >= 16:
-                return image, target
+                self._paste(drawn.image, drawn.target)
+            if drawn.target.sum() >= 16:
+                return drawn
+
+    def _first_click_view(self, inst: Instance) -> Sample:
+        """The object as the predictor's first click sees it: a window-like mask of it around the
+        annotator's click (:meth:`window_like`) and the crop of that mask's zoom window with the click."""
+        full = self.dataset.mask(inst)
+        click = self.first_click(full)
+        previous = self.window_like(full, click, inst)
+        centre, scale = zoom_window(mask_to_box(previous), np.array([click]))
+        flip = bool(self.rng.integers(2))
+        image, target = self._window(inst, centre, scale, flip)
+        previous_u8 = previous.astype(np.uint8) * 255
+        crop_previous = crop_mask(previous_u8, centre, scale, flip, CROP) > 0
+        x, y = window_transform(centre, scale, flip, CROP) @ np.array([click[0], click[1], 1.0])
+        return Sample(image, target, crop_previous, (float(x), float(y)))
+
+    def window_like(self, full: np.ndarray, click: tuple[float, float], inst: Instance) -> np.ndarray:
+        """``(H, W) bool``: what a DeepMask window at the wrong scale gives for the object ``full`` around
+        ``click`` (image pixels): the part of it inside an ellipse near the click 0.3-0.8 of its size
+        (a window too small), or (a third of the time) the object grown into its surroundings, with a
+        neighbouring instance of the image half of those times (a window too large)."""
+        x, y = click
+        if self.rng.random() < 2 / 3:
+            half = self.rng.uniform(0.15, 0.4, size=2) * inst.size
+            cx, cy = np.array([x, y]) + self.rng.uniform(-0.8, 0.8, size=2) * half
+            window = np.zeros(full.shape, np.uint8)
+            axes = (max(int(half[0]), 1), max(int(half[1]), 1))
+            cv2.ellipse(window, (int(cx), int(cy)), axes, 0.0, 0.0, 360.0, 1, -1)
+            part = full & (window > 0)
+            return part if part.any() else full
+        radius = max(1, int(self.rng.uniform(0.05, 0.2) * inst.size))
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+        grown = cv2.dilate(full.astype(np.uint8), kernel) > 0
+        neighbours = [
+            o
+            for o in self.dataset.instances_by_image[inst.image_index]
+            if o.has_mask and o.annotation_id != inst.annotation_id
+        ]
+        if neighbours and self.rng.random() < 0.5:
+            grown |= self.dataset.mask(neighbours[self.rng.integers(len(neighbours))])
+        return grown
 
     def first_click(self, target: np.ndarray) -> tuple[float, float]:
         """The deepest interior point half the time, else a random point at least a third as deep."""
@@ -178,7 +253,9 @@ def fit_click_head(
     device = next(head.parameters()).device
     frozen = fold_batchnorm(copy.deepcopy(trunk)).eval().to(device).to(memory_format=torch.channels_last)
     frozen.requires_grad_(False)
-    sampler = ClickSampler(dataset, config.min_area, config.paste_probability, config.seed)
+    sampler = ClickSampler(
+        dataset, config.min_area, config.paste_probability, config.seed, config.window_probability
+    )
     return fit_head(
         head,
         lambda: _step(head, frozen, sampler, config, device),
@@ -189,27 +266,37 @@ def fit_click_head(
     )
 
 
-def train_click_head(config: ClickTrainConfig) -> Path:
+def train_click_head(config: ClickTrainConfig, first_click: bool = False) -> Path:
     """``segmask train clicks``: the ``config.init`` checkpoint with a new click head trained on
-    ``config.split``, written to ``config.out`` (with a ``training.clicks`` record and a ``clicks`` stage)."""
+    ``config.split``, written to ``config.out`` (with a ``training.clicks`` record and a ``clicks`` stage).
+    ``first_click`` (``segmask train first-click``): the head for a first click's steps instead
+    (``first_click_head``, stage ``first-click``); the checkpoint keeps its click head for the rest."""
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     model, meta = load_checkpoint(config.init, device)
-    model.config.click_head = True
-    model.click_head = ClickHead(model.trunk.tap_channels).to(device)
+    if first_click and model.click_head is None:
+        raise ValueError(f"{config.init} has no click head: train one first (segmask train clicks)")
+    head = ClickHead(model.trunk.tap_channels).to(device)
+    if first_click:
+        model.config.first_click_head, model.first_click_head = True, head
+    else:
+        model.config.click_head, model.click_head = True, head
+    stage = "first-click" if first_click else "clicks"
     dataset = CocoInstances(config.data, config.split)
     start = time.perf_counter()
-    with tqdm(total=config.steps, desc="click head", unit="step", dynamic_ncols=True) as bar:
+    with tqdm(total=config.steps, desc=f"{stage} head", unit="step", dynamic_ncols=True) as bar:
 
         def advance(loss: float) -> None:
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             bar.update()
 
-        curve = fit_click_head(model.click_head, model.trunk, dataset, config, advance)
+        curve = fit_click_head(head, model.trunk, dataset, config, advance)
     seconds = time.perf_counter() - start
-    log.info("click head: %d steps in %.0f s, final loss %.3f", config.steps, seconds, np.mean(curve[-100:]))
+    log.info(
+        "%s head: %d steps in %.0f s, final loss %.3f", stage, config.steps, seconds, np.mean(curve[-100:])
+    )
     record = {**asdict(config), "seconds": round(seconds, 1)}
-    return save_with_head(model, meta, "clicks", record, curve, device, config.out)
+    return save_with_head(model, meta, stage, record, curve, device, config.out)
 
 
 def _step(
@@ -220,14 +307,20 @@ def _step(
     device: torch.device,
 ) -> torch.Tensor:
     """One training step's loss: a batch, its simulated clicks (the head's own errors), the last forward."""
-    crops, targets = zip(*(sampler.sample() for _ in range(config.batch_size)), strict=True)
+    samples = [sampler.sample() for _ in range(config.batch_size)]
+    targets = [s.target for s in samples]
     with torch.no_grad():
-        taps = trunk(to_device(photometric_jitter(to_tensor(list(crops)), sampler.rng), device))
+        taps = trunk(
+            to_device(photometric_jitter(to_tensor([s.image for s in samples]), sampler.rng), device)
+        )
     episodes = []
-    for target in targets:
+    for s in samples:
+        if s.previous is not None and s.click is not None:
+            episodes.append(Episode(s.target, [s.click], [1], s.previous.astype(np.float32)))
+            continue
         use_previous = sampler.rng.random() < config.previous_mask_probability
-        previous = sampler.perturbed(target) if use_previous else np.zeros_like(target)
-        episodes.append(Episode(target, [sampler.first_click(target)], [1], previous.astype(np.float32)))
+        previous = sampler.perturbed(s.target) if use_previous else np.zeros_like(s.target)
+        episodes.append(Episode(s.target, [sampler.first_click(s.target)], [1], previous.astype(np.float32)))
     head.eval()
     with torch.no_grad():
         for _ in range(int(sampler.rng.integers(0, config.max_iterations + 1))):

@@ -111,7 +111,37 @@ def test_segmask_train_clicks_records_its_augmentation_and_smallest_objects(coco
     args = build_parser().parse_args(
         ["train", "clicks", "--data", str(coco128), "--init", str(DEFAULT_CHECKPOINT), "--out", str(out)]
         + ["--steps", "1", "--split", "fit", "--paste-probability", "0", "--min-area", "100"]
+        + ["--window-probability", "0.3"]
     )
     run_train(args)
     record = read_metadata(out)["training"]["clicks"]
-    assert (record["paste_probability"], record["min_area"]) == (0.0, 100.0)
+    names = ("paste_probability", "min_area", "window_probability")
+    assert tuple(record[name] for name in names) == (0.0, 100.0, 0.3)
+
+
+@pytest.mark.slow
+def test_segmask_train_first_click_adds_a_first_click_head_and_keeps_the_click_head(coco128, tmp_path: Path):
+    from backend.cli import build_parser, run_train
+    from segmodels.predictor import DEFAULT_CHECKPOINT
+
+    out = tmp_path / "first-click"
+    args = build_parser().parse_args(
+        ["train", "first-click", "--data", str(coco128), "--init", str(DEFAULT_CHECKPOINT), "--out", str(out)]
+        + ["--steps", "1", "--split", "fit"]
+    )
+    run_train(args)
+    model, meta = load_checkpoint(out)
+    before, _ = load_checkpoint(DEFAULT_CHECKPOINT)
+    assert model.first_click_head is not None and meta["stages"][-1] == "first-click"
+    assert meta["training"]["first-click"]["window_probability"] == 0.3
+    for key, value in before.click_head.state_dict().items():
+        assert torch.equal(model.click_head.state_dict()[key], value)
+
+
+def test_a_first_click_head_needs_a_checkpoint_with_a_click_head(coco128, tmp_path: Path):
+    from segmodels.train_clicks import ClickTrainConfig, train_click_head
+
+    save_checkpoint(SegmentationModel(ModelConfig(), pretrained_trunk=False), tmp_path / "plain")
+    config = ClickTrainConfig(str(coco128), str(tmp_path / "plain"), str(tmp_path / "out"), steps=1)
+    with pytest.raises(ValueError, match="no click head"):
+        train_click_head(config, first_click=True)

@@ -109,3 +109,64 @@ def test_segmask_train_clicks_writes_a_checkpoint_with_a_trained_click_head(coco
     model, meta = load_checkpoint(train_click_head(config))
     assert model.click_head is not None and meta["stages"][-1] == "clicks"
     assert meta["training"]["clicks"]["steps"] == 2 and len(meta["training"]["clicks"]["loss_every_100"]) == 1
+
+
+def test_a_training_crop_framed_as_a_first_click_is_zoomed_on_a_window_like_mask_holding_the_click(coco128):
+    from segmodels.data import CocoInstances
+    from segmodels.geometry import mask_to_box
+    from segmodels.train_clicks import ClickSampler
+
+    sampler = ClickSampler(CocoInstances(coco128, "fit"), 32.0**2, 0.0, seed=0, window_probability=1.0)
+    for _ in range(12):
+        sample = sampler.sample()
+        assert sample.previous is not None and sample.click is not None
+        col, row = int(sample.click[0]), int(sample.click[1])
+        assert sample.previous[row - 1 : row + 2, col - 1 : col + 2].any()
+        assert sample.target[row - 1 : row + 2, col - 1 : col + 2].any()
+        x0, y0, x1, y1 = mask_to_box(sample.previous)
+        assert max(x1 - x0, y1 - y0) <= 0.67 * CROP + 2  # the zoom window of that mask
+
+
+def test_a_window_like_mask_is_a_part_of_the_object_or_the_object_grown(coco128):
+    from segmodels.data import CocoInstances
+    from segmodels.train_clicks import ClickSampler
+
+    dataset = CocoInstances(coco128, "fit")
+    sampler = ClickSampler(dataset, 32.0**2, 0.0, seed=1)
+    inst = sampler.instances[0]
+    full = dataset.mask(inst)
+    kinds = set()
+    for _ in range(30):
+        like = sampler.window_like(full, sampler.first_click(full), inst)
+        part, grown = not (like & ~full).any(), not (full & ~like).any()
+        assert like.any() and (part or grown)
+        kinds.add("part" if part else "grown")
+    assert kinds == {"part", "grown"}
+
+
+def test_a_first_click_head_takes_the_first_clicks_steps_and_the_click_head_the_corrections(image):
+    torch.manual_seed(0)
+    config = ModelConfig(click_head=True, first_click_head=True)
+    predictor = MaskPredictor(SegmentationModel(config), scales=(0.5, 1.0))
+    calls = []
+    for name in ("click_head", "first_click_head"):
+        getattr(predictor.model, name).register_forward_hook(lambda *_, name=name: calls.append(name))
+    predictor.set_image(image)
+    predictor.segment([[50, 50]], [1])
+    assert calls == ["first_click_head"] * predictor.first_click_steps
+    calls.clear()
+    predictor.segment([[50, 50], [80, 60]], [1, 0])
+    predictor.segment(box=[20, 20, 100, 90])
+    assert set(calls) == {"click_head"}
+
+
+def test_a_checkpoint_with_a_first_click_head_round_trips(tmp_path):
+    from segmodels.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = SegmentationModel(ModelConfig(click_head=True, first_click_head=True), pretrained_trunk=False)
+    save_checkpoint(model, tmp_path)
+    loaded, meta = load_checkpoint(tmp_path)
+    assert meta["config"]["first_click_head"] and loaded.first_click_head is not None
+    for key, value in model.first_click_head.state_dict().items():
+        torch.testing.assert_close(loaded.first_click_head.state_dict()[key], value)

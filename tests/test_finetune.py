@@ -295,3 +295,29 @@ def test_decision_rule(old: dict, new: dict, expected: bool):
 def test_a_tiny_or_empty_slice_never_blocks():
     ok, reason, _ = decide(_measures(0.9, 0.9), _measures(0.1, 0.1), 0)
     assert ok and "too small" in reason
+
+
+@pytest.mark.slow
+def test_finetune_trains_a_first_click_head_when_the_checkpoint_has_one(
+    project: Path, coco128, tmp_path: Path
+):
+    from dataclasses import replace
+
+    from segmodels.train_clicks import ClickTrainConfig, train_click_head
+
+    with_head = train_click_head(
+        ClickTrainConfig(
+            str(coco128), str(DEFAULT_CHECKPOINT), str(tmp_path / "init"), split="tune", steps=1
+        ),
+        first_click=True,
+    )
+    only_clicks = replace(TINY, train_deepmask=False, train_sharpmask=False, train_quality=False)
+    only_clicks = replace(only_clicks, train_multipathnet=False)
+    out = tmp_path / "v2"
+    finetune(with_head, project, out, only_clicks, TRAIN_IDS)
+    before, _ = load_checkpoint(with_head)
+    after, meta = load_checkpoint(out)
+    assert meta["training"]["finetune"]["stages"] == ["clicks", "first-click"]
+    assert "first-click" in meta["stages"]
+    old, new = before.first_click_head.state_dict(), after.first_click_head.state_dict()
+    assert any(not torch.equal(new[k], v) for k, v in old.items() if v.is_floating_point())
