@@ -432,7 +432,8 @@ def finetune(
     files appear atomically, so a job that fails (or is killed) leaves no checkpoint there.
 
     ``progress(stage, fraction)``: called when a stage starts (``loading``, ``deepmask``, ``sharpmask``,
-    ``clicks``, ``quality_samples``, ``quality``, ``proposals``, ``multipathnet``, ``saving``) and after
+    ``clicks``, ``first-click``, ``quality_samples``, ``quality``, ``proposals``, ``multipathnet``,
+    ``saving``) and after
     every 1% of the whole job, with the fraction of the job done (weighted by expected time), which never
     decreases and ends at exactly 1.0; an exception it raises aborts the job (nothing is written). A tqdm
     bar shows the same.

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from segmodels.annotator import boundary_distance, deepest_point, next_click
 from segmodels.backbones import fold_batchnorm
 from segmodels.checkpoint import load_checkpoint
-from segmodels.click_head import CROP, OBJECT_SHARE, ClickHead, click_maps, zoom_window
+from segmodels.click_head import CROP, OBJECT_SHARE, ClickHead, click_maps, crop_points, zoom_window
 from segmodels.data import (
     EVALUATED_AREA,
     CocoInstances,
@@ -45,7 +45,6 @@ from segmodels.data import (
     crop_window,
     photometric_jitter,
     to_tensor,
-    window_transform,
 )
 from segmodels.device import resolve_device, to_device
 from segmodels.geometry import mask_to_box
@@ -55,8 +54,8 @@ log = logging.getLogger(__name__)
 
 # Targets are pooled to the head's stride-2 output.
 TARGET_POOL = 2
-# A first-click head's share of crops framed as a first click is (30, 60 and 100% measured alike on the tune
-# split); the others are framed as its second step, zoomed on its first step's mask, sees them.
+# The share of a first-click head's training crops framed like a first click (30, 60 and 100% measured
+# within noise of each other on the tune split); the rest are framed on the object, as its second step sees.
 FIRST_CLICK_WINDOW_PROBABILITY = 0.3
 
 
@@ -104,6 +103,8 @@ class ClickSampler:
         seed: int,
         window_probability: float = 0.0,
     ) -> None:
+        if not 0.0 <= window_probability <= 1.0:
+            raise ValueError(f"window_probability is a probability in [0, 1], got {window_probability}")
         self.dataset = dataset
         self.instances: list[Instance] = dataset.masked_instances(min_area)
         self.paste_probability, self.window_probability = paste_probability, window_probability
@@ -137,30 +138,34 @@ class ClickSampler:
         """A crop centred on its object, or (chance ``window_probability``) framed as a first click is."""
         while True:
             inst = self.instances[self.rng.integers(len(self.instances))]
-            if self.rng.random() < self.window_probability:
+            # Drawn only when asked for, so that a recipe without framed crops keeps its random stream.
+            if self.window_probability and self.rng.random() < self.window_probability:
                 drawn = self._first_click_view(inst)
             else:
                 drawn = Sample(*self._crop(inst, OBJECT_SHARE * CROP, 0.4))
             if self.rng.random() < self.paste_probability:
                 self._paste(drawn.image, drawn.target)
-            if drawn.target.sum() >= 16:
+            if drawn.target.sum() >= 16 and _on(drawn.target, drawn.click):
                 return drawn
 
     def _first_click_view(self, inst: Instance) -> Sample:
         """The object as the predictor's first click sees it: a window-like mask of it around the
-        annotator's click (:meth:`window_like`) and the crop of that mask's zoom window with the click."""
+        annotator's click (:meth:`window_like_mask`) and the crop of that mask's zoom window with the
+        click."""
         full = self.dataset.mask(inst)
         click = self.first_click(full)
-        previous = self.window_like(full, click, inst)
+        previous = self.window_like_mask(full, click, inst)
         centre, scale = zoom_window(mask_to_box(previous), np.array([click]))
         flip = bool(self.rng.integers(2))
         image, target = self._window(inst, centre, scale, flip)
         previous_u8 = previous.astype(np.uint8) * 255
         crop_previous = crop_mask(previous_u8, centre, scale, flip, CROP) > 0
-        x, y = window_transform(centre, scale, flip, CROP) @ np.array([click[0], click[1], 1.0])
+        x, y = crop_points(np.array([click]), centre, scale)[0]
+        if flip:  # the warp mirrors crop pixel j to CROP - j, whose centre is at CROP + 1 - x
+            x = CROP + 1 - x
         return Sample(image, target, crop_previous, (float(x), float(y)))
 
-    def window_like(self, full: np.ndarray, click: tuple[float, float], inst: Instance) -> np.ndarray:
+    def window_like_mask(self, full: np.ndarray, click: tuple[float, float], inst: Instance) -> np.ndarray:
         """``(H, W) bool``: what a DeepMask window at the wrong scale gives for the object ``full`` around
         ``click`` (image pixels): the part of it inside an ellipse near the click 0.3-0.8 of its size
         (a window too small), or (a third of the time) the object grown into its surroundings, with a
@@ -168,7 +173,8 @@ class ClickSampler:
         x, y = click
         if self.rng.random() < 2 / 3:
             half = self.rng.uniform(0.15, 0.4, size=2) * inst.size
-            cx, cy = np.array([x, y]) + self.rng.uniform(-0.8, 0.8, size=2) * half
+            # Off-centre by at most 0.7 of each half-axis: 2 * 0.7^2 < 1 keeps the click inside the ellipse.
+            cx, cy = np.array([x, y]) + self.rng.uniform(-0.7, 0.7, size=2) * half
             window = np.zeros(full.shape, np.uint8)
             axes = (max(int(half[0]), 1), max(int(half[1]), 1))
             cv2.ellipse(window, (int(cx), int(cy)), axes, 0.0, 0.0, 360.0, 1, -1)
@@ -204,6 +210,15 @@ class ClickSampler:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
         op = cv2.dilate if self.rng.random() < 0.5 else cv2.erode
         return op(moved, kernel) > 0
+
+
+def _on(target: np.ndarray, click: tuple[float, float] | None) -> bool:
+    """Whether ``click`` (crop pixels; None: chosen later, on the target) lies on ``target``, within a pixel
+    (a pasted instance can hide the object under it)."""
+    if click is None:
+        return True
+    col, row = int(click[0]), int(click[1])
+    return bool(target[max(row - 1, 0) : row + 2, max(col - 1, 0) : col + 2].any())
 
 
 @dataclass

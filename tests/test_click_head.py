@@ -127,6 +127,17 @@ def test_a_training_crop_framed_as_a_first_click_is_zoomed_on_a_window_like_mask
         assert max(x1 - x0, y1 - y0) <= 0.67 * CROP + 2  # the zoom window of that mask
 
 
+def test_a_pasted_instance_never_hides_a_framed_crops_click(coco128):
+    from segmodels.data import CocoInstances
+    from segmodels.train_clicks import ClickSampler
+
+    sampler = ClickSampler(CocoInstances(coco128, "fit"), 32.0**2, 1.0, seed=0, window_probability=1.0)
+    for _ in range(40):
+        sample = sampler.sample()
+        col, row = int(sample.click[0]), int(sample.click[1])
+        assert sample.target[row - 1 : row + 2, col - 1 : col + 2].any()
+
+
 def test_a_window_like_mask_is_a_part_of_the_object_or_the_object_grown(coco128):
     from segmodels.data import CocoInstances
     from segmodels.train_clicks import ClickSampler
@@ -137,7 +148,7 @@ def test_a_window_like_mask_is_a_part_of_the_object_or_the_object_grown(coco128)
     full = dataset.mask(inst)
     kinds = set()
     for _ in range(30):
-        like = sampler.window_like(full, sampler.first_click(full), inst)
+        like = sampler.window_like_mask(full, sampler.first_click(full), inst)
         part, grown = not (like & ~full).any(), not (full & ~like).any()
         assert like.any() and (part or grown)
         kinds.add("part" if part else "grown")
@@ -158,6 +169,18 @@ def test_a_first_click_head_takes_the_first_clicks_steps_and_the_click_head_the_
     predictor.segment([[50, 50], [80, 60]], [1, 0])
     predictor.segment(box=[20, 20, 100, 90])
     assert set(calls) == {"click_head"}
+
+
+def test_a_predictor_told_not_to_use_the_first_click_head_leaves_the_callers_model_its_head(image):
+    torch.manual_seed(0)
+    model = SegmentationModel(ModelConfig(click_head=True, first_click_head=True))
+    predictor = MaskPredictor(model, scales=(0.5, 1.0), first_click_head=False)
+    calls = []
+    predictor.model.click_head.register_forward_hook(lambda *_: calls.append("click_head"))
+    predictor.set_image(image)
+    predictor.segment([[50, 50]], [1])
+    assert calls == ["click_head"] * predictor.first_click_steps
+    assert predictor.model.first_click_head is None and model.first_click_head is not None
 
 
 def test_a_checkpoint_with_a_first_click_head_round_trips(tmp_path):
