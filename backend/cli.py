@@ -90,6 +90,18 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "0.3 for first-click)",
     )
     p.add_argument(
+        "--max-iterations",
+        type=int,
+        help="clicks, first-click: at most this many simulated rounds before the trained forward (default 3)",
+    )
+    p.add_argument(
+        "--corrections",
+        action=argparse.BooleanOptionalAction,
+        help="clicks, first-click: whether each simulated round adds the annotator's next click; without, a "
+        "round only feeds the head's prediction back, the first click alone, as a first click's second step "
+        "sees it (default: with)",
+    )
+    p.add_argument(
         "--min-area",
         type=float,
         help="clicks: the smallest instances (px) the head trains on, all equally likely (default 32x32)",
@@ -146,6 +158,7 @@ def run_click_training(args: argparse.Namespace) -> None:
     first_click = args.stage == "first-click"
     if first_click and args.window_probability is None:
         args.window_probability = FIRST_CLICK_WINDOW_PROBABILITY
+    given = ("min_area", "paste_probability", "window_probability", "max_iterations", "corrections")
     cfg = ClickTrainConfig(
         data=str(args.data),
         init=str(args.init),
@@ -155,11 +168,7 @@ def run_click_training(args: argparse.Namespace) -> None:
         lr=args.lr,
         seed=args.seed,
         device=args.device,
-        **{
-            name: value
-            for name in ("min_area", "paste_probability", "window_probability")
-            if (value := getattr(args, name)) is not None
-        },
+        **{name: value for name in given if (value := getattr(args, name)) is not None},
     )
     print(train_click_head(cfg, first_click))
 

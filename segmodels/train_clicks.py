@@ -15,7 +15,8 @@ that mask and the click, so the object may be far smaller than the crop or run o
 
 Then the head runs without gradients for 0..``max_iterations`` rounds, each adding the simulated annotator's
 next click on the head's own errors (annotator.next_click) and feeding its prediction back as the previous
-mask; the last round is trained. Loss: logistic plus soft IoU.
+mask; the last round is trained. Without ``corrections`` a round only feeds the prediction back, the click
+staying the first one alone, as a first click's second step sees it. Loss: logistic plus soft IoU.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class ClickTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     max_iterations: int = 3
+    corrections: bool = True
     min_area: float = EVALUATED_AREA
     paste_probability: float = 0.5
     previous_mask_probability: float = 0.5
@@ -314,6 +316,19 @@ def train_click_head(config: ClickTrainConfig, first_click: bool = False) -> Pat
     return save_with_head(model, meta, stage, record, curve, device, config.out)
 
 
+def feed_back(episode: Episode, probability: np.ndarray, config: ClickTrainConfig) -> None:
+    """The next simulated round of ``episode`` after the head predicted ``probability (192, 192)`` in [0, 1]:
+    the prediction becomes the previous mask and, with ``config.corrections``, the annotator's next click on
+    its errors is added."""
+    episode.previous = probability
+    if not config.corrections:
+        return
+    click = next_click(probability > 0.5, episode.target)
+    if click is not None:
+        episode.points.append(click[0])
+        episode.labels.append(click[1])
+
+
 def _step(
     head: ClickHead,
     trunk: torch.nn.Module,
@@ -341,11 +356,7 @@ def _step(
         for _ in range(int(sampler.rng.integers(0, config.max_iterations + 1))):
             probability = upsampled_probability(head(taps, prompt_batch(episodes).to(device)).cpu())
             for episode, p in zip(episodes, probability, strict=True):
-                episode.previous = p
-                click = next_click(p > 0.5, episode.target)
-                if click is not None:
-                    episode.points.append(click[0])
-                    episode.labels.append(click[1])
+                feed_back(episode, p, config)
     head.train()
     logits = head(taps, prompt_batch(episodes).to(device))
     return click_loss(logits, torch.from_numpy(np.stack(targets).astype(np.float32)).to(device))

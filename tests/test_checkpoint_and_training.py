@@ -111,12 +111,12 @@ def test_segmask_train_clicks_records_its_augmentation_and_smallest_objects(coco
     args = build_parser().parse_args(
         ["train", "clicks", "--data", str(coco128), "--init", str(DEFAULT_CHECKPOINT), "--out", str(out)]
         + ["--steps", "1", "--split", "fit", "--paste-probability", "0", "--min-area", "100"]
-        + ["--window-probability", "0.3"]
+        + ["--window-probability", "0.3", "--max-iterations", "1", "--no-corrections"]
     )
     run_train(args)
     record = read_metadata(out)["training"]["clicks"]
-    names = ("paste_probability", "min_area", "window_probability")
-    assert tuple(record[name] for name in names) == (0.0, 100.0, 0.3)
+    names = ("paste_probability", "min_area", "window_probability", "max_iterations", "corrections")
+    assert tuple(record[name] for name in names) == (0.0, 100.0, 0.3, 1, False)
 
 
 @pytest.mark.slow
@@ -134,6 +134,7 @@ def test_segmask_train_first_click_adds_a_first_click_head_and_keeps_the_click_h
     before, _ = load_checkpoint(DEFAULT_CHECKPOINT)
     assert model.first_click_head is not None and meta["stages"][-1] == "first-click"
     assert meta["training"]["first-click"]["window_probability"] == 0.3
+    assert meta["training"]["first-click"]["corrections"] is True
     for key, value in before.click_head.state_dict().items():
         assert torch.equal(model.click_head.state_dict()[key], value)
 

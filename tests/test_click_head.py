@@ -111,6 +111,34 @@ def test_segmask_train_clicks_writes_a_checkpoint_with_a_trained_click_head(coco
     assert meta["training"]["clicks"]["steps"] == 2 and len(meta["training"]["clicks"]["loss_every_100"]) == 1
 
 
+def _half_found_episode() -> tuple:
+    from segmodels.train_clicks import Episode
+
+    target = np.zeros((CROP, CROP), bool)
+    target[40:150, 40:150] = True
+    probability = np.zeros((CROP, CROP), np.float32)
+    probability[40:150, 40:95] = 0.8  # the left half found, the right half missed
+    return Episode(target, [(60.0, 90.0)], [1], np.zeros((CROP, CROP), np.float32)), probability
+
+
+def test_a_simulated_round_adds_the_annotators_click_in_the_missed_part():
+    from segmodels.train_clicks import ClickTrainConfig, feed_back
+
+    episode, probability = _half_found_episode()
+    feed_back(episode, probability, ClickTrainConfig("", "", ""))
+    assert episode.labels == [1, 1] and episode.points[1][0] > 95  # positive, in the right half
+    np.testing.assert_array_equal(episode.previous, probability)
+
+
+def test_a_first_click_round_feeds_the_prediction_back_without_adding_a_click():
+    from segmodels.train_clicks import ClickTrainConfig, feed_back
+
+    episode, probability = _half_found_episode()
+    feed_back(episode, probability, ClickTrainConfig("", "", "", corrections=False))
+    assert episode.points == [(60.0, 90.0)] and episode.labels == [1]
+    np.testing.assert_array_equal(episode.previous, probability)
+
+
 def test_a_training_crop_framed_as_a_first_click_is_zoomed_on_a_window_like_mask_holding_the_click(coco128):
     from segmodels.data import CocoInstances
     from segmodels.geometry import mask_to_box
