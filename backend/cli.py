@@ -156,9 +156,10 @@ def run_click_training(args: argparse.Namespace) -> None:
             f"segmask train {args.stage}: give --init, the checkpoint whose trunk the head reads"
         )
     first_click = args.stage == "first-click"
-    if first_click and args.window_probability is None:
-        args.window_probability = FIRST_CLICK_WINDOW_PROBABILITY
     given = ("min_area", "paste_probability", "window_probability", "max_iterations", "corrections")
+    options = {name: value for name in given if (value := getattr(args, name)) is not None}
+    if first_click:
+        options.setdefault("window_probability", FIRST_CLICK_WINDOW_PROBABILITY)
     cfg = ClickTrainConfig(
         data=str(args.data),
         init=str(args.init),
@@ -168,7 +169,7 @@ def run_click_training(args: argparse.Namespace) -> None:
         lr=args.lr,
         seed=args.seed,
         device=args.device,
-        **{name: value for name in given if (value := getattr(args, name)) is not None},
+        **options,
     )
     print(train_click_head(cfg, first_click))
 
